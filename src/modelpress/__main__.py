@@ -1,0 +1,5 @@
+import sys
+
+from modelpress.cli import main
+
+sys.exit(main())

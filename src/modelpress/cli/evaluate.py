@@ -1,0 +1,9 @@
+"""(placeholder) evaluate subcommand."""
+
+
+def add_arguments(parser):
+    pass
+
+
+def main(args):
+    raise NotImplementedError

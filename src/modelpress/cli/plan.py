@@ -1,0 +1,9 @@
+"""(placeholder) plan subcommand."""
+
+
+def add_arguments(parser):
+    pass
+
+
+def main(args):
+    raise NotImplementedError

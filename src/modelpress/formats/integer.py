@@ -1,0 +1,231 @@
+"""Integer weight formats: 2-8 bit, symmetric or asymmetric, per-tensor / per-channel / per-group.
+
+Conventions follow compressed-tensors so that stored values need no translation: the integer
+code ``q`` is signed, ``q in [-2^(b-1), 2^(b-1) - 1]``, and ``W ~ (q - z) * s``.
+Symmetric formats have ``z = 0``; asymmetric ones store ``z`` in the same signed range.
+
+Scales are rounded to their storage dtype (``scale_dtype``) *before* the weights are rounded,
+so ``dequantize`` here equals what an engine computes from the stored tensors, bit for bit.
+
+Example:
+    >>> import torch
+    >>> from modelpress.formats import IntFormat
+    >>> fmt = IntFormat(bits=4, granularity="group", group_size=128)
+    >>> fmt.bits_per_weight()
+    4.125
+    >>> W = torch.randn(256, 512)
+    >>> qt = fmt.quantize(W)
+    >>> bool(qt.q.min() >= -8 and qt.q.max() <= 7)
+    True
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from modelpress.errors import UserError
+from modelpress.formats import observers
+
+Granularity = Literal["tensor", "channel", "group"]
+
+SCALE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+SCALE_BITS = {"float16": 16, "bfloat16": 16, "float32": 32}
+ZERO_POINT_BITS = 8  # zero points are stored as int8 (one per group), whatever ``bits`` is
+
+
+@dataclass(frozen=True)
+class IntFormat:
+    """An integer quantization format (an immutable value).
+
+    Args:
+        bits: bits per weight, 2 to 8.
+        granularity: one scale per ``"tensor"``, per output ``"channel"`` (row), or per ``"group"``
+            of ``group_size`` consecutive input columns of a row.
+        group_size: columns per group; required for ``"group"``, forbidden otherwise.
+        symmetric: ``z = 0`` and a range of ``[-max|W|, max|W|]``; else ``[min W, max W]`` with a zero point.
+        observer: how each group's range is chosen: ``"minmax"``, ``"percentile"`` or ``"mse"``.
+        scale_dtype: storage dtype of scales: ``"float16"``, ``"bfloat16"`` or ``"float32"``.
+    """
+
+    bits: int = 4
+    granularity: Granularity = "group"
+    group_size: int | None = 128
+    symmetric: bool = True
+    observer: str = "minmax"
+    scale_dtype: str = "float16"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.bits, int) or not 2 <= self.bits <= 8:
+            raise UserError(f"bits must be an integer from 2 to 8, got {self.bits!r}")
+        if self.granularity not in ("tensor", "channel", "group"):
+            raise UserError(f"granularity must be tensor, channel or group, got {self.granularity!r}")
+        if self.granularity == "group":
+            if not isinstance(self.group_size, int) or self.group_size < 1:
+                raise UserError(f"per-group quantization needs a positive group size, got {self.group_size!r}")
+        elif self.group_size is not None:
+            raise UserError(f"group_size is only meaningful with granularity='group', not {self.granularity!r}")
+        if self.observer not in observers.OBSERVERS:
+            raise UserError(f"observer must be one of {', '.join(observers.OBSERVERS)}, got {self.observer!r}")
+        if self.scale_dtype not in SCALE_DTYPES:
+            raise UserError(f"scale_dtype must be one of {', '.join(SCALE_DTYPES)}, got {self.scale_dtype!r}")
+
+    # -- arithmetic the planner and the exporters share -------------------------------------
+
+    @property
+    def qmin(self) -> int:
+        return -(2 ** (self.bits - 1))
+
+    @property
+    def qmax(self) -> int:
+        return 2 ** (self.bits - 1) - 1
+
+    @property
+    def name(self) -> str:
+        """Short spec string, parseable by :func:`parse_int_format`: ``int4-g128``, ``int8-channel-asym``."""
+        gran = f"g{self.group_size}" if self.granularity == "group" else self.granularity
+        return f"int{self.bits}-{gran}" + ("" if self.symmetric else "-asym")
+
+    def overhead_bits_per_group(self) -> int:
+        return SCALE_BITS[self.scale_dtype] + (0 if self.symmetric else ZERO_POINT_BITS)
+
+    def bits_per_weight(self, in_features: int | None = None, numel: int | None = None) -> float:
+        """Stored bits per weight, scales and zero points included.
+
+        Per-channel overhead depends on the row length ``in_features`` and per-tensor on the
+        tensor size ``numel``; when unknown it is taken as zero (it is below 0.01 bit for any
+        real LLM layer).
+        """
+        overhead = self.overhead_bits_per_group()
+        if self.granularity == "group":
+            return self.bits + overhead / self.group_size
+        if self.granularity == "channel":
+            return self.bits + (overhead / in_features if in_features else 0.0)
+        return self.bits + (overhead / numel if numel else 0.0)
+
+    def group_size_for(self, in_features: int) -> int:
+        """Columns per scale for a layer with ``in_features`` inputs (per-channel: the whole row)."""
+        return self.group_size if self.granularity == "group" else in_features
+
+    def divides(self, in_features: int) -> bool:
+        return self.granularity != "group" or in_features % self.group_size == 0
+
+    # -- quantization -----------------------------------------------------------------------
+
+    def _grouped(self, W: torch.Tensor) -> torch.Tensor:
+        """``W: (out, in)`` viewed as ``(rows, n_groups, group)``."""
+        out_features, in_features = W.shape
+        if self.granularity == "tensor":
+            return W.reshape(1, 1, -1)
+        if not self.divides(in_features):
+            raise UserError(
+                f"group size {self.group_size} does not divide the input dimension {in_features}; "
+                "pick a group size that divides it, or a fallback for such layers"
+            )
+        g = self.group_size_for(in_features)
+        return W.reshape(out_features, in_features // g, g)
+
+    def qparams_from_range(self, lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Scale (rounded to its storage dtype) and zero point for ranges ``[lo, hi]``."""
+        lo = torch.clamp(lo, max=0.0)
+        hi = torch.clamp(hi, min=0.0)
+        if self.symmetric:
+            scale = torch.maximum(-lo, hi) / self.qmax
+            zero = None
+        else:
+            scale = (hi - lo) / (2**self.bits - 1)
+        tiny = torch.finfo(SCALE_DTYPES[self.scale_dtype]).tiny
+        scale = scale.clamp(min=tiny).to(SCALE_DTYPES[self.scale_dtype]).to(torch.float32)
+        scale = torch.where(torch.isfinite(scale), scale, torch.finfo(SCALE_DTYPES[self.scale_dtype]).max)
+        if not self.symmetric:
+            zero = torch.clamp(self.qmin - torch.round(lo / scale), self.qmin, self.qmax)
+        return scale, zero
+
+    def quantize_grouped(
+        self, Wg: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None
+    ) -> torch.Tensor:
+        """Integer codes of a grouped tensor, as float values (exact small integers)."""
+        q = torch.round(Wg / scale)
+        if zero is not None:
+            q = q + zero
+        return q.clamp_(self.qmin, self.qmax)
+
+    def fake_quantize_grouped(
+        self, Wg: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None
+    ) -> torch.Tensor:
+        q = self.quantize_grouped(Wg, scale, zero)
+        return (q - zero if zero is not None else q) * scale
+
+    def quantize(self, W: torch.Tensor) -> QuantizedTensor:
+        """Round ``W: (out, in)`` to this format, choosing ranges with the format's observer."""
+        Wf = W.detach().to(torch.float32)
+        if not torch.isfinite(Wf).all():
+            raise UserError("weight contains NaN or inf values; the checkpoint is corrupt or was trained badly")
+        Wg = self._grouped(Wf)
+        lo, hi = observers.observe(Wg, self)
+        scale, zero = self.qparams_from_range(lo, hi)
+        q = self.quantize_grouped(Wg, scale, zero)
+        return QuantizedTensor(
+            q=q.reshape(W.shape).to(torch.int8),
+            scale=scale.squeeze(-1),
+            zero_point=None if zero is None else zero.squeeze(-1).to(torch.int8),
+            fmt=self,
+        )
+
+    def fake_quantize(self, W: torch.Tensor) -> torch.Tensor:
+        """``dequantize(quantize(W))`` in ``W``'s dtype."""
+        return self.quantize(W).dequantize().to(W.dtype)
+
+
+@dataclass(frozen=True)
+class QuantizedTensor:
+    """A weight in an integer format: codes plus one scale (and zero point) per group.
+
+    Shapes: ``q: (out, in)`` int8; ``scale: (rows, n_groups)`` float32 holding values exactly
+    representable in ``fmt.scale_dtype``; ``zero_point`` like ``scale``, int8, or ``None``.
+    ``rows`` is ``out`` except per-tensor, where it is 1 (and ``n_groups`` is 1).
+    """
+
+    q: torch.Tensor
+    scale: torch.Tensor
+    zero_point: torch.Tensor | None
+    fmt: IntFormat
+
+    def dequantize(self) -> torch.Tensor:
+        out_features, in_features = self.q.shape
+        Wg = self.fmt._grouped(self.q.to(torch.float32))
+        zero = None if self.zero_point is None else self.zero_point.to(torch.float32).unsqueeze(-1)
+        Wg = (Wg - zero if zero is not None else Wg) * self.scale.unsqueeze(-1)
+        return Wg.reshape(out_features, in_features)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes this weight takes when stored packed (codes at ``bits`` each, plus scales/zeros)."""
+        n_groups = self.scale.numel()
+        bits = self.q.numel() * self.fmt.bits + n_groups * self.fmt.overhead_bits_per_group()
+        return math.ceil(bits / 8)
+
+
+_SPEC = re.compile(r"^int(?P<bits>\d+)(?:-(?P<gran>tensor|channel|g(?P<group>\d+)))?(?P<asym>-asym)?$")
+
+
+def parse_int_format(spec: str, **overrides) -> IntFormat:
+    """Parse ``int4-g128``, ``int8-channel``, ``int4-tensor-asym`` (default granularity: channel)."""
+    m = _SPEC.match(spec.strip().lower())
+    if not m:
+        raise UserError(
+            f"unknown integer format {spec!r}; expected e.g. int4-g128, int8-channel, int4-tensor, int3-g64-asym"
+        )
+    gran = m["gran"] or "channel"
+    kwargs = dict(
+        bits=int(m["bits"]),
+        granularity="group" if m["group"] else gran,
+        group_size=int(m["group"]) if m["group"] else None,
+        symmetric=m["asym"] is None,
+    )
+    kwargs.update(overrides)
+    return IntFormat(**kwargs)
