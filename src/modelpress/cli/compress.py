@@ -1,9 +1,84 @@
-"""(placeholder) compress subcommand."""
+"""Quantize a model and write a checkpoint that plain transformers and vLLM load.
+
+Example:
+    modelpress compress smollm2-135m --method rtn --bits 4 --group-size 64 -o smollm2-int4
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from pydantic import ValidationError
+
+from modelpress.cli import options
+from modelpress.cli.evaluate import print_table, run_eval
+from modelpress.compress import METHODS, compress
+from modelpress.errors import UserError
 
 
-def add_arguments(parser):
-    pass
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", help="checkpoint folder, .gguf file or hub id")
+    parser.add_argument("-o", "--output", required=True, metavar="OUT", help="output folder (must not exist)")
+    parser.add_argument("--method", choices=sorted(METHODS), default="rtn")
+    q = parser.add_argument_group("format")
+    q.add_argument("--bits", type=int, default=4, help="2 to 8 (default 4)")
+    q.add_argument("--granularity", choices=["tensor", "channel", "group"], default="group")
+    q.add_argument("--group-size", type=options.positive_int, default=128, metavar="G",
+                   help="columns per scale with --granularity group (default 128)")
+    sym = q.add_mutually_exclusive_group()
+    sym.add_argument("--symmetric", dest="symmetric", action="store_true", default=True, help="zero point 0 (default)")
+    sym.add_argument("--asymmetric", dest="symmetric", action="store_false", help="a zero point per group")
+    q.add_argument("--observer", choices=["minmax", "percentile", "mse"], default="minmax",
+                   help="how each group's range is chosen (default minmax; mse searches clipping)")
+    q.add_argument("--scale-dtype", choices=["float16", "bfloat16", "float32"], default="float16")
+    q.add_argument("--exclude", action="append", metavar="REGEX",
+                   help="keep matching Linear modules unquantized (repeatable; default: lm_head)")
+    q.add_argument("--group-fallback", choices=["error", "keep", "shrink"], default="error",
+                   help="layers whose input size the group size does not divide: error (default), "
+                        "keep them unquantized, or shrink their group to the largest common divisor")
+    parser.add_argument("--eval", action="store_true", help="after compressing, evaluate against the original")
+    options.add_eval_text(parser)
+    options.add_json(parser)
 
 
-def main(args):
-    raise NotImplementedError
+def build_config(args: argparse.Namespace):
+    fields = {
+        "bits": args.bits,
+        "granularity": args.granularity,
+        "group_size": args.group_size if args.granularity == "group" else None,
+        "symmetric": args.symmetric,
+        "observer": args.observer,
+        "scale_dtype": args.scale_dtype,
+        "group_fallback": args.group_fallback,
+    }
+    if args.exclude is not None:
+        fields["exclude"] = args.exclude
+    try:
+        return METHODS[args.method](**fields)
+    except ValidationError as e:
+        err = e.errors()[0]
+        raise UserError(f"{'.'.join(map(str, err['loc']))}: {err['msg']}") from None
+
+
+def main(args: argparse.Namespace) -> int:
+    config = build_config(args)
+    config.int_format()  # validate bits / group size before any work
+    if Path(args.output).exists():
+        raise UserError(f"output {args.output} already exists; choose a new folder or remove it")
+    if args.eval and args.text is None:
+        raise UserError("--eval needs --text FILE to evaluate on")
+    record = compress(args.model, config, args.output)
+    result = run_eval(args.output, args.text, args.windows, baseline=args.model) if args.eval else None
+    if args.json:
+        print(json.dumps({"record": record, "eval": result}, indent=2))
+        return 0
+    q = record["quantized"]
+    print(
+        f"wrote {args.output}: {q['layers']} layers quantized to {config.int_format().name} "
+        f"({q['bits_per_weight']:.3f} bits/weight, mean SQNR {q['mean_sqnr_db']:.1f} dB) in {record['wall_time_s']:.1f}s"
+    )
+    if result is not None:
+        print_table(result)
+    return 0

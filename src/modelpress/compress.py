@@ -1,0 +1,136 @@
+"""``compress``: the public verb that turns a float checkpoint into a quantized one.
+
+One typed config per method, dispatched from one visible table (:data:`METHODS`). The output is
+a compressed-tensors checkpoint that plain ``transformers`` (and vLLM) load, plus
+``modelpress.json``: the config, versions, sizes, timings and per-layer error.
+
+Example:
+    >>> from modelpress.compress import compress, RTNConfig
+    >>> record = compress("smollm2-135m/", RTNConfig(bits=4, group_size=64), "smollm2-int4/")  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from modelpress.algorithms.rtn import rtn
+from modelpress.errors import UserError
+from modelpress.formats.integer import IntFormat
+from modelpress.models import loading
+from modelpress.models.arch import arch_for
+from modelpress.models.tensors import meta_model, plan_targets, tensor_stream
+from modelpress.progress import track
+from modelpress.record import build_record
+
+logger = logging.getLogger("modelpress")
+
+
+class RTNConfig(BaseModel):
+    """Round-to-nearest over every Linear of the decoder layers.
+
+    YAML:
+        method: rtn
+        bits: 4
+        granularity: group
+        group_size: 128
+        symmetric: true
+        observer: mse
+        exclude: ["lm_head"]
+        group_fallback: error   # or: keep (leave such layers unquantized), shrink (smaller group)
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    method: Literal["rtn"] = "rtn"
+    bits: int = 4
+    granularity: Literal["tensor", "channel", "group"] = "group"
+    group_size: int | None = 128
+    symmetric: bool = True
+    observer: Literal["minmax", "percentile", "mse"] = "minmax"
+    scale_dtype: Literal["float16", "bfloat16", "float32"] = "float16"
+    exclude: list[str] = Field(default_factory=lambda: ["lm_head"])
+    group_fallback: Literal["error", "keep", "shrink"] = "error"
+
+    @field_validator("exclude")
+    @classmethod
+    def _valid_patterns(cls, patterns: list[str]) -> list[str]:
+        for p in patterns:
+            try:
+                re.compile(p)
+            except re.error as e:
+                raise ValueError(f"exclude pattern {p!r} is not a valid regular expression: {e}") from None
+        return patterns
+
+    def int_format(self) -> IntFormat:
+        return IntFormat(
+            bits=self.bits,
+            granularity=self.granularity,
+            group_size=self.group_size if self.granularity == "group" else None,
+            symmetric=self.symmetric,
+            observer=self.observer,
+            scale_dtype=self.scale_dtype,
+        )
+
+
+METHODS: dict[str, type[BaseModel]] = {"rtn": RTNConfig}
+
+
+def compress(model: str, config: RTNConfig, out_dir: str) -> dict:
+    """Quantize ``model`` per ``config`` and write the checkpoint to ``out_dir``.
+
+    Tensors stream one at a time from the safetensors shards when the checkpoint's names match
+    the model's (peak memory: about one tensor); otherwise (GGUF input) the model is loaded once.
+    ``out_dir`` appears only when complete.
+
+    Args:
+        model: checkpoint folder, .gguf file or hub id.
+        config: the method's config.
+        out_dir: output folder; must not exist.
+
+    Returns:
+        The run record (also written as ``out_dir/modelpress.json``).
+    """
+    from modelpress.export.compressed_tensors import CompressedCheckpointWriter
+
+    t0 = time.monotonic()
+    source = loading.resolve(model)
+    hf_config = loading.load_config(source)
+    arch_for(hf_config)  # fail early, before any work, on an unsupported architecture
+    meta = meta_model(hf_config)
+    targets = plan_targets(meta, config)
+    tokenizer = loading.load_tokenizer(source)
+    layer_errors: dict[str, dict] = {}
+    with CompressedCheckpointWriter(out_dir) as writer:
+        stream, n_tensors = tensor_stream(source, meta)
+        for name, tensor in track(stream, total=n_tensors, what="tensor"):
+            module = name.removesuffix(".weight")
+            fmt = targets.formats.get(module) if name.endswith(".weight") else None
+            if fmt is None:
+                writer.add_tensor(name, tensor)
+                continue
+            try:
+                qt, err = rtn(tensor, fmt)
+            except UserError as e:
+                raise UserError(f"{module}: {e}") from None
+            writer.add_quantized(module, qt)
+            layer_errors[module] = {
+                "format": fmt.name,
+                "numel": tensor.numel(),
+                "nbytes": qt.nbytes,
+                **err.__dict__,
+            }
+        elapsed = time.monotonic() - t0
+        record = build_record(source, config, targets, layer_errors, elapsed)
+        writer.finish(
+            config=targets.output_config(hf_config),
+            tokenizer=tokenizer,
+            extra_files={"modelpress.json": record},
+            copy_files_from=source.path if source.kind == "folder" else None,
+        )
+    logger.info("wrote %s in %.1fs", out_dir, time.monotonic() - t0)
+    return record

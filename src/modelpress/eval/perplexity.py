@@ -1,0 +1,87 @@
+"""Perplexity and agreement with a baseline, over token windows (protocol ``ppl-512``).
+
+For each window, ``ppl = exp(total NLL / number of predicted tokens)`` with labels = inputs
+(every position but the first is predicted). With a baseline model, the same pass also gives
+the mean per-token KL divergence ``KL(P_baseline || P_model)`` and the top-1 agreement (how
+often both models' most likely next token is the same): the distance from the original
+that perplexity alone hides.
+
+Both models are run window by window, so only one window's logits per model live at a time.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+
+from modelpress.progress import track
+
+
+@dataclass
+class EvalResult:
+    """Plain numbers, ready for JSON."""
+
+    protocol: str
+    n_windows: int
+    n_tokens: int
+    ppl: float
+    nll: float  # mean NLL per predicted token, nats
+    baseline_ppl: float | None = None
+    kl: float | None = None  # mean KL(P_baseline || P_model) per token, nats
+    top1_agreement: float | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _logits(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    device = next(model.parameters()).device
+    return model(input_ids=ids.to(device), use_cache=False).logits[:, :-1].float().cpu()
+
+
+@torch.inference_mode()
+def evaluate(
+    model: torch.nn.Module,
+    windows: torch.Tensor,
+    baseline: torch.nn.Module | None = None,
+    protocol: str = "ppl-512",
+) -> EvalResult:
+    """Perplexity of ``model`` on ``windows: (n, T)``, and KL / top-1 agreement vs ``baseline``.
+
+    Args:
+        model: a causal LM returning ``.logits``.
+        windows: token ids, one window per row (see :func:`modelpress.data.token_windows`).
+        baseline: the reference model (usually the uncompressed one), or ``None``.
+        protocol: the protocol name, recorded with the result.
+
+    Returns:
+        An :class:`EvalResult`.
+    """
+    nll_sum = base_nll_sum = kl_sum = 0.0
+    agree = n_tokens = 0
+    for window in track(windows, total=len(windows), what="eval window"):
+        ids = window.unsqueeze(0)
+        targets = ids[:, 1:].reshape(-1)
+        logp = F.log_softmax(_logits(model, ids).view(targets.numel(), -1), dim=-1)
+        nll_sum += -logp.gather(1, targets[:, None]).sum().item()
+        n_tokens += targets.numel()
+        if baseline is not None:
+            base_logp = F.log_softmax(_logits(baseline, ids).view(targets.numel(), -1), dim=-1)
+            base_nll_sum += -base_logp.gather(1, targets[:, None]).sum().item()
+            kl_sum += F.kl_div(logp, base_logp, log_target=True, reduction="sum").item()
+            agree += (logp.argmax(-1) == base_logp.argmax(-1)).sum().item()
+    result = EvalResult(
+        protocol=protocol,
+        n_windows=len(windows),
+        n_tokens=n_tokens,
+        ppl=math.exp(nll_sum / n_tokens),
+        nll=nll_sum / n_tokens,
+    )
+    if baseline is not None:
+        result.baseline_ppl = math.exp(base_nll_sum / n_tokens)
+        result.kl = kl_sum / n_tokens
+        result.top1_agreement = agree / n_tokens
+    return result

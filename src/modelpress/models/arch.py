@@ -1,0 +1,82 @@
+"""Architecture knowledge as data: one table row per ``config.model_type``.
+
+A row says where the decoder layers are and, inside a layer, which norm feeds which linears
+(what activation-aware methods such as AWQ and SmoothQuant fold scales into). Adding an
+architecture is adding a row; no code elsewhere names a model family.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from modelpress.errors import UserError
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    """Where things are in a ``*ForCausalLM`` of one model type.
+
+    Attributes:
+        layers: dotted path of the decoder layers' ``ModuleList``, from the causal-LM root.
+        norm_to_linears: inside one layer, ``(norm, (linears it feeds...))`` pairs.
+        moe: the model has mixture-of-experts blocks.
+    """
+
+    layers: str
+    norm_to_linears: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    moe: bool = False
+
+
+_LLAMA_LIKE = ArchSpec(
+    layers="model.layers",
+    norm_to_linears=(
+        ("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+        ("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
+    ),
+)
+_GEMMA2_LIKE = ArchSpec(  # Gemma 2/3: sandwich norms; the MLP is fed by pre_feedforward_layernorm
+    layers="model.layers",
+    norm_to_linears=(
+        ("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+        ("pre_feedforward_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
+    ),
+)
+
+ARCHITECTURES: dict[str, ArchSpec] = {
+    "llama": _LLAMA_LIKE,
+    "mistral": _LLAMA_LIKE,
+    "qwen2": _LLAMA_LIKE,
+    "qwen3": _LLAMA_LIKE,
+    "gemma": _LLAMA_LIKE,
+    "gemma2": _GEMMA2_LIKE,
+    "gemma3_text": _GEMMA2_LIKE,
+    "phi3": ArchSpec(
+        layers="model.layers",
+        norm_to_linears=(
+            ("input_layernorm", ("self_attn.qkv_proj",)),
+            ("post_attention_layernorm", ("mlp.gate_up_proj",)),
+        ),
+    ),
+    "opt": ArchSpec(
+        layers="model.decoder.layers",
+        norm_to_linears=(
+            ("self_attn_layer_norm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+            ("final_layer_norm", ("fc1",)),
+        ),
+    ),
+}
+
+
+def text_config(config):
+    """The language-model part of a config (multimodal configs nest it as ``text_config``)."""
+    return getattr(config, "text_config", None) or config
+
+
+def arch_for(config) -> ArchSpec:
+    """The table row for ``config``, or a :class:`UserError` naming what is supported."""
+    model_type = getattr(config, "model_type", None)
+    if model_type not in ARCHITECTURES:
+        raise UserError(
+            f"architecture {model_type!r} is not supported yet; supported: {', '.join(sorted(ARCHITECTURES))}"
+        )
+    return ARCHITECTURES[model_type]

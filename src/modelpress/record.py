@@ -1,0 +1,54 @@
+"""The run record: what was done, with which versions, how long it took, and what it cost.
+
+Plain JSON data, written next to the checkpoint as ``modelpress.json``; it feeds reports and
+lets two runs be diffed.
+"""
+
+from __future__ import annotations
+
+import platform
+from importlib import metadata
+
+import modelpress
+
+_PACKAGES = ("torch", "transformers", "compressed-tensors", "safetensors")
+
+
+def versions() -> dict[str, str]:
+    out = {"modelpress": modelpress.__version__, "python": platform.python_version()}
+    for pkg in _PACKAGES:
+        try:
+            out[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            out[pkg] = "not installed"
+    return out
+
+
+def build_record(source, config, targets, layers: dict[str, dict], elapsed_s: float) -> dict:
+    """Assemble the record of a compress run.
+
+    Args:
+        source: the :class:`~modelpress.models.loading.ModelSource` compressed.
+        config: the method config (a pydantic model).
+        targets: the :class:`~modelpress.models.tensors.Targets` plan.
+        layers: module name -> per-layer numbers (format, error, ``numel``, ``nbytes``).
+        elapsed_s: wall time of the run so far.
+    """
+    numel = sum(v["numel"] for v in layers.values())
+    nbytes = sum(v["nbytes"] for v in layers.values())
+    return {
+        "modelpress_record": 1,
+        "source": {"kind": source.kind, "path": source.path},
+        "config": config.model_dump(),
+        "versions": versions(),
+        "wall_time_s": round(elapsed_s, 3),
+        "quantized": {
+            "layers": len(layers),
+            "params": numel,
+            "bytes": nbytes,
+            "bits_per_weight": 8 * nbytes / numel if numel else None,
+            "mean_sqnr_db": sum(v["sqnr_db"] for v in layers.values()) / len(layers) if layers else None,
+        },
+        "kept_unquantized": targets.kept,
+        "layers": layers,
+    }

