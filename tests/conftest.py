@@ -27,6 +27,8 @@ TINY_ARCHS = {
     "mistral": {"sliding_window": None},
     "qwen2": {},
     "qwen3": {},
+    "gemma": {"tie_word_embeddings": True},
+    "gemma2": {"sliding_window": 64, "query_pre_attn_scalar": 16},
     "gemma3_text": {"sliding_window": 64, "query_pre_attn_scalar": 16, "tie_word_embeddings": True},
     "phi3": {"pad_token_id": 0},
     "opt": None,  # different field names, see _tiny_config
