@@ -4,19 +4,22 @@ One typed config per method, dispatched from one visible table (:data:`METHODS`)
 a compressed-tensors checkpoint that plain ``transformers`` (and vLLM) load, plus
 ``modelpress.json``: the config, versions, sizes, timings and per-layer error.
 
-Example:
-    >>> from modelpress.compress import compress, RTNConfig
-    >>> record = compress("smollm2-135m/", RTNConfig(bits=4, group_size=64), "smollm2-int4/")  # doctest: +SKIP
+Example::
+
+    from modelpress.compress import compress, RTNConfig
+    record = compress("smollm2-135m/", RTNConfig(bits=4, group_size=64), "smollm2-int4/")
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import time
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
+from torch import nn
 
 from modelpress.algorithms.rtn import rtn
 from modelpress.errors import UserError
@@ -129,7 +132,8 @@ def compress(model: str, config: RTNConfig, out_dir: str) -> dict:
         writer.finish(
             config=targets.output_config(hf_config),
             tokenizer=tokenizer,
-            extra_files={"modelpress.json": record},
+            ignore=[n for n, m in meta.named_modules() if isinstance(m, nn.Linear) and n not in targets.formats],
+            extra_files={"modelpress.json": json.dumps(record, indent=2)},
             copy_files_from=source.path if source.kind == "folder" else None,
         )
     logger.info("wrote %s in %.1fs", out_dir, time.monotonic() - t0)

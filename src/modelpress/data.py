@@ -31,11 +31,14 @@ CALIB_128X512 = WindowProtocol("calib-128x512", seq_len=512, n_windows=128)
 
 
 def read_text(path: str | Path) -> str:
-    """Read a UTF-8 text file, or the ``"text"`` field of each line of a ``.jsonl`` file.
+    r"""Read a UTF-8 text file, or the ``"text"`` field of each line of a ``.jsonl`` file.
 
     Example:
-        >>> read_text("../shared/data/austen/emma.txt")[:4]  # doctest: +SKIP
-        'EMMA'
+        >>> import tempfile
+        >>> path = Path(tempfile.mkdtemp()) / "a.jsonl"
+        >>> _ = path.write_text('{"text": "It is a truth"}\n{"text": "universally acknowledged"}\n')
+        >>> read_text(path)
+        'It is a truth\n\nuniversally acknowledged'
     """
     path = Path(path)
     if not path.is_file():

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
+import signal
 import sys
 
 from modelpress import __version__
@@ -33,6 +35,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def _quiet_third_party() -> None:
+    """Our progress lines are the ones users read; the libraries' per-load bars are noise here."""
+    os.environ.setdefault("TQDM_DISABLE", "1")  # read by tqdm when it is first imported
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(
@@ -40,6 +55,8 @@ def main(argv: list[str] | None = None) -> int:
         format="%(message)s",
         stream=sys.stderr,
     )
+    _quiet_third_party()
+    signal.signal(signal.SIGTERM, _interrupt)  # `kill` cleans up like Ctrl-C: no half-written output
     try:
         return args.handler(args)
     except UserError as e:

@@ -1,0 +1,132 @@
+"""Write quantized weights as a compressed-tensors checkpoint (what transformers and vLLM load).
+
+Layouts, by format (verified against compressed-tensors' own decompressors; see the tests):
+
+==================  =====================================================  ====================
+format              tensors per quantized Linear ``M``                     used for
+==================  =====================================================  ====================
+``pack-quantized``  ``M.weight_packed`` int32 (``32 / bits`` codes each),   symmetric int, any
+                    ``M.weight_scale``, ``M.weight_shape``                  bit width
+``int-quantized``   ``M.weight`` int8 codes, ``M.weight_scale``,            asymmetric int
+                    ``M.weight_zero_point`` int8
+==================  =====================================================  ====================
+
+Asymmetric weights use ``int-quantized`` (8 bits per code on disk) because compressed-tensors
+0.20's packed loader allocates an unpacked zero-point tensor and fails on packed ones; the
+*values* are still ``bits``-bit codes and one zero point per group, and the run record reports
+the packed size. Scales are stored in the format's ``scale_dtype``; per-tensor scales have
+shape ``(1,)`` as compressed-tensors expects.
+
+Each distinct (format, quantization args) pair becomes one config group whose targets are the
+exact module names, so mixed precision (group-size fallbacks) is described faithfully; every
+other Linear is listed in ``ignore``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from modelpress.export.checkpoint import CheckpointWriter
+from modelpress.formats.integer import SCALE_DTYPES, IntFormat, QuantizedTensor
+
+
+def storage_format(fmt: IntFormat) -> str:
+    """The compressed-tensors format name a weight in ``fmt`` is stored as."""
+    return "pack-quantized" if fmt.symmetric else "int-quantized"
+
+
+def quantization_args(fmt: IntFormat):
+    from compressed_tensors.quantization import QuantizationArgs
+
+    return QuantizationArgs(
+        num_bits=fmt.bits,
+        type="int",
+        symmetric=fmt.symmetric,
+        strategy=fmt.granularity,
+        group_size=fmt.group_size if fmt.granularity == "group" else None,
+    )
+
+
+def compressed_tensors(module: str, qt: QuantizedTensor) -> dict[str, torch.Tensor]:
+    """The tensors that store ``qt`` for Linear ``module``, by their checkpoint names."""
+    from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
+
+    fmt = qt.fmt
+    scale = qt.scale.to(SCALE_DTYPES[fmt.scale_dtype])
+    zero = qt.zero_point
+    if fmt.granularity == "tensor":
+        scale = scale.reshape(1)
+        zero = None if zero is None else zero.reshape(1)
+    out = {f"{module}.weight_scale": scale}
+    if storage_format(fmt) == "pack-quantized":
+        out[f"{module}.weight_packed"] = pack_to_int32(qt.q, fmt.bits)
+        out[f"{module}.weight_shape"] = torch.tensor(list(qt.q.shape), dtype=torch.int64)
+    else:
+        out[f"{module}.weight"] = qt.q
+    if zero is not None:
+        out[f"{module}.weight_zero_point"] = zero
+    return out
+
+
+def quantization_config(formats: dict[str, IntFormat], ignore: list[str]) -> dict:
+    """The ``quantization_config`` entry of ``config.json`` for these module formats."""
+    from compressed_tensors.quantization import QuantizationConfig, QuantizationScheme
+
+    groups: dict[tuple[str, IntFormat], list[str]] = {}
+    for module, fmt in formats.items():
+        groups.setdefault((storage_format(fmt), fmt), []).append(module)
+    if len(groups) == 1:
+        ((fmt_name, fmt),) = groups
+        schemes = {"group_0": QuantizationScheme(targets=["Linear"], weights=quantization_args(fmt), format=fmt_name)}
+    else:
+        schemes = {
+            f"group_{i}": QuantizationScheme(targets=sorted(mods), weights=quantization_args(fmt), format=fmt_name)
+            for i, ((fmt_name, fmt), mods) in enumerate(groups.items())
+        }
+    fmt_names = sorted({name for name, _ in groups})
+    qc = QuantizationConfig(
+        config_groups=schemes,
+        ignore=sorted(ignore),
+        format=fmt_names[0] if len(fmt_names) == 1 else "mixed-precision",
+        quantization_status="compressed",
+    )
+    return qc.to_dict()
+
+
+class CompressedCheckpointWriter(CheckpointWriter):
+    """A :class:`CheckpointWriter` that also stores quantized Linears and their config.
+
+    Example:
+        >>> import tempfile
+        >>> from modelpress.formats import IntFormat
+        >>> qt = IntFormat(bits=4, group_size=32).quantize(torch.randn(8, 64))
+        >>> with CompressedCheckpointWriter(Path(tempfile.mkdtemp()) / "ckpt") as w:
+        ...     w.add_quantized("model.layers.0.mlp.up_proj", qt)
+        ...     _ = w.finish(config={"model_type": "llama"}, ignore=["lm_head"])
+        >>> w.formats["model.layers.0.mlp.up_proj"].name
+        'int4-g32'
+    """
+
+    def __init__(self, out_dir: str | Path, **kwargs):
+        super().__init__(out_dir, **kwargs)
+        self.formats: dict[str, IntFormat] = {}
+
+    def add_quantized(self, module: str, qt: QuantizedTensor) -> None:
+        for name, tensor in compressed_tensors(module, qt).items():
+            self.add_tensor(name, tensor)
+        self.formats[module] = qt.fmt
+
+    def finish(self, config: dict, ignore: list[str] = (), **kwargs) -> Path:
+        """Write ``config`` with its ``quantization_config`` and complete the checkpoint.
+
+        Args:
+            config: the model config dict, without a quantization config.
+            ignore: the Linear modules left unquantized (``lm_head`` and exclusions).
+            **kwargs: passed to :meth:`CheckpointWriter.finish`.
+        """
+        config = dict(config)
+        if self.formats:
+            config["quantization_config"] = quantization_config(self.formats, list(ignore))
+        return super().finish(config=config, **kwargs)

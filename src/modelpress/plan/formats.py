@@ -1,0 +1,67 @@
+"""The formats the planner knows, by the spec names users type.
+
+Integer specs (``int4``, ``int4-g128``, ``int8-channel``, ``int3-g64-asym``) are parsed by
+:func:`modelpress.formats.integer.parse_int_format`, and their bits per weight come from the
+format itself, so the plan and the written checkpoint cannot disagree. GGUF block types take
+their sizes from the ``gguf`` package's table (bytes per block of weights).
+
+Example:
+    >>> plan_format("int4-g128").bits
+    4.125
+    >>> plan_format("q4_k").bits
+    4.5
+"""
+
+from __future__ import annotations
+
+from modelpress.errors import UserError
+from modelpress.plan.memory import PlanFormat
+
+DEFAULT_FORMATS = ("fp32", "fp16", "fp8", "int8", "int4", "int4-g128", "int3-g128", "q8_0", "q4_k_m")
+
+_FLOAT = {
+    "fp32": PlanFormat("fp32", 32.0, rest_bits=32.0),
+    "fp16": PlanFormat("fp16", 16.0),
+    "bf16": PlanFormat("bf16", 16.0),
+    "fp8": PlanFormat("fp8", 8.0, compute="fp8"),  # E4M3, one fp32 scale per tensor: negligible
+    "mxfp4": PlanFormat("mxfp4", 4.0 + 8 / 32, compute="fp4"),  # OCP MX: E8M0 scale per 32
+    "nvfp4": PlanFormat("nvfp4", 4.0 + 8 / 16, compute="fp4"),  # FP8 E4M3 scale per 16 (+ fp32 per tensor)
+}
+
+# llama.cpp mixes: most weights in the base type, some (attn_v, ffn_down, output) higher. The
+# average over a typical model is llama.cpp's own reported bits/weight for these mixes.
+_GGUF_MIXES = {"q4_k_m": ("q4_k", 4.85), "q4_k_s": ("q4_k", 4.58), "q5_k_m": ("q5_k", 5.69), "q3_k_m": ("q3_k", 3.91)}
+
+
+def _gguf_bits(type_name: str) -> float | None:
+    from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    try:
+        qtype = GGMLQuantizationType[type_name.upper()]
+    except KeyError:
+        return None
+    block, type_bytes = GGML_QUANT_SIZES[qtype]
+    return 8 * type_bytes / block
+
+
+def plan_format(spec: str) -> PlanFormat:
+    """The :class:`PlanFormat` named ``spec`` (case-insensitive)."""
+    key = spec.strip().lower()
+    if key in _FLOAT:
+        return _FLOAT[key]
+    if key.startswith("int"):
+        from modelpress.formats.integer import parse_int_format
+
+        fmt = parse_int_format(key)
+        per_row = (lambda in_f: fmt.bits_per_weight(in_features=in_f)) if fmt.granularity == "channel" else None
+        return PlanFormat(key, fmt.bits_per_weight(), per_row=per_row)
+    if key in _GGUF_MIXES:
+        base, bits = _GGUF_MIXES[key]
+        return PlanFormat(key, bits, rest_bits=bits)
+    bits = _gguf_bits(key)
+    if bits is not None and key.startswith(("q", "iq")):
+        return PlanFormat(key, bits, rest_bits=bits)
+    raise UserError(
+        f"unknown format {spec!r}; use fp32, fp16, bf16, fp8, mxfp4, nvfp4, an integer spec such as "
+        "int4-g128 or int8, or a GGUF type such as q4_k, q8_0, q4_k_m"
+    )
