@@ -22,6 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import nn
 
 from modelpress.algorithms.rtn import rtn
+from modelpress.data import CALIB_128X512
 from modelpress.errors import UserError
 from modelpress.formats.integer import IntFormat
 from modelpress.models import loading
@@ -33,23 +34,11 @@ from modelpress.record import build_record
 logger = logging.getLogger("modelpress")
 
 
-class RTNConfig(BaseModel):
-    """Round-to-nearest over every Linear of the decoder layers.
-
-    YAML:
-        method: rtn
-        bits: 4
-        granularity: group
-        group_size: 128
-        symmetric: true
-        observer: mse
-        exclude: ["lm_head"]
-        group_fallback: error   # or: keep (leave such layers unquantized), shrink (smaller group)
-    """
+class QuantConfig(BaseModel):
+    """Fields every weight-quantization method shares: the format and what it applies to."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    method: Literal["rtn"] = "rtn"
     bits: int = 4
     granularity: Literal["tensor", "channel", "group"] = "group"
     group_size: int | None = 128
@@ -80,10 +69,76 @@ class RTNConfig(BaseModel):
         )
 
 
-METHODS: dict[str, type[BaseModel]] = {"rtn": RTNConfig}
+class RTNConfig(QuantConfig):
+    """Round-to-nearest over every Linear of the decoder layers.
+
+    YAML:
+        method: rtn
+        bits: 4
+        granularity: group
+        group_size: 128
+        symmetric: true
+        observer: mse
+        exclude: ["lm_head"]
+        group_fallback: error   # or: keep (leave such layers unquantized), shrink (smaller group)
+    """
+
+    method: Literal["rtn"] = "rtn"
 
 
-def compress(model: str, config: RTNConfig, out_dir: str) -> dict:
+class CalibrationConfig(BaseModel):
+    """Calibration text as token windows (protocol ``calib-128x512`` by default).
+
+    ``text`` is a UTF-8 .txt or a .jsonl file with a ``"text"`` field; ``None`` uses the small
+    calibration text built into modelpress (offline, a few windows: fine for a first try, use
+    your own domain text for production).
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    text: str | None = None
+    samples: int = Field(CALIB_128X512.n_windows, ge=1)
+    seq_len: int = Field(CALIB_128X512.seq_len, ge=8)
+    batch_size: int = Field(8, ge=1)
+
+
+class GPTQConfig(QuantConfig):
+    """GPTQ (arXiv:2210.17323), layer by layer over calibration data.
+
+    YAML:
+        method: gptq
+        bits: 4
+        group_size: 128
+        observer: mse          # MSE-searched group scales inside GPTQ
+        act_order: true        # columns by decreasing Hessian diagonal, static groups
+        damp: 0.01
+        block_size: 128
+        calibration: {text: calib.txt, samples: 128, seq_len: 512}
+    """
+
+    method: Literal["gptq"] = "gptq"
+    act_order: bool = True
+    damp: float = Field(0.01, gt=0, lt=1)
+    block_size: int = Field(128, ge=1)
+    calibration: CalibrationConfig = Field(default_factory=CalibrationConfig)
+
+
+METHODS: dict[str, type[QuantConfig]] = {"rtn": RTNConfig, "gptq": GPTQConfig}
+
+
+def compress(model: str, config: QuantConfig, out_dir: str, resume: bool = False) -> dict:
+    """Compress ``model`` with the method ``config`` names; see :func:`compress_rtn` and
+    :func:`modelpress.layerwise.compress_layerwise`."""
+    if isinstance(config, RTNConfig):
+        if resume:
+            raise UserError("--resume applies to calibrated methods; an RTN run is quick to redo")
+        return compress_rtn(model, config, out_dir)
+    from modelpress.layerwise import compress_layerwise
+
+    return compress_layerwise(model, config, out_dir, resume=resume)
+
+
+def compress_rtn(model: str, config: RTNConfig, out_dir: str) -> dict:
     """Quantize ``model`` per ``config`` and write the checkpoint to ``out_dir``.
 
     Tensors stream one at a time from the safetensors shards when the checkpoint's names match

@@ -11,14 +11,19 @@ import os
 import signal
 import sys
 
+# Our progress lines are the ones users read; the libraries' bars are noise next to them.
+# tqdm reads this once, when first imported, so it is set before anything imports it.
+os.environ.setdefault("TQDM_DISABLE", "1")
+
 from modelpress import __version__
-from modelpress.cli import compress, evaluate, plan
+from modelpress.cli import compress, evaluate, export, plan
 from modelpress.errors import UserError
 
 SUBCOMMANDS = {
     "plan": plan,
     "compress": compress,
     "eval": evaluate,
+    "export": export,
 }
 
 
@@ -40,8 +45,6 @@ def _interrupt(signum, frame):
 
 
 def _quiet_third_party() -> None:
-    """Our progress lines are the ones users read; the libraries' per-load bars are noise here."""
-    os.environ.setdefault("TQDM_DISABLE", "1")  # read by tqdm when it is first imported
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()

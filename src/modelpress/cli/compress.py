@@ -38,6 +38,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     q.add_argument("--group-fallback", choices=["error", "keep", "shrink"], default="error",
                    help="layers whose input size the group size does not divide: error (default), "
                         "keep them unquantized, or shrink their group to the largest common divisor")
+    g = parser.add_argument_group("calibrated methods (gptq)")
+    g.add_argument("--calib", metavar="FILE", help="calibration text (.txt or .jsonl); default: modelpress's built-in text")
+    g.add_argument("--calib-samples", type=options.positive_int, default=128, metavar="N",
+                   help="calibration windows (default 128, protocol calib-128x512)")
+    g.add_argument("--calib-seq-len", type=options.positive_int, default=512, metavar="T", help="tokens per window (default 512)")
+    g.add_argument("--batch-size", type=options.positive_int, default=8, metavar="B", help="windows per forward pass (default 8)")
+    order = g.add_mutually_exclusive_group()
+    order.add_argument("--act-order", dest="act_order", action="store_true", default=True,
+                       help="GPTQ: columns by decreasing Hessian diagonal, static groups (default)")
+    order.add_argument("--no-act-order", dest="act_order", action="store_false")
+    g.add_argument("--damp", type=float, default=0.01, help="GPTQ: damping as a fraction of the mean Hessian diagonal (default 0.01)")
+    g.add_argument("--block-size", type=options.positive_int, default=128, help="GPTQ: columns per lazy-update block (default 128)")
+    g.add_argument("--resume", action="store_true", help="continue an interrupted run from OUT.partial")
     parser.add_argument("--eval", action="store_true", help="after compressing, evaluate against the original")
     options.add_eval_text(parser)
     options.add_json(parser)
@@ -55,6 +68,10 @@ def build_config(args: argparse.Namespace):
     }
     if args.exclude is not None:
         fields["exclude"] = args.exclude
+    if args.method == "gptq":
+        fields.update(act_order=args.act_order, damp=args.damp, block_size=args.block_size,
+                      calibration={"text": args.calib, "samples": args.calib_samples,
+                                   "seq_len": args.calib_seq_len, "batch_size": args.batch_size})
     try:
         return METHODS[args.method](**fields)
     except ValidationError as e:
@@ -69,7 +86,9 @@ def main(args: argparse.Namespace) -> int:
         raise UserError(f"output {args.output} already exists; choose a new folder or remove it")
     if args.eval and args.text is None:
         raise UserError("--eval needs --text FILE to evaluate on")
-    record = compress(args.model, config, args.output)
+    if args.calib is not None and not Path(args.calib).is_file():
+        raise UserError(f"calibration text not found: {args.calib}")
+    record = compress(args.model, config, args.output, resume=args.resume)
     result = run_eval(args.output, args.text, args.windows, baseline=args.model) if args.eval else None
     if args.json:
         print(json.dumps({"record": record, "eval": result}, indent=2))

@@ -5,6 +5,9 @@ sibling folder (``OUT.partial-<pid>``); ``finish`` writes the index and config, 
 folder to ``OUT`` in one step. An exception (or Ctrl-C) inside the ``with`` block removes the
 temporary folder, so a folder named ``OUT`` is always complete.
 
+A *resumable* writer uses the fixed name ``OUT.partial`` and keeps it on failure: the run saves
+its progress there (``save_state``) and ``--resume`` continues from it (``load_state``).
+
 States (checked): OPEN -> (add tensors) -> FINISHED | ABORTED.
 """
 
@@ -23,6 +26,8 @@ from modelpress.errors import UserError
 
 logger = logging.getLogger("modelpress")
 
+RESUME_PREFIX = "resume-"
+RESUME_STATE = RESUME_PREFIX + "state.json"
 DEFAULT_SHARD_BYTES = 1 << 30  # 1 GiB: bounds the writer's buffer, i.e. its share of peak memory
 
 
@@ -39,14 +44,28 @@ class CheckpointWriter:
         ['config.json', 'model.safetensors']
     """
 
-    def __init__(self, out_dir: str | Path, max_shard_bytes: int = DEFAULT_SHARD_BYTES):
+    def __init__(self, out_dir: str | Path, max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+                 resumable: bool = False, resume: bool = False):
         self.out_dir = Path(out_dir)
         if self.out_dir.exists():
             raise UserError(f"output {self.out_dir} already exists; choose a new folder or remove it")
-        self.tmp_dir = self.out_dir.with_name(f"{self.out_dir.name}.partial-{os.getpid()}")
-        if self.tmp_dir.exists():
-            shutil.rmtree(self.tmp_dir)
-        self.tmp_dir.mkdir(parents=True)
+        self.resumable = resumable or resume
+        self.resuming = False
+        if self.resumable:  # a fixed name, kept after a crash so that --resume can find it
+            self.tmp_dir = self.out_dir.with_name(f"{self.out_dir.name}.partial")
+            has_state = (self.tmp_dir / RESUME_STATE).is_file()
+            if has_state and not resume:
+                raise UserError(f"an interrupted run left {self.tmp_dir}; add --resume to continue it, or delete it")
+            if resume and not has_state:
+                logger.info("nothing to resume in %s; starting from the first layer", self.tmp_dir)
+            self.resuming = resume and has_state
+            if not self.resuming and self.tmp_dir.exists():
+                shutil.rmtree(self.tmp_dir)  # stopped before its first layer was saved: nothing to keep
+        else:
+            self.tmp_dir = self.out_dir.with_name(f"{self.out_dir.name}.partial-{os.getpid()}")
+            if self.tmp_dir.exists():
+                shutil.rmtree(self.tmp_dir)
+        self.tmp_dir.mkdir(parents=True, exist_ok=True)
         self.max_shard_bytes = max_shard_bytes
         self.state = "open"
         self._buffer: dict[str, torch.Tensor] = {}
@@ -72,6 +91,30 @@ class CheckpointWriter:
         self._buffer[name] = tensor
         self._buffer_bytes += nbytes
         self.total_bytes += nbytes
+
+    def flush(self) -> None:
+        """Write buffered tensors as a shard now (a resumable run does this after every layer)."""
+        self._check_open()
+        self._flush()
+
+    def save_state(self, extra: dict) -> None:
+        """Record progress (shards written, plus the caller's ``extra``) for :meth:`load_state`."""
+        self._flush()
+        state = {"shards": [list(names) for names in self._shards], "total_bytes": self.total_bytes, **extra}
+        tmp = self.tmp_dir / (RESUME_STATE + ".tmp")
+        tmp.write_text(json.dumps(state))
+        tmp.replace(self.tmp_dir / RESUME_STATE)
+
+    def load_state(self) -> dict:
+        """Restore the shards a previous run recorded; drop any it wrote after; return its state."""
+        state = json.loads((self.tmp_dir / RESUME_STATE).read_text())
+        self._shards = [dict.fromkeys(names) for names in state["shards"]]
+        self._names = {n for names in state["shards"] for n in names}
+        self.total_bytes = state["total_bytes"]
+        for path in self.tmp_dir.glob("shard-*.safetensors"):
+            if int(path.stem.split("-")[1]) >= len(self._shards):
+                path.unlink()
+        return state
 
     def _flush(self) -> None:
         if not self._buffer:
@@ -111,6 +154,8 @@ class CheckpointWriter:
         self._check_open()
         self._flush()
         self._name_shards()
+        for leftover in self.tmp_dir.glob(RESUME_PREFIX + "*"):
+            leftover.unlink()
         (self.tmp_dir / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
         if tokenizer is not None:
             tokenizer.save_pretrained(self.tmp_dir)
@@ -128,8 +173,10 @@ class CheckpointWriter:
         return self.out_dir
 
     def abort(self) -> None:
+        """Stop writing; the temporary folder is removed unless the run is resumable."""
         if self.state == "open":
-            shutil.rmtree(self.tmp_dir, ignore_errors=True)
+            if not self.resumable:
+                shutil.rmtree(self.tmp_dir, ignore_errors=True)
             self.state = "aborted"
 
     def __enter__(self):

@@ -118,6 +118,15 @@ class CompressedCheckpointWriter(CheckpointWriter):
             self.add_tensor(name, tensor)
         self.formats[module] = qt.fmt
 
+    def save_state(self, extra: dict) -> None:
+        super().save_state({**extra, "formats": {m: f.name for m, f in self.formats.items()},
+                            "format_fields": {m: f.__dict__ for m, f in self.formats.items()}})
+
+    def load_state(self) -> dict:
+        state = super().load_state()
+        self.formats = {m: IntFormat(**fields) for m, fields in state["format_fields"].items()}
+        return state
+
     def finish(self, config: dict, ignore: list[str] = (), **kwargs) -> Path:
         """Write ``config`` with its ``quantization_config`` and complete the checkpoint.
 

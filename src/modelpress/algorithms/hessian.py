@@ -1,0 +1,72 @@
+"""Collect ``H = 2 X X^T / n`` for the Linears of one layer from forward hooks.
+
+Linears that read the very same input tensor (q/k/v after one norm, gate/up after another)
+share one accumulator: the Hessian is computed once per distinct input, not once per Linear.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from modelpress.algorithms.gptq import accumulate_hessian
+
+
+class HessianCollector:
+    """Forward hooks on ``modules`` (name -> Linear) that accumulate each input's Hessian.
+
+    Example::
+
+        with HessianCollector({"q": layer.self_attn.q_proj}) as hc:
+            layer(hidden)
+        H, n_tokens = hc.hessian("q")
+    """
+
+    def __init__(self, modules: dict[str, nn.Linear], owner: nn.Module):
+        self.modules = modules
+        self.owner = owner  # the layer: its pre-hook marks the start of each forward
+        self._H: dict[str, torch.Tensor | None] = dict.fromkeys(modules)
+        self._n: dict[str, int] = dict.fromkeys(modules, 0)
+        self._alias: dict[str, str] = {}  # name -> the name whose accumulator it shares
+        self._seen: dict[int, tuple[torch.Tensor, str]] = {}  # id(input) -> (input, first reader)
+        self._first_call = True
+        self._handles: list = []
+
+    def __enter__(self) -> HessianCollector:
+        self._handles.append(self.owner.register_forward_pre_hook(self._begin))
+        self._handles.append(self.owner.register_forward_hook(self._end))
+        for name, module in self.modules.items():
+            self._handles.append(module.register_forward_hook(self._hook(name)))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        self._seen.clear()
+
+    def _begin(self, module, args) -> None:
+        self._seen.clear()  # holds references, so no id can be reused within one forward
+
+    def _end(self, module, args, output) -> None:
+        self._seen.clear()
+        self._first_call = False
+
+    def _hook(self, name: str):
+        def hook(module, inputs, output) -> None:
+            x = inputs[0].detach()
+            if self._first_call:
+                if id(x) in self._seen:
+                    self._alias[name] = self._seen[id(x)][1]
+                    return
+                self._seen[id(x)] = (x, name)
+            elif name in self._alias:
+                return
+            self._H[name], self._n[name] = accumulate_hessian(self._H[name], self._n[name], x)
+
+        return hook
+
+    def hessian(self, name: str) -> tuple[torch.Tensor | None, int]:
+        """``(H, tokens)`` for ``name``; ``(None, 0)`` when it saw no input (an idle expert)."""
+        owner = self._alias.get(name, name)
+        return self._H[owner], self._n[owner]

@@ -1,0 +1,191 @@
+"""Calibrated compression, layer by layer, resumable: the path for models larger than memory.
+
+Peak memory is the embeddings, one decoder layer, and the calibration activations; every layer
+is written to the output as soon as it is compressed. After each layer the run saves its state
+(shards written, the next layer's input activations) in ``OUT.partial``; ``--resume`` continues
+from the first unfinished layer and gives the same checkpoint as an uninterrupted run.
+
+Methods are stages with one job: given a loaded layer whose Linears' Hessians were collected,
+quantize the target Linears in place and return the stored artifacts (see :class:`GPTQStage`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from importlib import resources
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from modelpress.algorithms.gptq import gptq
+from modelpress.algorithms.hessian import HessianCollector
+from modelpress.algorithms.rtn import LayerError, rtn
+from modelpress.compress import CalibrationConfig, GPTQConfig
+from modelpress.data import WindowProtocol, read_text, token_windows
+from modelpress.errors import UserError
+from modelpress.export.compressed_tensors import CompressedCheckpointWriter
+from modelpress.models import loading
+from modelpress.models.layers import LayerwiseModel, run_layer
+from modelpress.models.tensors import plan_targets
+from modelpress.progress import track
+from modelpress.record import build_record
+
+logger = logging.getLogger("modelpress")
+
+HIDDEN_FILE = "resume-hidden.safetensors"
+
+
+def calibration_ids(tokenizer, calib: CalibrationConfig) -> torch.Tensor:
+    """Token windows ``(n, seq_len [+ BOS])`` from the configured text, or the built-in one."""
+    if calib.text is None:
+        text = resources.files("modelpress").joinpath("resources", "calibration.txt").read_text(encoding="utf-8")
+        logger.info("calibrating on modelpress's built-in text; pass your own for production runs")
+    else:
+        text = read_text(calib.text)
+    protocol = WindowProtocol("calibration", seq_len=calib.seq_len, n_windows=calib.samples)
+    ids = token_windows(tokenizer, text, protocol)
+    if len(ids) < calib.samples:
+        logger.warning("calibration text gave %d windows of %d tokens, fewer than the %d asked for",
+                       len(ids), calib.seq_len, calib.samples)
+    return ids
+
+
+class GPTQStage:
+    """GPTQ on the target Linears of one layer, from Hessians of that layer's real inputs."""
+
+    def __init__(self, config: GPTQConfig):
+        self.config = config
+
+    def compress(self, name: str, linear: nn.Linear, fmt, H: torch.Tensor | None, n_tokens: int) -> tuple:
+        W = linear.weight.data
+        if H is None or n_tokens == 0:  # an idle expert: no data, so no second-order information
+            qt, err = rtn(W, fmt)
+            info = {"fallback": "rtn (no calibration tokens reached this module)", "tokens": 0}
+        else:
+            result = gptq(W, H, fmt, block_size=self.config.block_size, damp=self.config.damp,
+                          act_order=self.config.act_order)
+            qt = result.qt
+            err = LayerError.between(W, qt.dequantize())
+            D = W.to(torch.float64) - qt.dequantize().to(torch.float64)
+            out_rel = (torch.trace(D @ H @ D.T) / torch.trace(W.to(torch.float64) @ H @ W.to(torch.float64).T)).item()
+            info = {"gptq_loss": result.loss, "damp": result.damp, "tokens": n_tokens, "output_rel_mse": out_rel}
+        linear.weight.data = qt.dequantize().to(W.dtype)  # the next layers see what the checkpoint holds
+        return qt, err, info
+
+
+STAGES = {"gptq": GPTQStage}
+
+
+def _run_fingerprint(model: str, config) -> str:
+    blob = json.dumps({"model": str(Path(model).resolve()) if Path(model).exists() else model,
+                       "config": config.model_dump()}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def compress_layerwise(model: str, config: GPTQConfig, out_dir: str, resume: bool = False) -> dict:
+    """Compress ``model`` layer by layer with the calibrated method ``config`` names.
+
+    Args:
+        model: checkpoint folder, .gguf file or hub id.
+        config: a calibrated method's config (e.g. :class:`~modelpress.compress.GPTQConfig`).
+        out_dir: output folder; must not exist.
+        resume: continue the interrupted run kept in ``OUT.partial``.
+
+    Returns:
+        The run record (also written as ``out_dir/modelpress.json``).
+    """
+    t0 = time.monotonic()
+    source = loading.resolve(model)
+    lm = LayerwiseModel(source)
+    targets = plan_targets(lm.model, config)
+    tokenizer = loading.load_tokenizer(source)
+    ids = calibration_ids(tokenizer, config.calibration)
+    batches = list(torch.split(ids, config.calibration.batch_size))
+    stage = STAGES[config.method](config)
+    fingerprint = _run_fingerprint(model, config)
+
+    with CompressedCheckpointWriter(out_dir, resumable=True, resume=resume) as writer:
+        layer_errors: dict[str, dict] = {}
+        start, spent = 0, 0.0
+        resume = writer.resuming
+        if resume:
+            state = writer.load_state()
+            if state["fingerprint"] != fingerprint:
+                raise UserError(f"{writer.tmp_dir} was started with other settings or another model; "
+                                "resume with the same command, or delete it to start over")
+            start, layer_errors, spent = state["layers_done"], state["layer_errors"], state["elapsed_s"]
+            logger.info("resuming at layer %d/%d", start + 1, lm.n_layers)
+        logger.info("capturing layer inputs for %d calibration windows of %d tokens", len(ids), ids.shape[1])
+        capture = lm.capture(batches)
+        hidden = capture.hidden
+        if resume:
+            hidden = _load_hidden(writer.tmp_dir / HIDDEN_FILE, len(batches))
+        else:
+            for name, tensor in lm.outside_layers():
+                writer.add_tensor(name, tensor.to(lm.source_dtype(name)))
+        for i in track(range(start, lm.n_layers), total=lm.n_layers - start, what="layer"):
+            layer = lm.load_layer(i)
+            prefix = lm.layer_prefix(i)
+            modules = {n: layer.get_submodule(n.removeprefix(prefix + "."))
+                       for n in targets.formats if n.startswith(prefix + ".")}
+            with HessianCollector(modules, owner=layer) as hc:
+                run_layer(layer, hidden, capture.kwargs[i])
+            quantized = {}
+            for name, linear in modules.items():
+                fmt = targets.formats[name]
+                qt, err, info = stage.compress(name, linear, fmt, *hc.hessian(name))
+                quantized[name] = qt
+                layer_errors[name] = {"format": fmt.name, "numel": linear.weight.numel(), "nbytes": qt.nbytes,
+                                      **err.__dict__, **info}
+            del hc
+            hidden = run_layer(layer, hidden, capture.kwargs[i])  # the compressed layer's outputs
+            _write_layer(writer, lm, i, quantized)
+            lm.free_layer(i)
+            _save_hidden(writer.tmp_dir / HIDDEN_FILE, hidden)
+            writer.save_state({"fingerprint": fingerprint, "layers_done": i + 1, "layer_errors": layer_errors,
+                               "elapsed_s": spent + time.monotonic() - t0})
+        elapsed = spent + time.monotonic() - t0
+        record = build_record(source, config, targets, layer_errors, elapsed)
+        record["calibration"] = {"windows": len(ids), "tokens_per_window": ids.shape[1],
+                                 "text": config.calibration.text or "built-in"}
+        if resume:
+            record["resumed_at_layer"] = start
+        writer.finish(
+            config=targets.output_config(lm.config),
+            ignore=[n for n, m in lm.model.named_modules() if isinstance(m, nn.Linear) and n not in targets.formats],
+            tokenizer=tokenizer,
+            extra_files={"modelpress.json": json.dumps(record, indent=2)},
+            copy_files_from=source.path if source.kind == "folder" else None,
+        )
+    logger.info("wrote %s in %.1fs", out_dir, time.monotonic() - t0)
+    return record
+
+
+def _write_layer(writer: CompressedCheckpointWriter, lm: LayerwiseModel, i: int, quantized: dict) -> None:
+    state = lm.layer_list[i].state_dict()
+    prefix = lm.layer_prefix(i) + "."
+    for name in lm.layer_tensor_names(i):
+        module = name.removesuffix(".weight")
+        if module in quantized and name.endswith(".weight"):
+            writer.add_quantized(module, quantized[module])
+        else:
+            writer.add_tensor(name, state[name.removeprefix(prefix)].to(lm.source_dtype(name)))
+
+
+def _save_hidden(path: Path, hidden: list[torch.Tensor]) -> None:
+    from safetensors.torch import save_file
+
+    tmp = path.with_suffix(".tmp")
+    save_file({f"h{i}": h.contiguous() for i, h in enumerate(hidden)}, tmp)
+    tmp.replace(path)
+
+
+def _load_hidden(path: Path, n: int) -> list[torch.Tensor]:
+    from safetensors.torch import load_file
+
+    tensors = load_file(path)
+    return [tensors[f"h{i}"] for i in range(n)]

@@ -1,0 +1,224 @@
+"""The layer-by-layer runner, written once: capture, calibrate, compress, propagate, free.
+
+For a model of any size: the skeleton is built with parameters on the ``meta`` device (no
+memory) and buffers real (rotary tables, embedding scales: what ``__init__`` computes); only
+the parts outside the decoder layers (embeddings, final norm) are loaded. Then:
+
+1. **Capture.** Every decoder layer is swapped for a catcher and the calibration batches run
+   through the model once: the catchers record the first layer's input hidden states and the
+   keyword arguments *each* layer receives (masks and position embeddings differ per layer in
+   models that mix sliding-window and global attention), then stop the forward.
+2. **Per layer.** Load its weights from the shards, run the calibration batches through it with
+   the method's hooks (Hessians, activation statistics), let the method compress it, run it
+   again so the next layer sees the *compressed* layer's outputs, hand its tensors to the
+   writer, and free it.
+
+The runner never names an algorithm or a model family: methods plug in as a
+:class:`LayerMethod`, and architecture knowledge comes from :mod:`modelpress.models.arch`.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Iterator, Protocol
+
+import torch
+from torch import nn
+
+from modelpress.errors import UserError
+from modelpress.models import loading
+from modelpress.models.arch import arch_for
+from modelpress.models.tensors import _checked, clean_config, meta_model, unique_state_keys
+
+logger = logging.getLogger("modelpress")
+
+
+class WeightReader:
+    """Tensors by checkpoint name, read on demand from the safetensors shards.
+
+    A GGUF file (or a checkpoint whose names transformers remaps) is loaded whole once, since
+    its tensors cannot be read one at a time under the model's names.
+    """
+
+    def __init__(self, source: loading.ModelSource, expected: set[str]):
+        from safetensors import SafetensorError, safe_open
+
+        self._files: dict[str, str] = {}
+        self._state: dict[str, torch.Tensor] | None = None
+        for path in source.safetensors_files():
+            try:
+                with safe_open(str(path), framework="pt") as f:
+                    self._files.update(dict.fromkeys(f.keys(), str(path)))
+            except (SafetensorError, OSError) as e:
+                raise UserError(f"cannot read {path}: {e}; the file is corrupt or truncated") from None
+        if set(self._files) != expected:
+            logger.info("loading %s whole (its tensor names are not the model's)", source.path)
+            model = loading.load_model(source)
+            self._state = {k: v for k, v in model.state_dict().items() if k in expected}
+            self._files = {}
+        self.names = expected
+
+    def get(self, name: str) -> torch.Tensor:
+        if self._state is not None:
+            return _checked(name, self._state[name])
+        from safetensors import safe_open
+
+        with safe_open(self._files[name], framework="pt") as f:
+            return _checked(name, f.get_tensor(name))
+
+    def release(self, names) -> None:
+        """Drop tensors already consumed (only matters for a model loaded whole)."""
+        if self._state is not None:
+            for n in names:
+                self._state.pop(n, None)
+
+
+class _StopForward(Exception):
+    pass
+
+
+class _Catcher(nn.Module):
+    """Stands in for decoder layer ``idx``: records its inputs, passes hidden states through."""
+
+    def __init__(self, layer: nn.Module, idx: int, record: Capture, last: bool):
+        super().__init__()
+        object.__setattr__(self, "_layer", layer)  # not a submodule: attribute fallback only
+        self.idx, self.last = idx, last
+        object.__setattr__(self, "_record", record)
+
+    def __getattr__(self, name):  # the model may read layer attributes (e.g. ``attention_type``)
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(object.__getattribute__(self, "_layer"), name)
+
+    def forward(self, hidden_states, *args, **kwargs):
+        if args:
+            raise UserError("this model passes positional arguments to its decoder layers; it is not supported yet")
+        kwargs = {k: v for k, v in kwargs.items() if k not in ("past_key_values", "past_key_value", "use_cache")}
+        if self.idx == 0:
+            self._record.hidden.append(hidden_states.detach())
+        self._record.kwargs[self.idx].append(kwargs)
+        if self.last:
+            raise _StopForward
+        return hidden_states
+
+
+@dataclass
+class Capture:
+    """What the catchers saw: layer-0 inputs per batch, and each layer's keyword args per batch."""
+
+    hidden: list[torch.Tensor] = field(default_factory=list)
+    kwargs: list[list[dict]] = field(default_factory=list)
+
+
+class LayerMethod(Protocol):
+    """What a compression method provides to the runner (one instance per layer)."""
+
+    def hooks(self, layer: nn.Module, prefix: str) -> list:
+        """Register forward hooks that collect statistics; returns their handles."""
+
+    def compress(self, layer: nn.Module, prefix: str) -> dict[str, object]:
+        """Compress the layer in place (weights become what the checkpoint will hold, dequantized)
+        and return ``module name -> stored artifact`` for the writer."""
+
+
+class LayerwiseModel:
+    """A causal LM whose decoder layers are loaded one at a time.
+
+    Example::
+
+        lm = LayerwiseModel(loading.resolve("smollm2-135m/"))
+        capture = lm.capture(calibration_ids)
+        for i, layer in lm.layers():
+            ...  # calibrate, compress, propagate
+    """
+
+    def __init__(self, source: loading.ModelSource, dtype: torch.dtype = torch.float32):
+        from accelerate import init_empty_weights
+        from transformers import AutoModelForCausalLM
+
+        self.source = source
+        self.config = loading.load_config(source)
+        self.arch = arch_for(self.config)
+        self.dtype = dtype
+        with init_empty_weights(include_buffers=False):
+            self.model = AutoModelForCausalLM.from_config(clean_config(self.config)).eval()
+        self.names = unique_state_keys(meta_model(self.config))  # ties applied: a tied head is stored once
+        self._source_dtypes: dict[str, torch.dtype] = {}
+        self.reader = WeightReader(source, self.names)
+        self.layer_list: nn.ModuleList = self.model.get_submodule(self.arch.layers)
+        self.prefix = self.arch.layers
+        self._materialize([n for n in self.names if not n.startswith(self.prefix + ".")])
+
+    def source_dtype(self, name: str) -> torch.dtype:
+        """The dtype ``name`` has in the checkpoint (what the output keeps for unquantized tensors)."""
+        return self._source_dtypes[name]
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.layer_list)
+
+    def layer_prefix(self, i: int) -> str:
+        return f"{self.prefix}.{i}"
+
+    def _materialize(self, names: list[str]) -> None:
+        from accelerate.utils import set_module_tensor_to_device
+
+        for name in names:
+            tensor = self.reader.get(name)
+            self._source_dtypes[name] = tensor.dtype
+            set_module_tensor_to_device(self.model, name, "cpu", value=tensor.to(self.dtype) if tensor.is_floating_point() else tensor)
+        self.reader.release(names)
+
+    def layer_tensor_names(self, i: int) -> list[str]:
+        p = self.layer_prefix(i) + "."
+        return sorted(n for n in self.names if n.startswith(p))
+
+    def load_layer(self, i: int) -> nn.Module:
+        self._materialize(self.layer_tensor_names(i))
+        return self.layer_list[i]
+
+    def free_layer(self, i: int) -> None:
+        self.layer_list[i].to("meta")
+
+    def outside_layers(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """Checkpoint tensors outside the decoder layers (embeddings, final norm, untied head)."""
+        state = self.model.state_dict()
+        for name in sorted(self.names):
+            if not name.startswith(self.prefix + "."):
+                yield name, state[name]
+
+    @torch.no_grad()
+    def capture(self, batches: list[torch.Tensor]) -> Capture:
+        """Run ``batches`` of token ids to the first decoder layer, recording every layer's inputs."""
+        record = Capture(kwargs=[[] for _ in range(self.n_layers)])
+        originals = list(self.layer_list)
+        for i, layer in enumerate(originals):
+            self.layer_list[i] = _Catcher(layer, i, record, last=i == self.n_layers - 1)
+        try:
+            for ids in batches:
+                try:
+                    self.model(input_ids=ids, use_cache=False)
+                except _StopForward:
+                    pass
+        finally:
+            for i, layer in enumerate(originals):
+                self.layer_list[i] = layer
+        if len(record.hidden) != len(batches) or any(len(k) != len(batches) for k in record.kwargs):
+            raise UserError("the model did not call its decoder layers once per forward; this architecture is not supported")
+        return record
+
+
+@torch.no_grad()
+def run_layer(layer: nn.Module, hidden: list[torch.Tensor], kwargs: list[dict]) -> list[torch.Tensor]:
+    """The layer's outputs for each batch (the hidden states the next layer receives)."""
+    outs = []
+    for h, kw in zip(hidden, kwargs):
+        out = layer(h, **kw)
+        out = out[0] if isinstance(out, tuple) else out
+        if not torch.isfinite(out).all():
+            raise UserError("a decoder layer produced NaN or inf activations on the calibration data")
+        outs.append(out)
+    return outs

@@ -1,0 +1,120 @@
+"""The layer-by-layer runner and calibrated compression on tiny models of every architecture."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+from transformers import AutoModelForCausalLM
+
+import modelpress.layerwise as layerwise
+from modelpress.compress import GPTQConfig, RTNConfig, compress
+from modelpress.models import loading
+from modelpress.models.layers import LayerwiseModel, run_layer
+
+CALIB = "../shared/data/austen/emma.txt"
+
+
+def _gptq(**kw) -> GPTQConfig:
+    fields = dict(bits=3, group_size=32, calibration={"text": CALIB, "samples": 8, "seq_len": 64, "batch_size": 4})
+    return GPTQConfig(**{**fields, **kw})
+
+
+def _tensors(folder) -> dict[str, torch.Tensor]:
+    out = {}
+    for path in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(path), framework="pt") as f:
+            out.update({k: f.get_tensor(k) for k in f.keys()})
+    return out
+
+
+def test_runner_reproduces_the_full_model(tiny_models):
+    """Layer by layer, loaded one at a time, the hidden states equal a normal forward's."""
+    for model_type, path in tiny_models.items():
+        lm = LayerwiseModel(loading.resolve(path))
+        ids = [torch.randint(3, 300, (2, 40)) for _ in range(2)]
+        capture = lm.capture(ids)
+        hidden = capture.hidden
+        for i in range(lm.n_layers):
+            hidden = run_layer(lm.load_layer(i), hidden, capture.kwargs[i])
+            lm.free_layer(i)
+            assert all(p.device.type == "meta" for p in lm.layer_list[i].parameters())  # freed
+        full = AutoModelForCausalLM.from_pretrained(path).eval()
+        with torch.no_grad():
+            reference = full(ids[1], output_hidden_states=True).hidden_states[-1]
+            base = full.get_submodule(lm.prefix.rsplit(".", 1)[0])
+            norm = getattr(base, "norm", None) or getattr(base, "final_layer_norm")
+        torch.testing.assert_close(norm(hidden[1]), reference, msg=model_type, rtol=1e-5, atol=1e-5)
+
+
+def _logit_error(path, out, ids) -> float:
+    ref = AutoModelForCausalLM.from_pretrained(path).eval()
+    q = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    with torch.no_grad():
+        return (q(ids).logits - ref(ids).logits).pow(2).mean().item()
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gemma3_text", "qwen3", "phi3", "opt"])
+def test_gptq_checkpoint_loads_and_beats_rtn(tiny_models, tiny_tokenizer, tmp_path, model_type):
+    path = tiny_models[model_type]
+    record = compress(str(path), _gptq(), str(tmp_path / "gptq"))
+    compress(str(path), RTNConfig(bits=3, group_size=32), str(tmp_path / "rtn"))
+    assert record["quantized"]["layers"] == len(record["layers"]) > 0
+    assert all(layer["tokens"] == 8 * 65 for layer in record["layers"].values())  # 8 windows, 64 + BOS
+    text = open("../shared/data/austen/mansfield_park.txt").read()[:4000]
+    ids = tiny_tokenizer(text, return_tensors="pt").input_ids[:, :256]
+    assert _logit_error(path, tmp_path / "gptq", ids) < _logit_error(path, tmp_path / "rtn", ids)
+
+
+def test_resume_after_interrupt_equals_an_uninterrupted_run(tiny_models, tmp_path, monkeypatch):
+    path = tiny_models["qwen2"]
+    config = _gptq(bits=4)
+    compress(str(path), config, str(tmp_path / "straight"))
+
+    real_write = layerwise._write_layer
+
+    def write_then_crash(writer, lm, i, quantized):
+        real_write(writer, lm, i, quantized)
+        if i == 1:
+            raise KeyboardInterrupt  # after layer 0 was saved, while layer 1 is being written
+
+    monkeypatch.setattr(layerwise, "_write_layer", write_then_crash)
+    out = tmp_path / "resumed"
+    with pytest.raises(KeyboardInterrupt):
+        compress(str(path), config, str(out))
+    assert not out.exists() and (tmp_path / "resumed.partial").is_dir()
+    monkeypatch.setattr(layerwise, "_write_layer", real_write)
+    with pytest.raises(Exception, match="add --resume"):
+        compress(str(path), config, str(out))
+    record = compress(str(path), config, str(out), resume=True)
+    assert record["resumed_at_layer"] == 1
+    assert not (tmp_path / "resumed.partial").exists()
+    a, b = _tensors(tmp_path / "straight"), _tensors(out)
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_refuses_other_settings(tiny_models, tmp_path, monkeypatch):
+    path = tiny_models["llama"]
+
+    def crash(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(layerwise, "_save_hidden", crash)
+    with pytest.raises(KeyboardInterrupt):
+        compress(str(path), _gptq(bits=4), str(tmp_path / "o"))
+    monkeypatch.undo()
+    # crashed before any layer was saved: nothing to resume, a fresh run starts
+    record = compress(str(path), _gptq(bits=4), str(tmp_path / "o"), resume=True)
+    assert "resumed_at_layer" not in record
+
+
+def test_tied_head_is_stored_once_and_output_config_is_clean(tiny_models, tmp_path):
+    path = tiny_models["gemma3_text"]  # tie_word_embeddings
+    compress(str(path), _gptq(bits=4), str(tmp_path / "o"))
+    names = _tensors(tmp_path / "o").keys()
+    assert "lm_head.weight" not in names and "model.embed_tokens.weight" in names
+    config = json.loads((tmp_path / "o" / "config.json").read_text())
+    assert config["quantization_config"]["config_groups"]["group_0"]["weights"]["num_bits"] == 4
