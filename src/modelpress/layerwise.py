@@ -36,7 +36,7 @@ from modelpress.record import build_record
 
 logger = logging.getLogger("modelpress")
 
-HIDDEN_FILE = "resume-hidden.safetensors"
+HIDDEN_FILE = "resume-hidden-{}.safetensors"  # the inputs of layer {} (outputs of the one before)
 
 
 def calibration_ids(tokenizer, calib: CalibrationConfig) -> torch.Tensor:
@@ -123,7 +123,7 @@ def compress_layerwise(model: str, config: GPTQConfig, out_dir: str, resume: boo
         capture = lm.capture(batches)
         hidden = capture.hidden
         if resume:
-            hidden = _load_hidden(writer.tmp_dir / HIDDEN_FILE, len(batches))
+            hidden = _load_hidden(writer.tmp_dir / state["hidden"], len(batches))
         else:
             for name, tensor in lm.outside_layers():
                 writer.add_tensor(name, tensor.to(lm.source_dtype(name)))
@@ -145,9 +145,13 @@ def compress_layerwise(model: str, config: GPTQConfig, out_dir: str, resume: boo
             hidden = run_layer(layer, hidden, capture.kwargs[i])  # the compressed layer's outputs
             _write_layer(writer, lm, i, quantized)
             lm.free_layer(i)
-            _save_hidden(writer.tmp_dir / HIDDEN_FILE, hidden)
+            # the activations file is named by layer and the state switches to it only once both
+            # are on disk, so a kill at any instant leaves a consistent (state, activations) pair
+            hidden_file = HIDDEN_FILE.format(i + 1)
+            _save_hidden(writer.tmp_dir / hidden_file, hidden)
             writer.save_state({"fingerprint": fingerprint, "layers_done": i + 1, "layer_errors": layer_errors,
-                               "elapsed_s": spent + time.monotonic() - t0})
+                               "elapsed_s": spent + time.monotonic() - t0, "hidden": hidden_file})
+            (writer.tmp_dir / HIDDEN_FILE.format(i)).unlink(missing_ok=True)
         elapsed = spent + time.monotonic() - t0
         record = build_record(source, config, targets, layer_errors, elapsed)
         record["calibration"] = {"windows": len(ids), "tokens_per_window": ids.shape[1],

@@ -34,7 +34,6 @@ Example:
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -193,14 +192,15 @@ def gptq(
 def accumulate_hessian(H: torch.Tensor | None, n: int, X: torch.Tensor) -> tuple[torch.Tensor, int]:
     """Running ``H = 2 X X^T / n`` over calibration batches. X: (..., in); returns ``(H, n)``.
 
-    Accumulates in float64: summing tens of thousands of outer products in float32 loses the
-    small eigenvalues GPTQ's inverse depends on.
+    Each batch's ``X^T X`` is computed in float32 (fast) and the running sum kept in float64:
+    adding tens of thousands of tokens' outer products in float32 would lose the small
+    eigenvalues GPTQ's inverse depends on.
     """
-    X = X.reshape(-1, X.shape[-1]).to(torch.float64)
+    X = X.reshape(-1, X.shape[-1]).to(torch.float32)
     m = X.shape[0]
     if H is None:
         H = torch.zeros(X.shape[1], X.shape[1], dtype=torch.float64)
     H *= n / (n + m)
     n += m
-    H += (math.sqrt(2 / n) * X).T @ (math.sqrt(2 / n) * X)
+    H += (X.T @ X).to(torch.float64) * (2 / n)
     return H, n

@@ -15,6 +15,7 @@ import sys
 # tqdm reads this once, when first imported, so it is set before anything imports it.
 os.environ.setdefault("TQDM_DISABLE", "1")
 
+import modelpress
 from modelpress import __version__
 from modelpress.cli import compress, evaluate, export, plan
 from modelpress.errors import UserError
@@ -28,7 +29,7 @@ SUBCOMMANDS = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="modelpress", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="modelpress", description=modelpress.__doc__.strip())
     parser.add_argument("--version", action="version", version=f"modelpress {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     subparsers = parser.add_subparsers(dest="command", required=True)
