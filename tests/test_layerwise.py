@@ -118,3 +118,34 @@ def test_tied_head_is_stored_once_and_output_config_is_clean(tiny_models, tmp_pa
     assert "lm_head.weight" not in names and "model.embed_tokens.weight" in names
     config = json.loads((tmp_path / "o" / "config.json").read_text())
     assert config["quantization_config"]["config_groups"]["group_0"]["weights"]["num_bits"] == 4
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gemma3_text", "opt", "phi3"])
+def test_awq_scale_folding_is_exact_before_rounding(tiny_models, model_type):
+    """Folding s into the norm and the Linears leaves the layer's output unchanged (gemma: 1 + w)."""
+    from modelpress.layerwise import fold_scale
+
+    lm = LayerwiseModel(loading.resolve(tiny_models[model_type]))
+    capture = lm.capture([torch.randint(3, 300, (2, 30))])
+    layer = lm.load_layer(0)
+    before = run_layer(layer, capture.hidden, capture.kwargs[0])[0]
+    for norm, linears in lm.arch.norm_to_linears:
+        first = layer.get_submodule(linears[0])
+        s = torch.rand(first.in_features) * 3 + 0.2
+        fold_scale(layer.get_submodule(norm), [layer.get_submodule(n) for n in linears], s, lm.arch.norm_offset)
+    after = run_layer(layer, capture.hidden, capture.kwargs[0])[0]
+    torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gemma3_text", "qwen2", "opt"])
+def test_awq_checkpoint_loads_and_beats_rtn(tiny_models, tiny_tokenizer, tmp_path, model_type):
+    from modelpress.compress import AWQConfig
+
+    path = tiny_models[model_type]
+    calib = {"text": CALIB, "samples": 8, "seq_len": 64, "batch_size": 4}
+    record = compress(str(path), AWQConfig(bits=3, group_size=32, calibration=calib), str(tmp_path / "awq"))
+    compress(str(path), RTNConfig(bits=3, group_size=32), str(tmp_path / "rtn"))
+    assert any("awq_alpha" in layer for layer in record["layers"].values())
+    text = open("../shared/data/austen/mansfield_park.txt").read()[:4000]
+    ids = tiny_tokenizer(text, return_tensors="pt").input_ids[:, :256]
+    assert _logit_error(path, tmp_path / "awq", ids) < _logit_error(path, tmp_path / "rtn", ids)

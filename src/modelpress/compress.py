@@ -123,7 +123,25 @@ class GPTQConfig(QuantConfig):
     calibration: CalibrationConfig = Field(default_factory=CalibrationConfig)
 
 
-METHODS: dict[str, type[QuantConfig]] = {"rtn": RTNConfig, "gptq": GPTQConfig}
+class AWQConfig(QuantConfig):
+    """AWQ (arXiv:2306.00978), layer by layer over calibration data.
+
+    YAML:
+        method: awq
+        bits: 4
+        group_size: 128
+        n_grid: 20             # alpha grid of the scale search, and ratios of the clip search
+        clip: true             # per-group clip search scored by output error
+        calibration: {text: calib.txt, samples: 128, seq_len: 512}
+    """
+
+    method: Literal["awq"] = "awq"
+    n_grid: int = Field(20, ge=2)
+    clip: bool = True
+    calibration: CalibrationConfig = Field(default_factory=CalibrationConfig)
+
+
+METHODS: dict[str, type[QuantConfig]] = {"rtn": RTNConfig, "gptq": GPTQConfig, "awq": AWQConfig}
 
 
 def compress(model: str, config: QuantConfig, out_dir: str, resume: bool = False) -> dict:

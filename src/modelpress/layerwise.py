@@ -17,14 +17,16 @@ import logging
 import time
 from importlib import resources
 from pathlib import Path
+from typing import Protocol
 
 import torch
 from torch import nn
 
+from modelpress.algorithms.awq import search_clip, search_scale
 from modelpress.algorithms.gptq import gptq
 from modelpress.algorithms.hessian import HessianCollector
 from modelpress.algorithms.rtn import LayerError, rtn
-from modelpress.compress import CalibrationConfig, GPTQConfig
+from modelpress.compress import AWQConfig, CalibrationConfig, GPTQConfig
 from modelpress.data import WindowProtocol, read_text, token_windows
 from modelpress.errors import UserError
 from modelpress.export.compressed_tensors import CompressedCheckpointWriter
@@ -54,30 +56,106 @@ def calibration_ids(tokenizer, calib: CalibrationConfig) -> torch.Tensor:
     return ids
 
 
+class LayerStage(Protocol):
+    """A calibrated method, as the runner sees it."""
+
+    def compress_layer(self, layer: nn.Module, prefix: str, modules: dict[str, nn.Linear], formats: dict,
+                       hc: HessianCollector) -> dict[str, tuple]:
+        """Compress ``modules`` (full name -> Linear) of ``layer`` in place, so that their weights
+        become what the checkpoint holds; return ``name -> (QuantizedTensor, LayerError, info)``."""
+
+
+def _rtn_fallback(W: torch.Tensor, fmt) -> tuple:
+    qt, err = rtn(W, fmt)
+    return qt, err, {"fallback": "rtn (no calibration tokens reached this module)", "tokens": 0}
+
+
 class GPTQStage:
     """GPTQ on the target Linears of one layer, from Hessians of that layer's real inputs."""
 
-    def __init__(self, config: GPTQConfig):
+    def __init__(self, config: GPTQConfig, arch):
         self.config = config
 
-    def compress(self, name: str, linear: nn.Linear, fmt, H: torch.Tensor | None, n_tokens: int) -> tuple:
-        W = linear.weight.data
-        if H is None or n_tokens == 0:  # an idle expert: no data, so no second-order information
-            qt, err = rtn(W, fmt)
-            info = {"fallback": "rtn (no calibration tokens reached this module)", "tokens": 0}
-        else:
-            result = gptq(W, H, fmt, block_size=self.config.block_size, damp=self.config.damp,
-                          act_order=self.config.act_order)
-            qt = result.qt
-            err = LayerError.between(W, qt.dequantize())
-            D = W.to(torch.float64) - qt.dequantize().to(torch.float64)
-            out_rel = (torch.trace(D @ H @ D.T) / torch.trace(W.to(torch.float64) @ H @ W.to(torch.float64).T)).item()
-            info = {"gptq_loss": result.loss, "damp": result.damp, "tokens": n_tokens, "output_rel_mse": out_rel}
-        linear.weight.data = qt.dequantize().to(W.dtype)  # the next layers see what the checkpoint holds
-        return qt, err, info
+    def compress_layer(self, layer: nn.Module, prefix: str, modules: dict[str, nn.Linear], formats: dict, hc) -> dict:
+        out = {}
+        for name, linear in modules.items():
+            W, fmt = linear.weight.data, formats[name]
+            H, n_tokens = hc.hessian(name)
+            if H is None or n_tokens == 0:  # an idle expert: no data, no second-order information
+                out[name] = _rtn_fallback(W, fmt)
+            else:
+                result = gptq(W, H, fmt, block_size=self.config.block_size, damp=self.config.damp,
+                              act_order=self.config.act_order)
+                info = {"gptq_loss": result.loss, "damp": result.damp, "tokens": n_tokens,
+                        "output_rel_mse": _output_rel(W, result.qt.dequantize(), H)}
+                out[name] = (result.qt, LayerError.between(W, result.qt.dequantize()), info)
+            linear.weight.data = out[name][0].dequantize().to(W.dtype)  # what the checkpoint holds
+        return out
 
 
-STAGES = {"gptq": GPTQStage}
+class AWQStage:
+    """AWQ: per-channel scales folded into the norms that feed the Linears, then clip search."""
+
+    def __init__(self, config: AWQConfig, arch):
+        self.config = config
+        self.arch = arch
+
+    def compress_layer(self, layer: nn.Module, prefix: str, modules: dict[str, nn.Linear], formats: dict, hc) -> dict:
+        scaled: dict[str, torch.Tensor] = {}  # module -> s: its input is now x / s
+        info: dict[str, dict] = {}
+        for norm_name, linear_names in self.arch.norm_to_linears:
+            names = [f"{prefix}{n}" for n in linear_names if f"{prefix}{n}" in modules]
+            if not names:
+                continue
+            H, n_tokens = hc.hessian(names[0])
+            if n_tokens == 0:
+                continue
+            search = search_scale([modules[n].weight.data for n in names], H, hc.mean_abs(names[0]),
+                                  [formats[n] for n in names], n_grid=self.config.n_grid)
+            fold_scale(layer.get_submodule(norm_name), [layer.get_submodule(n) for n in linear_names],
+                       search.s, self.arch.norm_offset)
+            for n in names:
+                scaled[n] = search.s
+                info[n] = {"awq_alpha": search.alpha, "awq_loss_gain": 1 - search.loss / max(search.loss_unscaled, 1e-30)}
+        out = {}
+        for name, linear in modules.items():
+            W, fmt = linear.weight.data, formats[name]
+            H, n_tokens = hc.hessian(name)
+            if n_tokens == 0:
+                out[name] = _rtn_fallback(W, fmt)
+            else:
+                if name in scaled:  # the Linear now reads x / s: its Hessian is diag(1/s) H diag(1/s)
+                    inv = (1 / scaled[name]).to(H.dtype)
+                    H = H * inv[:, None] * inv[None, :]
+                qt = search_clip(W, H, fmt, n_grid=self.config.n_grid) if self.config.clip else fmt.quantize(W)
+                meta = {"tokens": n_tokens, "output_rel_mse": _output_rel(W, qt.dequantize(), H), **info.get(name, {})}
+                out[name] = (qt, LayerError.between(W, qt.dequantize()), meta)
+            linear.weight.data = out[name][0].dequantize().to(W.dtype)
+        return out
+
+
+def fold_scale(norm: nn.Module, linears: list[nn.Linear], s: torch.Tensor, offset: float = 0.0) -> None:
+    """Divide the norm's output by ``s`` and multiply the Linears' input columns by it: exact.
+
+    A norm computing ``x_hat * (offset + weight) + bias`` gets ``weight' = (offset + weight) / s - offset``.
+    """
+    with torch.no_grad():
+        w = norm.weight.data.to(torch.float32)
+        norm.weight.data = ((offset + w) / s - offset).to(norm.weight.dtype)
+        if getattr(norm, "bias", None) is not None:
+            norm.bias.data = (norm.bias.data.to(torch.float32) / s).to(norm.bias.dtype)
+        for linear in linears:
+            linear.weight.data = (linear.weight.data.to(torch.float32) * s).to(linear.weight.dtype)
+
+
+def _output_rel(W: torch.Tensor, W_hat: torch.Tensor, H: torch.Tensor) -> float:
+    """``||(W_hat - W) X||^2 / ||W X||^2`` from the Hessian: the relative layer-output error."""
+    W64, H64 = W.to(torch.float64), H.to(torch.float64)
+    D = W_hat.to(torch.float64) - W64
+    return (torch.trace(D @ H64 @ D.T) / torch.trace(W64 @ H64 @ W64.T).clamp(min=1e-30)).item()
+
+
+STAGES = {"gptq": GPTQStage, "awq": AWQStage}
 
 
 def _run_fingerprint(model: str, config) -> str:
@@ -105,7 +183,7 @@ def compress_layerwise(model: str, config: GPTQConfig, out_dir: str, resume: boo
     tokenizer = loading.load_tokenizer(source)
     ids = calibration_ids(tokenizer, config.calibration)
     batches = list(torch.split(ids, config.calibration.batch_size))
-    stage = STAGES[config.method](config)
+    stage = STAGES[config.method](config, lm.arch)
     fingerprint = _run_fingerprint(model, config)
 
     with CompressedCheckpointWriter(out_dir, resumable=True, resume=resume) as writer:
@@ -134,13 +212,12 @@ def compress_layerwise(model: str, config: GPTQConfig, out_dir: str, resume: boo
                        for n in targets.formats if n.startswith(prefix + ".")}
             with HessianCollector(modules, owner=layer) as hc:
                 run_layer(layer, hidden, capture.kwargs[i])
+            results = stage.compress_layer(layer, prefix + ".", modules, targets.formats, hc)
             quantized = {}
-            for name, linear in modules.items():
-                fmt = targets.formats[name]
-                qt, err, info = stage.compress(name, linear, fmt, *hc.hessian(name))
+            for name, (qt, err, info) in results.items():
                 quantized[name] = qt
-                layer_errors[name] = {"format": fmt.name, "numel": linear.weight.numel(), "nbytes": qt.nbytes,
-                                      **err.__dict__, **info}
+                layer_errors[name] = {"format": targets.formats[name].name, "numel": qt.q.numel(),
+                                      "nbytes": qt.nbytes, **err.__dict__, **info}
             del hc
             hidden = run_layer(layer, hidden, capture.kwargs[i])  # the compressed layer's outputs
             _write_layer(writer, lm, i, quantized)

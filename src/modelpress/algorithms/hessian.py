@@ -1,4 +1,4 @@
-"""Collect ``H = 2 X X^T / n`` for the Linears of one layer from forward hooks.
+"""Collect ``H = 2 X X^T / n`` (and mean ``|x|`` per input channel) for one layer's Linears.
 
 Linears that read the very same input tensor (q/k/v after one norm, gate/up after another)
 share one accumulator: the Hessian is computed once per distinct input, not once per Linear.
@@ -27,6 +27,7 @@ class HessianCollector:
         self.owner = owner  # the layer: its pre-hook marks the start of each forward
         self._H: dict[str, torch.Tensor | None] = dict.fromkeys(modules)
         self._n: dict[str, int] = dict.fromkeys(modules, 0)
+        self._abs: dict[str, torch.Tensor | None] = dict.fromkeys(modules)  # running sum of |x|
         self._alias: dict[str, str] = {}  # name -> the name whose accumulator it shares
         self._seen: dict[int, tuple[torch.Tensor, str]] = {}  # id(input) -> (input, first reader)
         self._first_call = True
@@ -62,6 +63,9 @@ class HessianCollector:
                 self._seen[id(x)] = (x, name)
             elif name in self._alias:
                 return
+            flat = x.reshape(-1, x.shape[-1]).to(torch.float32)
+            total = flat.abs().sum(0, dtype=torch.float64)
+            self._abs[name] = total if self._abs[name] is None else self._abs[name] + total
             self._H[name], self._n[name] = accumulate_hessian(self._H[name], self._n[name], x)
 
         return hook
@@ -70,3 +74,9 @@ class HessianCollector:
         """``(H, tokens)`` for ``name``; ``(None, 0)`` when it saw no input (an idle expert)."""
         owner = self._alias.get(name, name)
         return self._H[owner], self._n[owner]
+
+    def mean_abs(self, name: str) -> torch.Tensor | None:
+        """Mean ``|x|`` per input channel over all calibration tokens (AWQ's activation scale)."""
+        owner = self._alias.get(name, name)
+        n = self._n[owner]
+        return None if n == 0 else (self._abs[owner] / n).to(torch.float32)

@@ -38,7 +38,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     q.add_argument("--group-fallback", choices=["error", "keep", "shrink"], default="error",
                    help="layers whose input size the group size does not divide: error (default), "
                         "keep them unquantized, or shrink their group to the largest common divisor")
-    g = parser.add_argument_group("calibrated methods (gptq)")
+    g = parser.add_argument_group("calibrated methods (gptq, awq)")
     g.add_argument("--calib", metavar="FILE", help="calibration text (.txt or .jsonl); default: modelpress's built-in text")
     g.add_argument("--calib-samples", type=options.positive_int, default=128, metavar="N",
                    help="calibration windows (default 128, protocol calib-128x512)")
@@ -68,10 +68,12 @@ def build_config(args: argparse.Namespace):
     }
     if args.exclude is not None:
         fields["exclude"] = args.exclude
+    calibration = {"text": args.calib, "samples": args.calib_samples, "seq_len": args.calib_seq_len,
+                   "batch_size": args.batch_size}
     if args.method == "gptq":
-        fields.update(act_order=args.act_order, damp=args.damp, block_size=args.block_size,
-                      calibration={"text": args.calib, "samples": args.calib_samples,
-                                   "seq_len": args.calib_seq_len, "batch_size": args.batch_size})
+        fields.update(act_order=args.act_order, damp=args.damp, block_size=args.block_size, calibration=calibration)
+    elif args.method == "awq":
+        fields.update(calibration=calibration)
     try:
         return METHODS[args.method](**fields)
     except ValidationError as e:

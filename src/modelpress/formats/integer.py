@@ -165,8 +165,12 @@ class IntFormat:
         Wf = W.detach().to(torch.float32)
         if not torch.isfinite(Wf).all():
             raise UserError("weight contains NaN or inf values; the checkpoint is corrupt or was trained badly")
-        Wg = self._grouped(Wf)
-        lo, hi = observers.observe(Wg, self)
+        lo, hi = observers.observe(self._grouped(Wf), self)
+        return self.quantize_range(Wf, lo, hi)
+
+    def quantize_range(self, W: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> QuantizedTensor:
+        """Round ``W: (out, in)`` with given per-group ranges ``lo, hi: (rows, n_groups, 1)``."""
+        Wg = self._grouped(W.detach().to(torch.float32))
         scale, zero = self.qparams_from_range(lo, hi)
         q = self.quantize_grouped(Wg, scale, zero)
         return QuantizedTensor(

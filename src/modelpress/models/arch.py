@@ -20,11 +20,14 @@ class ArchSpec:
         layers: dotted path of the decoder layers' ``ModuleList``, from the causal-LM root.
         norm_to_linears: inside one layer, ``(norm, (linears it feeds...))`` pairs.
         moe: the model has mixture-of-experts blocks.
+        norm_offset: the norms multiply by ``offset + weight`` (1 for Gemma's RMSNorm), which
+            matters when a per-channel scale is folded into the norm.
     """
 
     layers: str
     norm_to_linears: tuple[tuple[str, tuple[str, ...]], ...] = ()
     moe: bool = False
+    norm_offset: float = 0.0
 
 
 _LLAMA_LIKE = ArchSpec(
@@ -40,6 +43,7 @@ _GEMMA2_LIKE = ArchSpec(  # Gemma 2/3: sandwich norms; the MLP is fed by pre_fee
         ("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
         ("pre_feedforward_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
     ),
+    norm_offset=1.0,
 )
 
 ARCHITECTURES: dict[str, ArchSpec] = {
@@ -47,7 +51,7 @@ ARCHITECTURES: dict[str, ArchSpec] = {
     "mistral": _LLAMA_LIKE,
     "qwen2": _LLAMA_LIKE,
     "qwen3": _LLAMA_LIKE,
-    "gemma": _LLAMA_LIKE,
+    "gemma": ArchSpec(layers=_LLAMA_LIKE.layers, norm_to_linears=_LLAMA_LIKE.norm_to_linears, norm_offset=1.0),
     "gemma2": _GEMMA2_LIKE,
     "gemma3_text": _GEMMA2_LIKE,
     "phi3": ArchSpec(

@@ -13,15 +13,15 @@ the parts outside the decoder layers (embeddings, final norm) are loaded. Then:
    again so the next layer sees the *compressed* layer's outputs, hand its tensors to the
    writer, and free it.
 
-The runner never names an algorithm or a model family: methods plug in as a
-:class:`LayerMethod`, and architecture knowledge comes from :mod:`modelpress.models.arch`.
+The runner never names an algorithm or a model family: methods plug in as stages
+(:mod:`modelpress.layerwise`), and architecture knowledge comes from :mod:`modelpress.models.arch`.
 """
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Iterator, Protocol
+from typing import Iterator
 
 import torch
 from torch import nn
@@ -111,17 +111,6 @@ class Capture:
 
     hidden: list[torch.Tensor] = field(default_factory=list)
     kwargs: list[list[dict]] = field(default_factory=list)
-
-
-class LayerMethod(Protocol):
-    """What a compression method provides to the runner (one instance per layer)."""
-
-    def hooks(self, layer: nn.Module, prefix: str) -> list:
-        """Register forward hooks that collect statistics; returns their handles."""
-
-    def compress(self, layer: nn.Module, prefix: str) -> dict[str, object]:
-        """Compress the layer in place (weights become what the checkpoint will hold, dequantized)
-        and return ``module name -> stored artifact`` for the writer."""
 
 
 class LayerwiseModel:
