@@ -135,3 +135,14 @@ def gemma3() -> Path:
 @pytest.fixture(scope="session")
 def eval_text() -> Path:
     return SHARED_DATA / "pride_and_prejudice.txt"
+
+
+def checkpoint_tensors(folder: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a safetensors checkpoint folder, by name (for exact comparisons)."""
+    from safetensors import safe_open
+
+    out = {}
+    for path in sorted(Path(folder).glob("*.safetensors")):
+        with safe_open(str(path), framework="pt") as f:
+            out.update({k: f.get_tensor(k) for k in f.keys()})
+    return out

@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from safetensors import safe_open
+from conftest import checkpoint_tensors
 from transformers import AutoModelForCausalLM
 
 import modelpress.layerwise as layerwise
@@ -21,13 +21,6 @@ def _gptq(**kw) -> GPTQConfig:
     fields = dict(bits=3, group_size=32, calibration={"text": CALIB, "samples": 8, "seq_len": 64, "batch_size": 4})
     return GPTQConfig(**{**fields, **kw})
 
-
-def _tensors(folder) -> dict[str, torch.Tensor]:
-    out = {}
-    for path in sorted(folder.glob("*.safetensors")):
-        with safe_open(str(path), framework="pt") as f:
-            out.update({k: f.get_tensor(k) for k in f.keys()})
-    return out
 
 
 def test_runner_reproduces_the_full_model(tiny_models):
@@ -91,7 +84,7 @@ def test_resume_after_interrupt_equals_an_uninterrupted_run(tiny_models, tmp_pat
     record = compress(str(path), config, str(out), resume=True)
     assert record["resumed_at_layer"] == 1
     assert not (tmp_path / "resumed.partial").exists()
-    a, b = _tensors(tmp_path / "straight"), _tensors(out)
+    a, b = checkpoint_tensors(tmp_path / "straight"), checkpoint_tensors(out)
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a)
 
@@ -114,7 +107,7 @@ def test_resume_refuses_other_settings(tiny_models, tmp_path, monkeypatch):
 def test_tied_head_is_stored_once_and_output_config_is_clean(tiny_models, tmp_path):
     path = tiny_models["gemma3_text"]  # tie_word_embeddings
     compress(str(path), _gptq(bits=4), str(tmp_path / "o"))
-    names = _tensors(tmp_path / "o").keys()
+    names = checkpoint_tensors(tmp_path / "o").keys()
     assert "lm_head.weight" not in names and "model.embed_tokens.weight" in names
     config = json.loads((tmp_path / "o" / "config.json").read_text())
     assert config["quantization_config"]["config_groups"]["group_0"]["weights"]["num_bits"] == 4

@@ -6,8 +6,8 @@ import json
 
 import pytest
 import torch
+from conftest import checkpoint_tensors
 from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
-from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
 from modelpress.compress import RTNConfig, compress
@@ -33,13 +33,6 @@ def _config(spec: str, **kw) -> RTNConfig:
     return RTNConfig(bits=fmt.bits, granularity=fmt.granularity, group_size=fmt.group_size,
                      symmetric=fmt.symmetric, **kw)
 
-
-def _tensors(folder) -> dict[str, torch.Tensor]:
-    out = {}
-    for path in folder.glob("*.safetensors"):
-        with safe_open(str(path), framework="pt") as f:
-            out.update({k: f.get_tensor(k) for k in f.keys()})
-    return out
 
 
 def _fake_quant_reference(src, record) -> AutoModelForCausalLM:
@@ -76,7 +69,7 @@ def test_stored_codes_are_b_bit_with_one_scale_per_group(tiny_llama, tmp_path, s
     fmt = parse_int_format(spec)
     out = tmp_path / "q"
     compress(str(tiny_llama), _config(spec), str(out))
-    tensors = _tensors(out)
+    tensors = checkpoint_tensors(out)
     module = "model.layers.0.mlp.down_proj"  # (64, 128)
     rows, cols = 64, 128
     n_groups = cols // fmt.group_size if fmt.granularity == "group" else 1
@@ -139,5 +132,5 @@ def test_writer_refuses_an_existing_folder_and_shards_big_checkpoints(tmp_path):
         w.finish(config={"model_type": "llama"})
     index = json.loads((tmp_path / "sharded" / "model.safetensors.index.json").read_text())
     assert sorted(set(index["weight_map"].values())) == [f"model-0000{i}-of-00003.safetensors" for i in (1, 2, 3)]
-    tensors = _tensors(tmp_path / "sharded")
+    tensors = checkpoint_tensors(tmp_path / "sharded")
     assert all(torch.equal(tensors[f"t{i}"], torch.full((512,), float(i))) for i in range(5))

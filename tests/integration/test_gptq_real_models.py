@@ -11,7 +11,7 @@ from dataclasses import replace
 
 import pytest
 import torch
-from safetensors import safe_open
+from conftest import checkpoint_tensors
 
 from modelpress.compress import GPTQConfig, RTNConfig, compress
 from modelpress.data import PPL_512, read_text, token_windows
@@ -44,13 +44,6 @@ def test_gptq_int3_is_far_better_than_rtn_int3_on_gemma(gemma3, eval_text, tmp_p
     assert record["calibration"]["windows"] == CALIB_SAMPLES
 
 
-def _tensors(folder) -> dict[str, torch.Tensor]:
-    out = {}
-    for path in sorted(folder.glob("*.safetensors")):
-        with safe_open(str(path), framework="pt") as f:
-            out.update({k: f.get_tensor(k) for k in f.keys()})
-    return out
-
 
 def test_killed_run_resumes_to_the_same_checkpoint(smollm2, tmp_path):
     args = ["compress", str(smollm2), "--method", "gptq", "--bits", "4", "--group-size", "64",
@@ -72,6 +65,6 @@ def test_killed_run_resumes_to_the_same_checkpoint(smollm2, tmp_path):
     assert resumed.returncode == 0, resumed.stderr
     record = json.loads(resumed.stdout)["record"]
     assert record["resumed_at_layer"] >= 3
-    a, b = _tensors(straight), _tensors(out)
+    a, b = checkpoint_tensors(straight), checkpoint_tensors(out)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert math.isclose(record["quantized"]["bits_per_weight"], 4.25)
