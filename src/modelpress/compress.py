@@ -202,12 +202,18 @@ def compress_rtn(model: str, config: RTNConfig, out_dir: str) -> dict:
             }
         elapsed = time.monotonic() - t0
         record = build_record(source, config, targets, layer_errors, elapsed)
-        writer.finish(
-            config=targets.output_config(hf_config),
-            tokenizer=tokenizer,
-            ignore=[n for n, m in meta.named_modules() if isinstance(m, nn.Linear) and n not in targets.formats],
-            extra_files={"modelpress.json": json.dumps(record, indent=2)},
-            copy_files_from=source.path if source.kind == "folder" else None,
-        )
+        finish_checkpoint(writer, source, hf_config, meta, targets, tokenizer, record)
     logger.info("wrote %s in %.1fs", out_dir, time.monotonic() - t0)
     return record
+
+
+def finish_checkpoint(writer, source, hf_config, model: nn.Module, targets, tokenizer, record: dict) -> None:
+    """Complete a compressed checkpoint: config with its quantization config (every Linear not
+    in ``targets`` is listed as ignored), tokenizer, run record, and the source's side files."""
+    writer.finish(
+        config=targets.output_config(hf_config),
+        tokenizer=tokenizer,
+        ignore=[n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in targets.formats],
+        extra_files={"modelpress.json": json.dumps(record, indent=2)},
+        copy_files_from=source.path if source.kind == "folder" else None,
+    )

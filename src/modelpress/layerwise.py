@@ -26,7 +26,7 @@ from modelpress.algorithms.awq import search_clip, search_scale
 from modelpress.algorithms.gptq import gptq
 from modelpress.algorithms.hessian import HessianCollector
 from modelpress.algorithms.rtn import LayerError, rtn
-from modelpress.compress import AWQConfig, CalibrationConfig, GPTQConfig
+from modelpress.compress import AWQConfig, CalibrationConfig, GPTQConfig, finish_checkpoint
 from modelpress.data import WindowProtocol, read_text, token_windows
 from modelpress.errors import UserError
 from modelpress.export.compressed_tensors import CompressedCheckpointWriter
@@ -235,13 +235,7 @@ def compress_layerwise(model: str, config: GPTQConfig, out_dir: str, resume: boo
                                  "text": config.calibration.text or "built-in"}
         if resume:
             record["resumed_at_layer"] = start
-        writer.finish(
-            config=targets.output_config(lm.config),
-            ignore=[n for n, m in lm.model.named_modules() if isinstance(m, nn.Linear) and n not in targets.formats],
-            tokenizer=tokenizer,
-            extra_files={"modelpress.json": json.dumps(record, indent=2)},
-            copy_files_from=source.path if source.kind == "folder" else None,
-        )
+        finish_checkpoint(writer, source, lm.config, lm.model, targets, tokenizer, record)
     logger.info("wrote %s in %.1fs", out_dir, time.monotonic() - t0)
     return record
 

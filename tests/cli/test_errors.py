@@ -77,7 +77,6 @@ def test_text_file_errors(tiny_llama, tmp_path, capsys):
 def test_nan_weights_are_refused(tiny_llama, tmp_path, capsys):
     import shutil
 
-    import torch
     from safetensors.torch import load_file, save_file
 
     broken = tmp_path / "broken"

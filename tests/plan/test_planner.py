@@ -9,7 +9,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from modelpress.cli import main
-from modelpress.cli.plan import build_plan, load_shape
+from modelpress.cli.plan import load_shape
 from modelpress.errors import UserError
 from modelpress.models.shape import shape_from_config
 from modelpress.plan.formats import plan_format

@@ -119,8 +119,7 @@ class CompressedCheckpointWriter(CheckpointWriter):
         self.formats[module] = qt.fmt
 
     def save_state(self, extra: dict) -> None:
-        super().save_state({**extra, "formats": {m: f.name for m, f in self.formats.items()},
-                            "format_fields": {m: f.__dict__ for m, f in self.formats.items()}})
+        super().save_state({**extra, "format_fields": {m: f.__dict__ for m, f in self.formats.items()}})
 
     def load_state(self) -> dict:
         state = super().load_state()

@@ -29,7 +29,7 @@ from torch import nn
 from modelpress.errors import UserError
 from modelpress.models import loading
 from modelpress.models.arch import arch_for
-from modelpress.models.tensors import _checked, clean_config, meta_model, unique_state_keys
+from modelpress.models.tensors import _checked, clean_config, meta_model, shard_index, unique_state_keys
 
 logger = logging.getLogger("modelpress")
 
@@ -42,16 +42,8 @@ class WeightReader:
     """
 
     def __init__(self, source: loading.ModelSource, expected: set[str]):
-        from safetensors import SafetensorError, safe_open
-
-        self._files: dict[str, str] = {}
+        self._files = shard_index(source)
         self._state: dict[str, torch.Tensor] | None = None
-        for path in source.safetensors_files():
-            try:
-                with safe_open(str(path), framework="pt") as f:
-                    self._files.update(dict.fromkeys(f.keys(), str(path)))
-            except (SafetensorError, OSError) as e:
-                raise UserError(f"cannot read {path}: {e}; the file is corrupt or truncated") from None
         if set(self._files) != expected:
             logger.info("loading %s whole (its tensor names are not the model's)", source.path)
             model = loading.load_model(source)

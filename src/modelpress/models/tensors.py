@@ -143,26 +143,35 @@ def unique_state_keys(model: nn.Module) -> set[str]:
     return keys
 
 
+def shard_index(source) -> dict[str, str]:
+    """Tensor name -> the safetensors shard holding it (empty for a GGUF file or a hub id).
+
+    Raises:
+        UserError: a shard cannot be read (corrupt or truncated).
+    """
+    from safetensors import SafetensorError, safe_open
+
+    index: dict[str, str] = {}
+    for path in source.safetensors_files():
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                index.update(dict.fromkeys(f.keys(), str(path)))
+        except (SafetensorError, OSError) as e:
+            raise UserError(f"cannot read {path}: {e}; the file is corrupt or truncated") from None
+    return index
+
+
 def tensor_stream(source, meta: nn.Module) -> tuple[Iterator[tuple[str, torch.Tensor]], int]:
     """``(iterator of (name, tensor), count)`` over the model's weights in checkpoint order.
 
     Streams straight from the shards when their tensor names are the model's own; otherwise
     (GGUF, or a checkpoint whose names transformers remaps on load) loads the model once.
     """
-    from safetensors import SafetensorError, safe_open
-
     expected = unique_state_keys(meta)
-    files = source.safetensors_files()
-    if files:
-        try:
-            keys: set[str] = set()
-            for path in files:
-                with safe_open(str(path), framework="pt") as f:
-                    keys.update(f.keys())
-        except (SafetensorError, OSError) as e:
-            raise UserError(f"cannot read {path}: {e}; the file is corrupt or truncated") from None
-        if keys == expected:
-            return _stream_safetensors(files), len(keys)
+    index = shard_index(source)
+    if index and set(index) == expected:
+        return _stream_safetensors(source.safetensors_files()), len(index)
+    if index:
         logger.info("checkpoint tensor names differ from the model's; loading it whole")
     logger.info("loading %s", source.path)
     return _stream_loaded(source), len(expected)
