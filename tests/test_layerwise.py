@@ -42,6 +42,28 @@ def test_runner_reproduces_the_full_model(tiny_models):
         torch.testing.assert_close(norm(hidden[1]), reference, msg=model_type, rtol=1e-5, atol=1e-5)
 
 
+def test_linears_reading_one_input_share_one_hessian(tiny_models):
+    """q/k/v (and gate/up) read one tensor: one accumulator, equal to each Linear's own Hessian."""
+    from modelpress.algorithms.hessian import HessianCollector
+
+    for model_type, path in tiny_models.items():
+        lm = LayerwiseModel(loading.resolve(path))
+        capture = lm.capture([torch.randint(3, 300, (2, 24)) for _ in range(2)])
+        layer = lm.load_layer(0)
+        linears = {n: m for n, m in layer.named_modules() if isinstance(m, torch.nn.Linear)}
+        with HessianCollector(linears, owner=layer) as shared:
+            run_layer(layer, capture.hidden, capture.kwargs[0])
+        shared_away = 0  # Linears that use another's accumulator
+        for _, group in lm.arch.norm_to_linears:
+            present = [n for n in group if n in linears]
+            shared_away += len(present) - 1
+            assert len({shared._alias.get(n, n) for n in present}) == 1, (model_type, present)
+            with HessianCollector({present[-1]: linears[present[-1]]}, owner=layer) as alone:
+                run_layer(layer, capture.hidden, capture.kwargs[0])
+            torch.testing.assert_close(shared.hessian(present[-1])[0], alone.hessian(present[-1])[0], msg=model_type)
+        assert len(shared.owners()) == len(linears) - shared_away, model_type
+
+
 def _logit_error(path, out, ids) -> float:
     ref = AutoModelForCausalLM.from_pretrained(path).eval()
     q = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()

@@ -55,7 +55,7 @@ class HessianCollector:
 
     def _hook(self, name: str):
         def hook(module, inputs, output) -> None:
-            x = inputs[0].detach()
+            x = inputs[0]  # the object itself: its identity tells which Linears share an input
             if self._first_call:
                 if id(x) in self._seen:
                     self._alias[name] = self._seen[id(x)][1]
@@ -63,6 +63,7 @@ class HessianCollector:
                 self._seen[id(x)] = (x, name)
             elif name in self._alias:
                 return
+            x = x.detach()
             flat = x.reshape(-1, x.shape[-1]).to(torch.float32)
             total = flat.abs().sum(0, dtype=torch.float64)
             self._abs[name] = total if self._abs[name] is None else self._abs[name] + total
@@ -74,6 +75,10 @@ class HessianCollector:
         """``(H, tokens)`` for ``name``; ``(None, 0)`` when it saw no input (an idle expert)."""
         owner = self._alias.get(name, name)
         return self._H[owner], self._n[owner]
+
+    def owners(self) -> set[str]:
+        """The Linears that own an accumulator (one per distinct input tensor)."""
+        return {self._alias.get(name, name) for name in self.modules}
 
     def mean_abs(self, name: str) -> torch.Tensor | None:
         """Mean ``|x|`` per input channel over all calibration tokens (AWQ's activation scale)."""
