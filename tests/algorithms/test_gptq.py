@@ -96,3 +96,18 @@ def test_accumulated_hessian_equals_the_batch_formula():
     flat = X.reshape(-1, 16).to(torch.float64)
     assert n == 35
     torch.testing.assert_close(H, 2 * flat.T @ flat / 35)
+
+
+@pytest.mark.parametrize("spec", ["int4-g32-asym", "int3-channel"])
+def test_row_stacked_linears_get_exactly_their_own_result(spec):
+    """GPTQ rows are independent given H: quantizing q/k/v stacked equals quantizing each alone."""
+    fmt = parse_int_format(spec, observer="mse")
+    H = _hessian(_calibration())
+    Ws = [torch.randn(rows, 128) for rows in (48, 16, 16)]
+    stacked = gptq(torch.cat(Ws), H, fmt, act_order=True).qt
+    row = 0
+    for W in Ws:
+        alone = gptq(W, H, fmt, act_order=True).qt
+        part = stacked.rows(row, row + W.shape[0])
+        row += W.shape[0]
+        assert torch.equal(part.q, alone.q) and torch.equal(part.scale, alone.scale)

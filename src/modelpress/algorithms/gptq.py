@@ -129,63 +129,46 @@ def gptq(
     W[:, dead] = 0
 
     g = fmt.group_size_for(in_features)
-    n_groups = in_features // g if fmt.granularity != "tensor" else 1
-    rows = 1 if fmt.granularity == "tensor" else out_features
-    scale = torch.zeros(rows, n_groups)
-    zero = None if fmt.symmetric else torch.zeros(rows, n_groups)
-
-    def set_params(group: int, Wg: torch.Tensor) -> None:
-        s, z = _group_params(fmt, Wg)
-        scale[:, group] = s.reshape(-1)
-        if zero is not None:
-            zero[:, group] = z.reshape(-1)
-
     static = act_order or fmt.granularity != "group"
     if static:  # every group's parameters from the original weights, before any feedback
-        s, z = _group_params(fmt, fmt._grouped(W))
-        scale.copy_(s.squeeze(-1))
-        if zero is not None:
-            zero.copy_(z.squeeze(-1))
+        scale, zero = (t.squeeze(-1) if t is not None else None for t in _group_params(fmt, fmt._grouped(W)))
+    else:  # filled in as each group is reached
+        scale, zero = torch.zeros(out_features, in_features // g), None
 
     perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(in_features)
     W, H = W[:, perm], H[perm][:, perm]
-    group_of = (perm // g) if fmt.granularity == "group" else torch.zeros(in_features, dtype=torch.long)
+    group_of = (perm // g).tolist() if fmt.granularity == "group" else [0] * in_features
     Hinv, used_damp = _damped_inverse_cholesky(H, damp)
+    del H
 
-    codes = torch.zeros_like(W)
+    Q = torch.empty_like(W)  # the rounded weights, in processing order
     losses = torch.zeros(out_features)
     bs = _block_size(fmt, block_size)
     for i1 in range(0, in_features, bs):
         i2 = min(i1 + bs, in_features)
         W1 = W[:, i1:i2].clone()
-        C1 = torch.zeros_like(W1)
-        Err1 = torch.zeros_like(W1)
+        Err1 = torch.empty_like(W1)
         Hinv1 = Hinv[i1:i2, i1:i2]
+        diag = torch.diag(Hinv1).tolist()
         for i in range(i2 - i1):
             col = i1 + i
             if not static and col % g == 0:  # a new group: choose its scale from the updated weights
-                set_params(col // g, W1[:, i : i + g].reshape(out_features, 1, g))
+                s, z = _group_params(fmt, W1[:, i : i + g].reshape(out_features, 1, g))
+                scale[:, col // g] = s.reshape(-1)
+                if z is not None:
+                    zero = torch.zeros_like(scale) if zero is None else zero
+                    zero[:, col // g] = z.reshape(-1)
             grp = group_of[col]
-            s = scale[:, grp]
             w = W1[:, i]
-            qcode = torch.round(w / s) + (zero[:, grp] if zero is not None else 0)
-            qcode = qcode.clamp(fmt.qmin, fmt.qmax)
-            q = (qcode - (zero[:, grp] if zero is not None else 0)) * s
-            C1[:, i] = qcode
-            d = Hinv1[i, i]
-            losses += (w - q) ** 2 / d**2 / 2
-            err = (w - q) / d
-            W1[:, i:] -= err[:, None] * Hinv1[i, i:][None, :]
+            q = fmt.fake_quantize_grouped(w, scale[:, grp], None if zero is None else zero[:, grp])
+            Q[:, col] = q
+            err = (w - q).div_(diag[i])
+            W1[:, i:].addr_(err, Hinv1[i, i:], alpha=-1)
             Err1[:, i] = err
-        codes[:, i1:i2] = C1
-        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+        losses += Err1.pow(2).sum(dim=1) / 2
+        W[:, i2:].addmm_(Err1, Hinv[i1:i2, i2:], alpha=-1)
 
-    qt = QuantizedTensor(
-        q=codes[:, torch.argsort(perm)].to(torch.int8),
-        scale=scale,
-        zero_point=None if zero is None else zero.to(torch.int8),
-        fmt=fmt,
-    )
+    qt = fmt.encode(Q[:, torch.argsort(perm)], scale, zero)
     return GPTQResult(qt=qt, loss=losses.sum().item(), damp=used_damp)
 
 

@@ -76,6 +76,10 @@ class HessianCollector:
         owner = self._alias.get(name, name)
         return self._H[owner], self._n[owner]
 
+    def owner_of(self, name: str) -> str:
+        """The Linear whose accumulator ``name`` uses (itself unless it shares another's input)."""
+        return self._alias.get(name, name)
+
     def owners(self) -> set[str]:
         """The Linears that own an accumulator (one per distinct input tensor)."""
         return {self._alias.get(name, name) for name in self.modules}

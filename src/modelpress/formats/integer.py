@@ -180,6 +180,18 @@ class IntFormat:
             fmt=self,
         )
 
+    def encode(self, W_hat: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None) -> QuantizedTensor:
+        """The stored form of ``W_hat: (out, in)``, values already on the grid of ``scale``/``zero``
+        (``(rows, n_groups)`` each), as an algorithm that rounds column by column produces them."""
+        z = None if zero is None else zero.unsqueeze(-1)
+        q = self.quantize_grouped(self._grouped(W_hat.to(torch.float32)), scale.unsqueeze(-1), z)
+        return QuantizedTensor(
+            q=q.reshape(W_hat.shape).to(torch.int8),
+            scale=scale,
+            zero_point=None if zero is None else zero.to(torch.int8),
+            fmt=self,
+        )
+
     def fake_quantize(self, W: torch.Tensor) -> torch.Tensor:
         """``dequantize(quantize(W))`` in ``W``'s dtype."""
         return self.quantize(W).dequantize().to(W.dtype)
@@ -205,6 +217,14 @@ class QuantizedTensor:
         zero = None if self.zero_point is None else self.zero_point.to(torch.float32).unsqueeze(-1)
         Wg = (Wg - zero if zero is not None else Wg) * self.scale.unsqueeze(-1)
         return Wg.reshape(out_features, in_features)
+
+    def rows(self, start: int, stop: int) -> QuantizedTensor:
+        """Output rows ``start:stop`` as a weight of their own (not for per-tensor formats)."""
+        if self.fmt.granularity == "tensor":
+            raise ValueError("a per-tensor quantized weight has one scale; its rows cannot stand alone")
+        zero = None if self.zero_point is None else self.zero_point[start:stop]
+        return QuantizedTensor(q=self.q[start:stop].clone(), scale=self.scale[start:stop].clone(),
+                               zero_point=None if zero is None else zero.clone(), fmt=self.fmt)
 
     @property
     def nbytes(self) -> int:
