@@ -100,6 +100,7 @@ def gptq(
     block_size: int = 128,
     damp: float = 0.01,
     act_order: bool = False,
+    grid: tuple[torch.Tensor, torch.Tensor | None] | None = None,
 ) -> GPTQResult:
     """Quantize ``W: (out, in)`` onto ``fmt`` with GPTQ, given ``H: (in, in) = 2 X X^T / n``.
 
@@ -110,6 +111,8 @@ def gptq(
         block_size: columns per lazy-update block (rounded to whole groups).
         damp: relative damping, a fraction of the mean diagonal of ``H`` added to it.
         act_order: process columns by decreasing ``diag(H)`` (with static groups).
+        grid: fixed per-group ``(scale, zero)``, each ``(out, n_groups)``, instead of the
+            format's observer: for formats whose block parameters are chosen jointly (GGUF k-quants).
 
     Returns:
         A :class:`GPTQResult`; ``result.qt`` stores like RTN's output.
@@ -129,8 +132,10 @@ def gptq(
     W[:, dead] = 0
 
     g = fmt.group_size_for(in_features)
-    static = act_order or fmt.granularity != "group"
-    if static:  # every group's parameters from the original weights, before any feedback
+    static = act_order or fmt.granularity != "group" or grid is not None
+    if grid is not None:
+        scale, zero = grid
+    elif static:  # every group's parameters from the original weights, before any feedback
         scale, zero = (t.squeeze(-1) if t is not None else None for t in _group_params(fmt, fmt._grouped(W)))
     else:  # filled in as each group is reached
         scale, zero = torch.zeros(out_features, in_features // g), None
