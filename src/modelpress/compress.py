@@ -89,14 +89,16 @@ class RTNConfig(QuantConfig):
 class CalibrationConfig(BaseModel):
     """Calibration text as token windows (protocol ``calib-128x512`` by default).
 
-    ``text`` is a UTF-8 .txt or a .jsonl file with a ``"text"`` field; ``None`` uses the small
-    calibration text built into modelpress (offline, a few windows: fine for a first try, use
-    your own domain text for production).
+    ``text`` is a UTF-8 .txt, a .jsonl file with a ``"text"`` field, a .parquet file or saved
+    ``datasets`` folder, or ``hf:NAME[:CONFIG][@SPLIT]`` (see :func:`modelpress.data.read_calibration`);
+    ``None`` uses the small calibration text built into modelpress (offline, a few windows: fine
+    for a first try, use your own domain text for production).
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     text: str | None = None
+    text_field: str = "text"
     samples: int = Field(CALIB_128X512.n_windows, ge=1)
     seq_len: int = Field(CALIB_128X512.seq_len, ge=8)
     batch_size: int = Field(8, ge=1)

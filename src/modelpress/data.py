@@ -30,8 +30,8 @@ PPL_512 = WindowProtocol("ppl-512", seq_len=512, n_windows=40)
 CALIB_128X512 = WindowProtocol("calib-128x512", seq_len=512, n_windows=128)
 
 
-def read_text(path: str | Path) -> str:
-    r"""Read a UTF-8 text file, or the ``"text"`` field of each line of a ``.jsonl`` file.
+def read_text(path: str | Path, field: str = "text") -> str:
+    r"""Read a UTF-8 text file, or the ``field`` value of each line of a ``.jsonl`` file.
 
     Example:
         >>> import tempfile
@@ -54,10 +54,44 @@ def read_text(path: str | Path) -> str:
         if not line.strip():
             continue
         try:
-            texts.append(json.loads(line)["text"])
+            texts.append(json.loads(line)[field])
         except (json.JSONDecodeError, KeyError, TypeError):
-            raise UserError(f"{path}:{i}: expected a JSON object with a \"text\" field per line") from None
+            raise UserError(f"{path}:{i}: expected a JSON object with a {field!r} field per line") from None
     return "\n\n".join(texts)
+
+
+def read_calibration(source: str, text_field: str = "text") -> str:
+    """Calibration text from a file, a saved dataset, or a ``datasets`` name.
+
+    ``source`` is one of: a ``.txt`` / ``.jsonl`` file (see :func:`read_text`); a ``.parquet``
+    file or a folder written by ``Dataset.save_to_disk``; or ``hf:NAME[:CONFIG][@SPLIT]`` (split
+    ``train`` by default), loaded with ``datasets.load_dataset`` from the local cache or the hub.
+    Rows' ``text_field`` values are joined with blank lines, in order.
+    """
+    path = Path(source)
+    if source.startswith("hf:"):
+        spec, _, split = source[3:].partition("@")
+        name, _, config = spec.partition(":")
+        loader, args, kwargs = "load_dataset", (name, config or None), {"split": split or "train"}
+    elif path.is_dir():
+        loader, args, kwargs = "load_from_disk", (str(path),), {}
+    elif path.suffix == ".parquet" and path.is_file():
+        loader, args, kwargs = "load_dataset", ("parquet",), {"data_files": str(path), "split": "train"}
+    else:
+        return read_text(path, text_field)
+    try:
+        import datasets
+    except ImportError:
+        raise UserError(f"reading {source} needs the datasets package: pip install 'modelpress[data]'") from None
+    try:
+        ds = getattr(datasets, loader)(*args, **kwargs)
+    except Exception as e:  # datasets raises many types: missing, offline, bad config, not a dataset
+        raise UserError(f"could not load calibration dataset {source}: {str(e).splitlines()[0]}") from None
+    if isinstance(ds, datasets.DatasetDict):
+        raise UserError(f"{source} holds several splits ({', '.join(ds)}); save one split, or use hf:NAME@SPLIT")
+    if text_field not in ds.column_names:
+        raise UserError(f"{source} has no {text_field!r} column (columns: {', '.join(ds.column_names)})")
+    return "\n\n".join(t for t in ds[text_field] if t and t.strip())
 
 
 def token_windows(tokenizer, text: str, protocol: WindowProtocol = PPL_512) -> torch.Tensor:

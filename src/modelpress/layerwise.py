@@ -27,7 +27,7 @@ from modelpress.algorithms.gptq import gptq
 from modelpress.algorithms.hessian import HessianCollector
 from modelpress.algorithms.rtn import LayerError, rtn
 from modelpress.compress import AWQConfig, CalibrationConfig, GPTQConfig, finish_checkpoint
-from modelpress.data import WindowProtocol, read_text, token_windows
+from modelpress.data import WindowProtocol, read_calibration, token_windows
 from modelpress.errors import UserError
 from modelpress.export.compressed_tensors import CompressedCheckpointWriter
 from modelpress.models import loading
@@ -47,7 +47,7 @@ def calibration_ids(tokenizer, calib: CalibrationConfig) -> torch.Tensor:
         text = resources.files("modelpress").joinpath("resources", "calibration.txt").read_text(encoding="utf-8")
         logger.info("calibrating on modelpress's built-in text; pass your own for production runs")
     else:
-        text = read_text(calib.text)
+        text = read_calibration(calib.text, calib.text_field)
     protocol = WindowProtocol("calibration", seq_len=calib.seq_len, n_windows=calib.samples)
     ids = token_windows(tokenizer, text, protocol)
     if len(ids) < calib.samples:

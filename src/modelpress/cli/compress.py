@@ -39,7 +39,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="layers whose input size the group size does not divide: error (default), "
                         "keep them unquantized, or shrink their group to the largest common divisor")
     g = parser.add_argument_group("calibrated methods (gptq, awq)")
-    g.add_argument("--calib", metavar="FILE", help="calibration text (.txt or .jsonl); default: modelpress's built-in text")
+    g.add_argument("--calib", metavar="SOURCE",
+                   help="calibration text: .txt, .jsonl, .parquet, a saved dataset folder, or hf:NAME[:CONFIG][@SPLIT]; "
+                        "default: modelpress's built-in text")
+    g.add_argument("--calib-field", default="text", metavar="FIELD", help="text column of a dataset or .jsonl (default text)")
     g.add_argument("--calib-samples", type=options.positive_int, default=128, metavar="N",
                    help="calibration windows (default 128, protocol calib-128x512)")
     g.add_argument("--calib-seq-len", type=options.positive_int, default=512, metavar="T", help="tokens per window (default 512)")
@@ -68,7 +71,7 @@ def build_config(args: argparse.Namespace):
     }
     if args.exclude is not None:
         fields["exclude"] = args.exclude
-    calibration = {"text": args.calib, "samples": args.calib_samples, "seq_len": args.calib_seq_len,
+    calibration = {"text": args.calib, "text_field": args.calib_field, "samples": args.calib_samples, "seq_len": args.calib_seq_len,
                    "batch_size": args.batch_size}
     if args.method == "gptq":
         fields.update(act_order=args.act_order, damp=args.damp, block_size=args.block_size, calibration=calibration)
@@ -88,7 +91,7 @@ def main(args: argparse.Namespace) -> int:
         raise UserError(f"output {args.output} already exists; choose a new folder or remove it")
     if args.eval and args.text is None:
         raise UserError("--eval needs --text FILE to evaluate on")
-    if args.calib is not None and not Path(args.calib).is_file():
+    if args.calib is not None and not args.calib.startswith("hf:") and not Path(args.calib).exists():
         raise UserError(f"calibration text not found: {args.calib}")
     record = compress(args.model, config, args.output, resume=args.resume)
     result = run_eval(args.output, args.text, args.windows, baseline=args.model) if args.eval else None
