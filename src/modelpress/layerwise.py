@@ -208,6 +208,7 @@ def compress_layerwise(model: str, config: GPTQConfig, out_dir: str, resume: boo
     tokenizer = loading.load_tokenizer(source)
     ids = calibration_ids(tokenizer, config.calibration)
     batches = list(torch.split(ids, config.calibration.batch_size))
+    _warn_if_too_few_tokens(ids, targets)
     stage = STAGES[config.method](config, lm.arch)
     fingerprint = _run_fingerprint(model, config)
 
@@ -235,16 +236,21 @@ def compress_layerwise(model: str, config: GPTQConfig, out_dir: str, resume: boo
             prefix = lm.layer_prefix(i)
             modules = {n: layer.get_submodule(n.removeprefix(prefix + "."))
                        for n in targets.formats if n.startswith(prefix + ".")}
-            with HessianCollector(modules, owner=layer) as hc:
-                run_layer(layer, hidden, capture.kwargs[i])
-            results = stage.compress_layer(layer, prefix + ".", modules, targets.formats, hc)
+            where = f"layer {i + 1}/{lm.n_layers}"
+            try:
+                with HessianCollector(modules, owner=layer) as hc:
+                    run_layer(layer, hidden, capture.kwargs[i], where)
+                results = stage.compress_layer(layer, prefix + ".", modules, targets.formats, hc)
+            except UserError as e:  # the input itself is refused: a resume would fail the same way
+                writer.abort(keep=False)
+                raise (e if str(e).startswith(where) else UserError(f"{where}: {e}")) from None
             quantized = {}
             for name, (qt, err, info) in results.items():
                 quantized[name] = qt
                 layer_errors[name] = {"format": targets.formats[name].name, "numel": qt.q.numel(),
                                       "nbytes": qt.nbytes, **err.__dict__, **info}
             del hc
-            hidden = run_layer(layer, hidden, capture.kwargs[i])  # the compressed layer's outputs
+            hidden = run_layer(layer, hidden, capture.kwargs[i], f"{where}, quantized,")  # passed on to the next layer
             _write_layer(writer, lm, i, quantized)
             lm.free_layer(i)
             # the activations file is named by layer and the state switches to it only once both
@@ -263,6 +269,17 @@ def compress_layerwise(model: str, config: GPTQConfig, out_dir: str, resume: boo
         finish_checkpoint(writer, source, lm.config, lm.model, targets, tokenizer, record)
     logger.info("wrote %s in %.1fs", out_dir, time.monotonic() - t0)
     return record
+
+
+def _warn_if_too_few_tokens(ids: torch.Tensor, targets) -> None:
+    """Fewer calibration tokens than a Linear has inputs leaves its Hessian singular: say so."""
+    widest = max((targets.in_features[n] for n in targets.formats), default=0)
+    if ids.numel() < widest:
+        logger.warning(
+            "calibration has %d tokens, fewer than the %d inputs of the widest layer: its Hessian is singular and "
+            "the result leans on damping; use more or longer calibration samples (128 x 512 is the usual)",
+            ids.numel(), widest,
+        )
 
 
 def _write_layer(writer: CompressedCheckpointWriter, lm: LayerwiseModel, i: int, quantized: dict) -> None:

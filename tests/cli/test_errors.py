@@ -88,6 +88,34 @@ def test_nan_weights_are_refused(tiny_llama, tmp_path, capsys):
     assert not any(p.name.startswith("o") for p in tmp_path.iterdir())
 
 
+def test_overflowing_activations_name_the_layer(tiny_llama, tmp_path, capsys):
+    """Finite weights whose activations overflow: a clear error naming the layer, nothing written."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_llama, broken)
+    tensors = load_file(broken / "model.safetensors")
+    tensors["model.layers.1.post_attention_layernorm.weight"][:] = 3e38
+    save_file(tensors, broken / "model.safetensors", metadata={"format": "pt"})
+    calib = tmp_path / "calib.txt"
+    calib.write_text("It is a truth universally acknowledged. " * 200)
+    _fails(capsys, ["compress", str(broken), "--method", "gptq", "--group-size", "32", "--calib", str(calib),
+                    "--calib-samples", "2", "--calib-seq-len", "32", "-o", str(tmp_path / "o")],
+           "layer 2/")
+    assert not any(p.name.startswith("o") for p in tmp_path.iterdir())
+
+
+def test_too_little_calibration_is_flagged(tiny_llama, tmp_path, caplog):
+    calib = tmp_path / "calib.txt"
+    calib.write_text("It is a truth universally acknowledged. " * 200)
+    with caplog.at_level("WARNING", logger="modelpress"):
+        assert main(["compress", str(tiny_llama), "--method", "gptq", "--group-size", "32", "--calib", str(calib),
+                     "--calib-samples", "1", "--calib-seq-len", "16", "-o", str(tmp_path / "o")]) == 0
+    assert "Hessian is singular" in caplog.text
+
+
 def test_corrupt_shard(tiny_llama, tmp_path, capsys):
     import shutil
 

@@ -172,10 +172,10 @@ class CheckpointWriter:
         self.state = "finished"
         return self.out_dir
 
-    def abort(self) -> None:
-        """Stop writing; the temporary folder is removed unless the run is resumable."""
+    def abort(self, keep: bool = True) -> None:
+        """Stop writing; the temporary folder is removed unless the run is resumable and ``keep``."""
         if self.state == "open":
-            if not self.resumable:
+            if not (self.resumable and keep):
                 shutil.rmtree(self.tmp_dir, ignore_errors=True)
             self.state = "aborted"
 

@@ -193,13 +193,18 @@ class LayerwiseModel:
 
 
 @torch.no_grad()
-def run_layer(layer: nn.Module, hidden: list[torch.Tensor], kwargs: list[dict]) -> list[torch.Tensor]:
-    """The layer's outputs for each batch (the hidden states the next layer receives)."""
+def run_layer(layer: nn.Module, hidden: list[torch.Tensor], kwargs: list[dict], where: str = "a decoder layer") -> list[torch.Tensor]:
+    """The layer's outputs for each batch (the hidden states the next layer receives).
+
+    Raises:
+        UserError: an output is NaN or inf (``where`` names the layer in the message).
+    """
     outs = []
     for h, kw in zip(hidden, kwargs):
         out = layer(h, **kw)
         out = out[0] if isinstance(out, tuple) else out
         if not torch.isfinite(out).all():
-            raise UserError("a decoder layer produced NaN or inf activations on the calibration data")
+            raise UserError(f"{where} produced NaN or inf activations on the calibration data; the weights "
+                            "overflow in this dtype (try float32) or the checkpoint is damaged")
         outs.append(out)
     return outs
