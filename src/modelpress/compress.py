@@ -69,6 +69,10 @@ class QuantConfig(BaseModel):
             scale_dtype=self.scale_dtype,
         )
 
+    def act_format(self) -> ActFormat | None:
+        """The Linear inputs' format (W8A8), or ``None``: weights only."""
+        return None
+
 
 class RTNConfig(QuantConfig):
     """Round-to-nearest over every Linear of the decoder layers.
@@ -88,7 +92,7 @@ class RTNConfig(QuantConfig):
     method: Literal["rtn"] = "rtn"
     activations: Literal["none", "dynamic"] = "none"
 
-    def act_format(self):
+    def act_format(self) -> ActFormat | None:
         """The input-activation format (plain W8A8 without smoothing), or ``None``."""
         if self.activations == "none":
             return None
@@ -187,6 +191,7 @@ METHODS: dict[str, type[QuantConfig]] = {"rtn": RTNConfig, "gptq": GPTQConfig, "
 def compress(model: str, config: QuantConfig, out_dir: str, resume: bool = False) -> dict:
     """Compress ``model`` with the method ``config`` names; see :func:`compress_rtn` and
     :func:`modelpress.layerwise.compress_layerwise`."""
+    config.act_format()  # W8A8's constraints on the weight format fail before any work
     if isinstance(config, RTNConfig):
         if resume:
             raise UserError("--resume applies to calibrated methods; an RTN run is quick to redo")

@@ -155,7 +155,14 @@ class SmoothQuantStage:
         self.act = config.act_format()
 
     def compress_layer(self, layer: nn.Module, prefix: str, modules: dict[str, nn.Linear], formats: dict, hc) -> dict:
-        smoothing: dict[str, object] = {}  # module -> its Smoothing: its input is now x / s
+        smoothing = self.smooth(layer, prefix, modules, hc)
+        return {name: self._quantize(name, linear, formats[name], hc, smoothing.get(name))
+                for name, linear in modules.items()}
+
+    def smooth(self, layer: nn.Module, prefix: str, modules: dict[str, nn.Linear], hc) -> dict:
+        """Fold each norm group's ``s`` into the layer (exact in float); ``module -> Smoothing``
+        for the target Linears that now read ``x / s``."""
+        smoothing = {}
         for norm_name, linear_names in self.arch.norm_to_linears:
             names = [f"{prefix}{n}" for n in linear_names if f"{prefix}{n}" in modules]
             amax = hc.abs_max(names[0]) if names else None
@@ -166,8 +173,7 @@ class SmoothQuantStage:
             fold_scale(layer.get_submodule(norm_name), [layer.get_submodule(n) for n in linear_names],
                        sm.s, self.arch.norm_offset)
             smoothing.update(dict.fromkeys(names, sm))
-        return {name: self._quantize(name, linear, formats[name], hc, smoothing.get(name))
-                for name, linear in modules.items()}
+        return smoothing
 
     def _quantize(self, name: str, linear: nn.Linear, fmt, hc, sm) -> tuple:
         W = linear.weight.data
@@ -192,8 +198,8 @@ class SmoothQuantStage:
             qt, info = fmt.quantize(W), {}
         absmax = static_input_absmax(amax, s)
         inputs = InputQuant(self.act) if self.act.dynamic else InputQuant(self.act, self.act.static_scale(absmax))
-        info.update(activations=self.act.name, tokens=n_tokens, input_absmax=absmax, output_rel_mse=_output_rel(W, qt.dequantize(), H),
-                    **({} if sm is None else sm.summary()))
+        info.update(activations=self.act.name, tokens=n_tokens, input_absmax=absmax,
+                    output_rel_mse=_output_rel(W, qt.dequantize(), H), **({} if sm is None else sm.summary()))
         if inputs.scale is not None:
             info["input_scale"] = inputs.scale.item()
         linear.weight.data = qt.dequantize().to(W.dtype)

@@ -111,7 +111,7 @@ def _activation_fields(args: argparse.Namespace) -> dict:
 def main(args: argparse.Namespace) -> int:
     config = build_config(args)
     config.int_format()  # validate bits / group size before any work
-    act = config.act_format() if hasattr(config, "act_format") else None  # W8A8 needs int8 channel weights
+    act = config.act_format()  # W8A8 needs int8 per-channel or per-tensor weights
     if Path(args.output).exists():
         raise UserError(f"output {args.output} already exists; choose a new folder or remove it")
     if args.eval and args.text is None:

@@ -20,10 +20,12 @@ Granularities (a scale per ``(batch, kv-head)`` and more, never across heads):
 Example::
 
     cache = FakeQuantKVCache("int8", model.config)
-    logits = model(input_ids=ids, past_key_values=cache, use_cache=True).logits
+    logits = model(input_ids=ids, **cache_kwargs(model, cache)).logits
 """
 
 from __future__ import annotations
+
+import inspect
 
 import torch
 from transformers import DynamicCache
@@ -85,3 +87,10 @@ class FakeQuantKVCache(DynamicCache):
             k_scale, v_scale = self._fp8_scales[layer_idx]
             k, v = fake_quant_fp8(key_states, k_scale), fake_quant_fp8(value_states, v_scale)
         return super().update(k, v, layer_idx, *args, **kwargs)
+
+
+def cache_kwargs(model, cache) -> dict:
+    """Forward keyword arguments that hand ``cache`` to ``model``: ``cache=`` (transformers >= 5.24
+    names it so) or ``past_key_values=`` (earlier releases)."""
+    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    return {name: cache, "use_cache": True}

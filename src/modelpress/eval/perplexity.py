@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
-from modelpress.eval.kv_cache import FakeQuantKVCache, check_kv_format
+from modelpress.eval.kv_cache import FakeQuantKVCache, cache_kwargs, check_kv_format
 from modelpress.progress import track
 
 
@@ -47,7 +47,7 @@ def _logits(model: torch.nn.Module, ids: torch.Tensor, kv_cache: str | None = No
     if kv_cache is None:
         out = model(input_ids=ids.to(device), use_cache=False)
     else:  # a fresh cache per window: the window's keys/values are quantized as they are stored
-        out = model(input_ids=ids.to(device), past_key_values=FakeQuantKVCache(kv_cache, model.config), use_cache=True)
+        out = model(input_ids=ids.to(device), **cache_kwargs(model, FakeQuantKVCache(kv_cache, model.config)))
     return out.logits[:, :-1].float().cpu()
 
 
