@@ -245,6 +245,7 @@ def compress_rtn(model: str, config: RTNConfig, out_dir: str) -> dict:
                 "numel": tensor.numel(),
                 "nbytes": qt.nbytes,
                 **err.__dict__,
+                **({} if inputs is None else {"activations": inputs.fmt.name}),
             }
         elapsed = time.monotonic() - t0
         record = build_record(source, config, targets, layer_errors, elapsed)

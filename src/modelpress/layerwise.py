@@ -26,7 +26,13 @@ from modelpress.algorithms.awq import search_clip, search_scale
 from modelpress.algorithms.gptq import gptq
 from modelpress.algorithms.hessian import HessianCollector
 from modelpress.algorithms.rtn import LayerError, rtn
-from modelpress.algorithms.smoothquant import check_finite, smoothing_scales, static_input_absmax
+from modelpress.algorithms.smoothquant import (
+    STATIC_RANGE_WARN,
+    check_finite,
+    input_range_ratio,
+    smoothing_scales,
+    static_input_absmax,
+)
 from modelpress.compress import AWQConfig, CalibrationConfig, GPTQConfig, SmoothQuantConfig, finish_checkpoint
 from modelpress.data import WindowProtocol, read_text, token_windows
 from modelpress.errors import UserError
@@ -196,9 +202,12 @@ class SmoothQuantStage:
             qt, info = result.qt, {"gptq_loss": result.loss, "damp": result.damp}
         else:
             qt, info = fmt.quantize(W), {}
-        absmax = static_input_absmax(amax, s)
+        absmax, ratio = static_input_absmax(amax, s), input_range_ratio(amax, s)
         inputs = InputQuant(self.act) if self.act.dynamic else InputQuant(self.act, self.act.static_scale(absmax))
-        info.update(activations=self.act.name, tokens=n_tokens, input_absmax=absmax,
+        if not self.act.dynamic and ratio > STATIC_RANGE_WARN:
+            logger.warning("%s: its input's max |x| (%.4g) is %.0fx its median channel's; one static int8 scale "
+                           "rounds most of it away: use dynamic activations or --exclude it", name, absmax, ratio)
+        info.update(activations=self.act.name, tokens=n_tokens, input_absmax=absmax, input_range_ratio=ratio,
                     output_rel_mse=_output_rel(W, qt.dequantize(), H), **({} if sm is None else sm.summary()))
         if inputs.scale is not None:
             info["input_scale"] = inputs.scale.item()

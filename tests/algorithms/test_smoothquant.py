@@ -143,3 +143,18 @@ def test_overflowing_calibration_stops_the_run_without_output(tiny_models, tiny_
     with pytest.raises(UserError, match="NaN or inf"):
         compress(str(tmp_path / "bad"), SmoothQuantConfig(calibration=CALIB), str(out))
     assert not out.exists()
+
+
+def test_static_scales_warn_about_massive_activations(tiny_models, tiny_tokenizer, tmp_path, caplog):
+    """down_proj has no norm to smooth into: a 500x channel there makes one static scale useless."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_models["llama"], dtype=torch.float32)
+    with torch.no_grad():
+        model.model.layers[1].mlp.up_proj.weight[7] *= 500  # channel 7 of layer 1's down_proj input
+    model.save_pretrained(tmp_path / "massive")
+    tiny_tokenizer.save_pretrained(tmp_path / "massive")
+    with caplog.at_level("WARNING", logger="modelpress"):
+        record = compress(str(tmp_path / "massive"), SmoothQuantConfig(activations="static", calibration=CALIB),
+                          str(tmp_path / "o"))
+    warned = [r.getMessage() for r in caplog.records if "static int8 scale" in r.getMessage()]
+    assert len(warned) == 1 and warned[0].startswith("model.layers.1.mlp.down_proj"), warned
+    assert record["layers"]["model.layers.1.mlp.down_proj"]["input_range_ratio"] > 100

@@ -44,6 +44,9 @@ import torch
 from modelpress.errors import UserError
 
 EPS = 1e-5  # floor of max|X_j|, max|W_j| and s_j, as in the reference code (dead channels)
+# A static per-tensor int8 scale leaves the median channel's largest value 127 / ratio levels;
+# past this ratio (4 levels) the Linear's input is mostly rounded away.
+STATIC_RANGE_WARN = 32
 
 
 @dataclass
@@ -98,3 +101,11 @@ def static_input_absmax(act_absmax: torch.Tensor, s: torch.Tensor | None = None)
     """
     a = act_absmax.to(torch.float32)
     return (a if s is None else a / s.to(torch.float32)).max().item()
+
+
+def input_range_ratio(act_absmax: torch.Tensor, s: torch.Tensor | None = None) -> float:
+    """``max_j m_j / median_j m_j`` with ``m_j = max|X_j| / s_j``: how much of a per-tensor range
+    one channel takes. Massive activations (a few channels of a few tokens, often ~1000x the rest,
+    typically at down_proj inputs, which have no norm to smooth into) make it large."""
+    a = act_absmax.to(torch.float32)
+    return _outlier_ratio(a if s is None else a / s.to(torch.float32))
