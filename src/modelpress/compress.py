@@ -24,6 +24,7 @@ from torch import nn
 from modelpress.algorithms.rtn import rtn
 from modelpress.data import CALIB_128X512
 from modelpress.errors import UserError
+from modelpress.formats.activations import ActFormat, InputQuant, check_w8a8
 from modelpress.formats.integer import IntFormat
 from modelpress.models import loading
 from modelpress.models.arch import arch_for
@@ -68,6 +69,10 @@ class QuantConfig(BaseModel):
             scale_dtype=self.scale_dtype,
         )
 
+    def act_format(self) -> ActFormat | None:
+        """The Linear inputs' format (W8A8), or ``None``: weights only."""
+        return None
+
 
 class RTNConfig(QuantConfig):
     """Round-to-nearest over every Linear of the decoder layers.
@@ -81,9 +86,18 @@ class RTNConfig(QuantConfig):
         observer: mse
         exclude: ["lm_head"]
         group_fallback: error   # or: keep (leave such layers unquantized), shrink (smaller group)
+        activations: none       # or: dynamic (W8A8: int8 per-token inputs; needs bits 8, no groups)
     """
 
     method: Literal["rtn"] = "rtn"
+    activations: Literal["none", "dynamic"] = "none"
+
+    def act_format(self) -> ActFormat | None:
+        """The input-activation format (plain W8A8 without smoothing), or ``None``."""
+        if self.activations == "none":
+            return None
+        check_w8a8(self.int_format())
+        return ActFormat(dynamic=True, scale_dtype=self.scale_dtype)
 
 
 class CalibrationConfig(BaseModel):
@@ -143,12 +157,43 @@ class AWQConfig(QuantConfig):
     calibration: CalibrationConfig = Field(default_factory=CalibrationConfig)
 
 
-METHODS: dict[str, type[QuantConfig]] = {"rtn": RTNConfig, "gptq": GPTQConfig, "awq": AWQConfig}
+class SmoothQuantConfig(QuantConfig):
+    """SmoothQuant W8A8 (arXiv:2211.10438): smoothing folded into the norms, int8 weights and inputs.
+
+    YAML:
+        method: smoothquant
+        alpha: 0.5             # migration strength: s = max|X|^alpha / max|W|^(1 - alpha)
+        activations: dynamic   # int8 per-token scales at run time; or static: one calibrated scale per Linear
+        weights: rtn           # or gptq (then damp, block_size, act_order apply)
+        granularity: channel   # int8 symmetric weights, per channel (default) or tensor
+        calibration: {text: calib.txt, samples: 128, seq_len: 512}
+    """
+
+    method: Literal["smoothquant"] = "smoothquant"
+    bits: int = 8
+    granularity: Literal["tensor", "channel", "group"] = "channel"
+    group_size: int | None = None
+    alpha: float = Field(0.5, ge=0, le=1)
+    activations: Literal["dynamic", "static"] = "dynamic"
+    weights: Literal["rtn", "gptq"] = "rtn"
+    act_order: bool = True
+    damp: float = Field(0.01, gt=0, lt=1)
+    block_size: int = Field(128, ge=1)
+    calibration: CalibrationConfig = Field(default_factory=CalibrationConfig)
+
+    def act_format(self) -> ActFormat:
+        check_w8a8(self.int_format())
+        return ActFormat(dynamic=self.activations == "dynamic", scale_dtype=self.scale_dtype)
+
+
+METHODS: dict[str, type[QuantConfig]] = {"rtn": RTNConfig, "gptq": GPTQConfig, "awq": AWQConfig,
+                                         "smoothquant": SmoothQuantConfig}
 
 
 def compress(model: str, config: QuantConfig, out_dir: str, resume: bool = False) -> dict:
     """Compress ``model`` with the method ``config`` names; see :func:`compress_rtn` and
     :func:`modelpress.layerwise.compress_layerwise`."""
+    config.act_format()  # W8A8's constraints on the weight format fail before any work
     if isinstance(config, RTNConfig):
         if resume:
             raise UserError("--resume applies to calibrated methods; an RTN run is quick to redo")
@@ -182,6 +227,7 @@ def compress_rtn(model: str, config: RTNConfig, out_dir: str) -> dict:
     meta = meta_model(hf_config)
     targets = plan_targets(meta, config)
     tokenizer = loading.load_tokenizer(source)
+    inputs = None if config.act_format() is None else InputQuant(config.act_format())
     layer_errors: dict[str, dict] = {}
     with CompressedCheckpointWriter(out_dir) as writer:
         stream, n_tensors = tensor_stream(source, meta)
@@ -195,12 +241,13 @@ def compress_rtn(model: str, config: RTNConfig, out_dir: str) -> dict:
                 qt, err = rtn(tensor, fmt)
             except UserError as e:
                 raise UserError(f"{module}: {e}") from None
-            writer.add_quantized(module, qt)
+            writer.add_quantized(module, qt, inputs)
             layer_errors[module] = {
                 "format": fmt.name,
                 "numel": tensor.numel(),
                 "nbytes": qt.nbytes,
                 **err.__dict__,
+                **({} if inputs is None else {"activations": inputs.fmt.name}),
             }
         elapsed = time.monotonic() - t0
         record = build_record(source, config, targets, layer_errors, elapsed)

@@ -26,10 +26,19 @@ from modelpress.algorithms.awq import search_clip, search_scale
 from modelpress.algorithms.gptq import gptq
 from modelpress.algorithms.hessian import HessianCollector
 from modelpress.algorithms.rtn import LayerError, rtn
-from modelpress.compress import AWQConfig, CalibrationConfig, GPTQConfig, finish_checkpoint
+from modelpress.algorithms.smoothquant import (
+    STATIC_RANGE_WARN,
+    check_finite,
+    input_range_ratio,
+    smoothing_scales,
+    static_input_absmax,
+)
+from modelpress.compress import AWQConfig, CalibrationConfig, GPTQConfig, SmoothQuantConfig, finish_checkpoint
 from modelpress.data import WindowProtocol, read_calibration, token_windows
 from modelpress.errors import UserError
+from modelpress.eval.fake_quant import activation_fake_quant
 from modelpress.export.compressed_tensors import CompressedCheckpointWriter
+from modelpress.formats.activations import InputQuant
 from modelpress.models import loading
 from modelpress.models.layers import LayerwiseModel, run_layer
 from modelpress.models.tensors import plan_targets
@@ -62,7 +71,8 @@ class LayerStage(Protocol):
     def compress_layer(self, layer: nn.Module, prefix: str, modules: dict[str, nn.Linear], formats: dict,
                        hc: HessianCollector) -> dict[str, tuple]:
         """Compress ``modules`` (full name -> Linear) of ``layer`` in place, so that their weights
-        become what the checkpoint holds; return ``name -> (QuantizedTensor, LayerError, info)``."""
+        become what the checkpoint holds; return ``name -> (QuantizedTensor, LayerError, info)``,
+        or ``(..., info, InputQuant)`` for a Linear whose input is quantized too (W8A8)."""
 
 
 def _rtn_fallback(W: torch.Tensor, fmt) -> tuple:
@@ -157,6 +167,77 @@ class AWQStage:
         return out
 
 
+class SmoothQuantStage:
+    """SmoothQuant W8A8: smoothing folded into the norms, int8 weights (RTN or GPTQ), int8 inputs.
+
+    Per ``norm_to_linears`` group: ``s`` from the inputs' per-channel max and the weights (Eq. 4 of
+    arXiv:2211.10438), folded into the norm; Linears without a norm before them (o_proj,
+    down_proj) stay unsmoothed, as in the paper's code. Static input scales are the max ``|x|``
+    over the calibration tokens of each Linear's (smoothed) input, measured on the outputs of the
+    already-compressed layers before it; within the layer, on its float forward (as GPTQ's
+    Hessians are).
+    """
+
+    def __init__(self, config: SmoothQuantConfig, arch):
+        self.config = config
+        self.arch = arch
+        self.act = config.act_format()
+
+    def compress_layer(self, layer: nn.Module, prefix: str, modules: dict[str, nn.Linear], formats: dict, hc) -> dict:
+        smoothing = self.smooth(layer, prefix, modules, hc)
+        return {name: self._quantize(name, linear, formats[name], hc, smoothing.get(name))
+                for name, linear in modules.items()}
+
+    def smooth(self, layer: nn.Module, prefix: str, modules: dict[str, nn.Linear], hc) -> dict:
+        """Fold each norm group's ``s`` into the layer (exact in float); ``module -> Smoothing``
+        for the target Linears that now read ``x / s``."""
+        smoothing = {}
+        for norm_name, linear_names in self.arch.norm_to_linears:
+            names = [f"{prefix}{n}" for n in linear_names if f"{prefix}{n}" in modules]
+            amax = hc.abs_max(names[0]) if names else None
+            if amax is None:
+                continue
+            check_finite(names[0], amax)
+            sm = smoothing_scales(amax, [layer.get_submodule(n).weight.data for n in linear_names], self.config.alpha)
+            fold_scale(layer.get_submodule(norm_name), [layer.get_submodule(n) for n in linear_names],
+                       sm.s, self.arch.norm_offset)
+            smoothing.update(dict.fromkeys(names, sm))
+        return smoothing
+
+    def _quantize(self, name: str, linear: nn.Linear, fmt, hc, sm) -> tuple:
+        W = linear.weight.data
+        H, n_tokens = hc.hessian(name)
+        amax = hc.abs_max(name)
+        if amax is None:
+            if not self.act.dynamic:
+                raise UserError(f"no calibration tokens reached {name}, so its static input scale is unknown; "
+                                "calibrate on more text or use dynamic activations")
+            qt, err, info = _rtn_fallback(W, fmt)
+            return qt, err, {**info, "activations": self.act.name}, InputQuant(self.act)
+        check_finite(name, amax)
+        s = None if sm is None else sm.s
+        if s is not None:  # the Linear now reads x / s: its Hessian is diag(1/s) H diag(1/s)
+            inv = (1 / s).to(H.dtype)
+            H = H * inv[:, None] * inv[None, :]
+        if self.config.weights == "gptq":
+            result = gptq(W, H, fmt, block_size=self.config.block_size, damp=self.config.damp,
+                          act_order=self.config.act_order)
+            qt, info = result.qt, {"gptq_loss": result.loss, "damp": result.damp}
+        else:
+            qt, info = fmt.quantize(W), {}
+        absmax, ratio = static_input_absmax(amax, s), input_range_ratio(amax, s)
+        inputs = InputQuant(self.act) if self.act.dynamic else InputQuant(self.act, self.act.static_scale(absmax))
+        if not self.act.dynamic and ratio > STATIC_RANGE_WARN:
+            logger.warning("%s: its input's max |x| (%.4g) is %.0fx its median channel's; one static int8 scale "
+                           "rounds most of it away: use dynamic activations or --exclude it", name, absmax, ratio)
+        info.update(activations=self.act.name, tokens=n_tokens, input_absmax=absmax, input_range_ratio=ratio,
+                    output_rel_mse=_output_rel(W, qt.dequantize(), H), **({} if sm is None else sm.summary()))
+        if inputs.scale is not None:
+            info["input_scale"] = inputs.scale.item()
+        linear.weight.data = qt.dequantize().to(W.dtype)
+        return qt, LayerError.between(W, qt.dequantize()), info, inputs
+
+
 def fold_scale(norm: nn.Module, linears: list[nn.Linear], s: torch.Tensor, offset: float = 0.0) -> None:
     """Divide the norm's output by ``s`` and multiply the Linears' input columns by it: exact.
 
@@ -180,7 +261,7 @@ def _output_rel(W: torch.Tensor, W_hat: torch.Tensor, H: torch.Tensor) -> float:
     return (num / den.clamp(min=1e-30)).item()
 
 
-STAGES = {"gptq": GPTQStage, "awq": AWQStage}
+STAGES = {"gptq": GPTQStage, "awq": AWQStage, "smoothquant": SmoothQuantStage}
 
 
 def _run_fingerprint(model: str, config) -> str:
@@ -244,13 +325,16 @@ def compress_layerwise(model: str, config: GPTQConfig, out_dir: str, resume: boo
             except UserError as e:  # the input itself is refused: a resume would fail the same way
                 writer.abort(keep=False)
                 raise (e if str(e).startswith(where) else UserError(f"{where}: {e}")) from None
-            quantized = {}
-            for name, (qt, err, info) in results.items():
-                quantized[name] = qt
+            quantized, inputs = {}, {}
+            for name, (qt, err, info, *input_quant) in results.items():
+                quantized[name] = (qt, *input_quant)
+                if input_quant:
+                    inputs[name.removeprefix(prefix + ".")] = input_quant[0]
                 layer_errors[name] = {"format": targets.formats[name].name, "numel": qt.q.numel(),
                                       "nbytes": qt.nbytes, **err.__dict__, **info}
             del hc
-            hidden = run_layer(layer, hidden, capture.kwargs[i], f"{where}, quantized,")  # passed on to the next layer
+            with activation_fake_quant(layer, inputs):  # W8A8: the next layer sees quantized-input outputs
+                hidden = run_layer(layer, hidden, capture.kwargs[i], f"{where}, quantized,")  # passed on to the next layer
             _write_layer(writer, lm, i, quantized)
             lm.free_layer(i)
             # the activations file is named by layer and the state switches to it only once both
@@ -288,7 +372,7 @@ def _write_layer(writer: CompressedCheckpointWriter, lm: LayerwiseModel, i: int,
     for name in lm.layer_tensor_names(i):
         module = name.removesuffix(".weight")
         if module in quantized and name.endswith(".weight"):
-            writer.add_quantized(module, quantized[module])
+            writer.add_quantized(module, *quantized[module])
         else:
             writer.add_tensor(name, state[name.removeprefix(prefix)].to(lm.source_dtype(name)))
 

@@ -1,4 +1,4 @@
-"""Collect ``H = 2 X X^T / n`` (and mean ``|x|`` per input channel) for one layer's Linears.
+"""Collect ``H = 2 X X^T / n`` (and mean and max ``|x|`` per input channel) for one layer's Linears.
 
 Linears that read the very same input tensor (q/k/v after one norm, gate/up after another)
 share one accumulator: the Hessian is computed once per distinct input, not once per Linear.
@@ -28,6 +28,7 @@ class HessianCollector:
         self._H: dict[str, torch.Tensor | None] = dict.fromkeys(modules)
         self._n: dict[str, int] = dict.fromkeys(modules, 0)
         self._abs: dict[str, torch.Tensor | None] = dict.fromkeys(modules)  # running sum of |x|
+        self._amax: dict[str, torch.Tensor | None] = dict.fromkeys(modules)  # running max of |x|
         self._alias: dict[str, str] = {}  # name -> the name whose accumulator it shares
         self._seen: dict[int, tuple[torch.Tensor, str]] = {}  # id(input) -> (input, first reader)
         self._first_call = True
@@ -65,8 +66,12 @@ class HessianCollector:
                 return
             x = x.detach()
             flat = x.reshape(-1, x.shape[-1]).to(torch.float32)
-            total = flat.abs().sum(0, dtype=torch.float64)
+            absx = flat.abs()
+            total = absx.sum(0, dtype=torch.float64)
             self._abs[name] = total if self._abs[name] is None else self._abs[name] + total
+            if len(absx):  # NaN propagates through the max, so abs_max's callers see a bad activation
+                amax = absx.amax(0)
+                self._amax[name] = amax if self._amax[name] is None else torch.maximum(self._amax[name], amax)
             self._H[name], self._n[name] = accumulate_hessian(self._H[name], self._n[name], x)
 
         return hook
@@ -89,3 +94,8 @@ class HessianCollector:
         owner = self._alias.get(name, name)
         n = self._n[owner]
         return None if n == 0 else (self._abs[owner] / n).to(torch.float32)
+
+    def abs_max(self, name: str) -> torch.Tensor | None:
+        """Max ``|x|`` per input channel over all calibration tokens (SmoothQuant's activation scale)."""
+        owner = self._alias.get(name, name)
+        return None if self._n[owner] == 0 else self._amax[owner]

@@ -23,9 +23,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-o", "--output", required=True, metavar="OUT", help="output folder (must not exist)")
     parser.add_argument("--method", choices=sorted(METHODS), default="rtn")
     q = parser.add_argument_group("format")
-    q.add_argument("--bits", type=int, default=4, help="2 to 8 (default 4)")
-    q.add_argument("--granularity", choices=["tensor", "channel", "group"], default="group")
-    q.add_argument("--group-size", type=options.positive_int, default=128, metavar="G",
+    q.add_argument("--bits", type=int, help="2 to 8 (default 4; 8 for smoothquant)")
+    q.add_argument("--granularity", choices=["tensor", "channel", "group"],
+                   help="one scale per tensor, output channel or group (default group; channel for smoothquant)")
+    q.add_argument("--group-size", type=options.positive_int, metavar="G",
                    help="columns per scale with --granularity group (default 128)")
     sym = q.add_mutually_exclusive_group()
     sym.add_argument("--symmetric", dest="symmetric", action="store_true", default=True, help="zero point 0 (default)")
@@ -38,7 +39,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     q.add_argument("--group-fallback", choices=["error", "keep", "shrink"], default="error",
                    help="layers whose input size the group size does not divide: error (default), "
                         "keep them unquantized, or shrink their group to the largest common divisor")
-    g = parser.add_argument_group("calibrated methods (gptq, awq)")
+    a = parser.add_argument_group("activations (W8A8: int8 weights and int8 Linear inputs)")
+    a.add_argument("--activations", choices=["dynamic", "static", "int8-dynamic", "int8-static"],
+                   help="quantize Linear inputs to int8: per token at run time (dynamic; smoothquant's default, "
+                        "and plain W8A8 with --method rtn) or one calibrated scale per Linear (static; smoothquant)")
+    a.add_argument("--alpha", type=float, default=0.5, help="smoothquant: migration strength in [0, 1] (default 0.5)")
+    a.add_argument("--weights", choices=["rtn", "gptq"], default="rtn",
+                   help="smoothquant: how the smoothed int8 weights are rounded (default rtn)")
+    g = parser.add_argument_group("calibrated methods (gptq, awq, smoothquant)")
     g.add_argument("--calib", metavar="SOURCE",
                    help="calibration text: .txt, .jsonl, .parquet, a saved dataset folder, or hf:NAME[:CONFIG][@SPLIT]; "
                         "default: modelpress's built-in text")
@@ -61,14 +69,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def build_config(args: argparse.Namespace):
     fields = {
-        "bits": args.bits,
-        "granularity": args.granularity,
-        "group_size": args.group_size if args.granularity == "group" else None,
         "symmetric": args.symmetric,
         "observer": args.observer,
         "scale_dtype": args.scale_dtype,
         "group_fallback": args.group_fallback,
     }
+    if args.bits is not None:
+        fields["bits"] = args.bits
+    if args.granularity is not None:  # else the method's default (group of 128; channel for smoothquant)
+        fields["granularity"] = args.granularity
+        fields["group_size"] = (args.group_size or 128) if args.granularity == "group" else None
+    elif args.group_size is not None:
+        fields["group_size"] = args.group_size
     if args.exclude is not None:
         fields["exclude"] = args.exclude
     calibration = {"text": args.calib, "text_field": args.calib_field, "samples": args.calib_samples, "seq_len": args.calib_seq_len,
@@ -77,6 +89,10 @@ def build_config(args: argparse.Namespace):
         fields.update(act_order=args.act_order, damp=args.damp, block_size=args.block_size, calibration=calibration)
     elif args.method == "awq":
         fields.update(calibration=calibration)
+    elif args.method == "smoothquant":
+        fields.update(alpha=args.alpha, weights=args.weights, act_order=args.act_order, damp=args.damp,
+                      block_size=args.block_size, calibration=calibration)
+    fields.update(_activation_fields(args))
     try:
         return METHODS[args.method](**fields)
     except ValidationError as e:
@@ -84,9 +100,21 @@ def build_config(args: argparse.Namespace):
         raise UserError(f"{'.'.join(map(str, err['loc']))}: {err['msg']}") from None
 
 
+def _activation_fields(args: argparse.Namespace) -> dict:
+    if args.activations is None:
+        return {}
+    kind = args.activations.removeprefix("int8-")
+    if args.method == "smoothquant" or (args.method == "rtn" and kind == "dynamic"):
+        return {"activations": kind}
+    if args.method == "rtn":
+        raise UserError("static activation scales need calibration data: use --method smoothquant --activations static")
+    raise UserError(f"--activations applies to --method rtn (dynamic) and smoothquant, not {args.method}")
+
+
 def main(args: argparse.Namespace) -> int:
     config = build_config(args)
     config.int_format()  # validate bits / group size before any work
+    act = config.act_format()  # W8A8 needs int8 per-channel or per-tensor weights
     if Path(args.output).exists():
         raise UserError(f"output {args.output} already exists; choose a new folder or remove it")
     if args.eval and args.text is None:
@@ -100,7 +128,8 @@ def main(args: argparse.Namespace) -> int:
         return 0
     q = record["quantized"]
     print(
-        f"wrote {args.output}: {q['layers']} layers quantized to {config.int_format().name} "
+        f"wrote {args.output}: {q['layers']} layers quantized to {config.int_format().name}"
+        f"{'' if act is None else f' with {act.name} inputs'} "
         f"({q['bits_per_weight']:.3f} bits/weight, mean SQNR {q['mean_sqnr_db']:.1f} dB) in {record['wall_time_s']:.1f}s"
     )
     if result is not None:

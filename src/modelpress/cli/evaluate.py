@@ -17,6 +17,8 @@ from rich.table import Table
 from modelpress.cli import options
 from modelpress.data import PPL_512, read_text, token_windows
 from modelpress.errors import UserError
+from modelpress.eval.fake_quant import activation_fake_quant, checkpoint_input_quant
+from modelpress.eval.kv_cache import KV_CACHE_FORMATS, check_kv_format
 from modelpress.eval.perplexity import evaluate
 from modelpress.models import loading
 
@@ -24,6 +26,8 @@ from modelpress.models import loading
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", help="checkpoint folder, .gguf file or hub id")
     parser.add_argument("--baseline", metavar="MODEL", help="reference model for KL divergence and top-1 agreement")
+    parser.add_argument("--kv-cache", choices=KV_CACHE_FORMATS,
+                        help="evaluate MODEL with its keys and values quantized as they enter the cache")
     options.add_eval_text(parser)
     options.add_json(parser)
 
@@ -37,8 +41,13 @@ def size_on_disk(source: loading.ModelSource) -> int | None:
     return None
 
 
-def run_eval(model: str, text: str | None, windows: int, baseline: str | None = None) -> dict:
-    """Evaluate ``model`` (and compare with ``baseline``) on ``text``; plain-data result."""
+def run_eval(model: str, text: str | None, windows: int, baseline: str | None = None,
+             kv_cache: str | None = None) -> dict:
+    """Evaluate ``model`` (and compare with ``baseline``) on ``text``; plain-data result.
+
+    A W8A8 checkpoint is evaluated with its Linear inputs fake-quantized the engine's way
+    (:mod:`modelpress.eval.fake_quant`); ``kv_cache`` (``int8``/``fp8``) quantizes its KV cache.
+    """
     if text is None:
         raise UserError("no evaluation text: pass --text FILE (UTF-8 .txt or .jsonl)")
     source = loading.resolve(model)
@@ -51,12 +60,19 @@ def run_eval(model: str, text: str | None, windows: int, baseline: str | None = 
         base_ids = token_windows(loading.load_tokenizer(base_source), raw, replace(PPL_512, n_windows=windows))
         if not (base_ids.shape == ids.shape and (base_ids == ids).all()):
             raise UserError("the model and the baseline tokenize the text differently; compare models that share a tokenizer")
-    result = evaluate(
-        loading.load_model(source),
-        ids,
-        baseline=loading.load_model(base_source) if base_source else None,
-        protocol=protocol,
-    )
+    if kv_cache is not None:
+        check_kv_format(kv_cache)
+    loaded = loading.load_model(source)
+    inputs = checkpoint_input_quant(loaded)
+    with activation_fake_quant(loaded, inputs):
+        result = evaluate(
+            loaded,
+            ids,
+            baseline=loading.load_model(base_source) if base_source else None,
+            protocol=protocol,
+            kv_cache=kv_cache,
+        )
+    result.activations = ", ".join(sorted({q.fmt.name for q in inputs.values()})) or None
     out = {"text": str(text), "model": model, "size_bytes": size_on_disk(source), **result.to_dict()}
     if base_source is not None:
         out["baseline"] = baseline
@@ -74,20 +90,23 @@ def print_table(result: dict, console: Console | None = None) -> None:
     def mb(n):
         return "-" if n is None else f"{n / 1e6:,.1f} MB"
 
+    notes = [f"{k} {result[k]}" for k in ("activations", "kv_cache") if result.get(k)]
+    name = result["model"] + (f" ({', '.join(notes)})" if notes else "")
+
     if result.get("baseline") is not None:
         table.add_row(result["baseline"], mb(result["baseline_size_bytes"]), f"{result['baseline_ppl']:.3f}", "", "", "")
         delta = 100 * (result["ppl"] / result["baseline_ppl"] - 1)
         table.add_row(
-            result["model"], mb(result["size_bytes"]), f"{result['ppl']:.3f}", f"{delta:+.2f}%",
+            name, mb(result["size_bytes"]), f"{result['ppl']:.3f}", f"{delta:+.2f}%",
             f"{result['kl']:.4f}", f"{100 * result['top1_agreement']:.1f}%",
         )
     else:
-        table.add_row(result["model"], mb(result["size_bytes"]), f"{result['ppl']:.3f}", "", "", "")
+        table.add_row(name, mb(result["size_bytes"]), f"{result['ppl']:.3f}", "", "", "")
     console.print(table)
 
 
 def main(args: argparse.Namespace) -> int:
-    result = run_eval(args.model, args.text, args.windows, args.baseline)
+    result = run_eval(args.model, args.text, args.windows, args.baseline, kv_cache=args.kv_cache)
     if args.json:
         print(json.dumps(result, indent=2))
     else:

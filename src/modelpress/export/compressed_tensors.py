@@ -7,9 +7,14 @@ format              tensors per quantized Linear ``M``                     used 
 ==================  =====================================================  ====================
 ``pack-quantized``  ``M.weight_packed`` int32 (``32 / bits`` codes each),   symmetric int, any
                     ``M.weight_scale``, ``M.weight_shape``                  bit width
-``int-quantized``   ``M.weight`` int8 codes, ``M.weight_scale``,            asymmetric int
-                    ``M.weight_zero_point`` int8
+``int-quantized``   ``M.weight`` int8 codes, ``M.weight_scale``,            asymmetric int;
+                    ``M.weight_zero_point`` int8 (asymmetric only),        W8A8 (any int8 weight
+                    ``M.input_scale`` ``(1,)`` (static activations only)   with quantized inputs)
 ==================  =====================================================  ====================
+
+W8A8 follows llm-compressor's ``W8A8`` preset, which vLLM's int8 kernels take: ``int-quantized``
+weights (int8, symmetric, per channel or tensor) and ``input_activations`` args (int8 symmetric,
+dynamic per-token, or static per-tensor with ``M.input_scale``).
 
 Asymmetric weights use ``int-quantized`` (8 bits per code on disk) because compressed-tensors
 0.20's packed loader allocates an unpacked zero-point tensor and fails on packed ones; the
@@ -29,12 +34,13 @@ from pathlib import Path
 import torch
 
 from modelpress.export.checkpoint import CheckpointWriter
+from modelpress.formats.activations import ActFormat, InputQuant
 from modelpress.formats.integer import SCALE_DTYPES, IntFormat, QuantizedTensor
 
 
-def storage_format(fmt: IntFormat) -> str:
-    """The compressed-tensors format name a weight in ``fmt`` is stored as."""
-    return "pack-quantized" if fmt.symmetric else "int-quantized"
+def storage_format(fmt: IntFormat, act: ActFormat | None = None) -> str:
+    """The compressed-tensors format name a weight in ``fmt`` is stored as (with inputs in ``act``)."""
+    return "pack-quantized" if fmt.symmetric and act is None else "int-quantized"
 
 
 def quantization_args(fmt: IntFormat):
@@ -49,8 +55,14 @@ def quantization_args(fmt: IntFormat):
     )
 
 
-def compressed_tensors(module: str, qt: QuantizedTensor) -> dict[str, torch.Tensor]:
-    """The tensors that store ``qt`` for Linear ``module``, by their checkpoint names."""
+def input_activation_args(act: ActFormat):
+    from compressed_tensors.quantization import QuantizationArgs
+
+    return QuantizationArgs(num_bits=act.bits, type="int", symmetric=True, strategy=act.strategy, dynamic=act.dynamic)
+
+
+def compressed_tensors(module: str, qt: QuantizedTensor, inputs: InputQuant | None = None) -> dict[str, torch.Tensor]:
+    """The tensors that store ``qt`` (and a static input scale) for Linear ``module``, by name."""
     from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
 
     fmt = qt.fmt
@@ -60,32 +72,41 @@ def compressed_tensors(module: str, qt: QuantizedTensor) -> dict[str, torch.Tens
         scale = scale.reshape(1)
         zero = None if zero is None else zero.reshape(1)
     out = {f"{module}.weight_scale": scale}
-    if storage_format(fmt) == "pack-quantized":
+    if storage_format(fmt, inputs and inputs.fmt) == "pack-quantized":
         out[f"{module}.weight_packed"] = pack_to_int32(qt.q, fmt.bits)
         out[f"{module}.weight_shape"] = torch.tensor(list(qt.q.shape), dtype=torch.int64)
     else:
         out[f"{module}.weight"] = qt.q
     if zero is not None:
         out[f"{module}.weight_zero_point"] = zero
+    if inputs is not None and inputs.scale is not None:
+        out[f"{module}.input_scale"] = inputs.scale.reshape(1).to(SCALE_DTYPES[inputs.fmt.scale_dtype])
     return out
 
 
-def quantization_config(formats: dict[str, IntFormat], ignore: list[str]) -> dict:
-    """The ``quantization_config`` entry of ``config.json`` for these module formats."""
+def quantization_config(formats: dict[str, IntFormat], ignore: list[str],
+                        activations: dict[str, ActFormat] | None = None) -> dict:
+    """The ``quantization_config`` entry of ``config.json`` for these module formats (and the
+    input-activation formats of the modules listed in ``activations``)."""
     from compressed_tensors.quantization import QuantizationConfig, QuantizationScheme
 
-    groups: dict[tuple[str, IntFormat], list[str]] = {}
+    activations = activations or {}
+    groups: dict[tuple[str, IntFormat, ActFormat | None], list[str]] = {}
     for module, fmt in formats.items():
-        groups.setdefault((storage_format(fmt), fmt), []).append(module)
+        act = activations.get(module)
+        groups.setdefault((storage_format(fmt, act), fmt, act), []).append(module)
+
+    def scheme(targets: list[str], fmt: IntFormat, act: ActFormat | None, fmt_name: str):
+        return QuantizationScheme(targets=targets, weights=quantization_args(fmt), format=fmt_name,
+                                  input_activations=None if act is None else input_activation_args(act))
+
     if len(groups) == 1:
-        ((fmt_name, fmt),) = groups
-        schemes = {"group_0": QuantizationScheme(targets=["Linear"], weights=quantization_args(fmt), format=fmt_name)}
+        ((fmt_name, fmt, act),) = groups
+        schemes = {"group_0": scheme(["Linear"], fmt, act, fmt_name)}
     else:
-        schemes = {
-            f"group_{i}": QuantizationScheme(targets=sorted(mods), weights=quantization_args(fmt), format=fmt_name)
-            for i, ((fmt_name, fmt), mods) in enumerate(groups.items())
-        }
-    fmt_names = sorted({name for name, _ in groups})
+        schemes = {f"group_{i}": scheme(sorted(mods), fmt, act, fmt_name)
+                   for i, ((fmt_name, fmt, act), mods) in enumerate(groups.items())}
+    fmt_names = sorted({name for name, _, _ in groups})
     qc = QuantizationConfig(
         config_groups=schemes,
         ignore=sorted(ignore),
@@ -112,18 +133,24 @@ class CompressedCheckpointWriter(CheckpointWriter):
     def __init__(self, out_dir: str | Path, **kwargs):
         super().__init__(out_dir, **kwargs)
         self.formats: dict[str, IntFormat] = {}
+        self.activations: dict[str, ActFormat] = {}  # modules whose inputs are quantized too (W8A8)
 
-    def add_quantized(self, module: str, qt: QuantizedTensor) -> None:
-        for name, tensor in compressed_tensors(module, qt).items():
+    def add_quantized(self, module: str, qt: QuantizedTensor, inputs: InputQuant | None = None) -> None:
+        """Store Linear ``module``'s weight ``qt`` and, for W8A8, how its input is quantized."""
+        for name, tensor in compressed_tensors(module, qt, inputs).items():
             self.add_tensor(name, tensor)
         self.formats[module] = qt.fmt
+        if inputs is not None:
+            self.activations[module] = inputs.fmt
 
     def save_state(self, extra: dict) -> None:
-        super().save_state({**extra, "format_fields": {m: f.__dict__ for m, f in self.formats.items()}})
+        super().save_state({**extra, "format_fields": {m: f.__dict__ for m, f in self.formats.items()},
+                            "activation_fields": {m: f.__dict__ for m, f in self.activations.items()}})
 
     def load_state(self) -> dict:
         state = super().load_state()
         self.formats = {m: IntFormat(**fields) for m, fields in state["format_fields"].items()}
+        self.activations = {m: ActFormat(**fields) for m, fields in state.get("activation_fields", {}).items()}
         return state
 
     def finish(self, config: dict, ignore: list[str] = (), **kwargs) -> Path:
@@ -136,5 +163,5 @@ class CompressedCheckpointWriter(CheckpointWriter):
         """
         config = dict(config)
         if self.formats:
-            config["quantization_config"] = quantization_config(self.formats, list(ignore))
+            config["quantization_config"] = quantization_config(self.formats, list(ignore), self.activations)
         return super().finish(config=config, **kwargs)
