@@ -137,17 +137,18 @@ def test_tied_head_is_stored_once_and_output_config_is_clean(tiny_models, tmp_pa
 
 @pytest.mark.parametrize("model_type", ["llama", "gemma3_text", "opt", "phi3"])
 def test_awq_scale_folding_is_exact_before_rounding(tiny_models, model_type):
-    """Folding s into the norm and the Linears leaves the layer's output unchanged (gemma: 1 + w)."""
+    """Folding s into the norm (gemma: 1 + w) or the producing Linear (up_proj, OPT's fc1) and the
+    consumers' columns leaves the layer's output unchanged."""
     from modelpress.layerwise import fold_scale
 
     lm = LayerwiseModel(loading.resolve(tiny_models[model_type]))
     capture = lm.capture([torch.randint(3, 300, (2, 30))])
     layer = lm.load_layer(0)
     before = run_layer(layer, capture.hidden, capture.kwargs[0])[0]
-    for norm, linears in lm.arch.norm_to_linears:
+    for producer, linears, offset in lm.arch.scale_pairs():
         first = layer.get_submodule(linears[0])
         s = torch.rand(first.in_features) * 3 + 0.2
-        fold_scale(layer.get_submodule(norm), [layer.get_submodule(n) for n in linears], s, lm.arch.norm_offset)
+        fold_scale(layer.get_submodule(producer), [layer.get_submodule(n) for n in linears], s, offset)
     after = run_layer(layer, capture.hidden, capture.kwargs[0])[0]
     torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-4)
 

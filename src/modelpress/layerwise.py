@@ -136,7 +136,7 @@ class AWQStage:
     def compress_layer(self, layer: nn.Module, prefix: str, modules: dict[str, nn.Linear], formats: dict, hc) -> dict:
         scaled: dict[str, torch.Tensor] = {}  # module -> s: its input is now x / s
         info: dict[str, dict] = {}
-        for norm_name, linear_names in self.arch.norm_to_linears:
+        for norm_name, linear_names, offset in self.arch.scale_pairs():
             names = [f"{prefix}{n}" for n in linear_names if f"{prefix}{n}" in modules]
             if not names:
                 continue
@@ -146,7 +146,7 @@ class AWQStage:
             search = search_scale([modules[n].weight.data for n in names], H, hc.mean_abs(names[0]),
                                   [formats[n] for n in names], n_grid=self.config.n_grid)
             fold_scale(layer.get_submodule(norm_name), [layer.get_submodule(n) for n in linear_names],
-                       search.s, self.arch.norm_offset)
+                       search.s, offset)
             for n in names:
                 scaled[n] = search.s
                 info[n] = {"awq_alpha": search.alpha, "awq_loss_gain": 1 - search.loss / max(search.loss_unscaled, 1e-30)}
@@ -192,7 +192,7 @@ class SmoothQuantStage:
         """Fold each norm group's ``s`` into the layer (exact in float); ``module -> Smoothing``
         for the target Linears that now read ``x / s``."""
         smoothing = {}
-        for norm_name, linear_names in self.arch.norm_to_linears:
+        for norm_name, linear_names, offset in self.arch.scale_pairs():
             names = [f"{prefix}{n}" for n in linear_names if f"{prefix}{n}" in modules]
             amax = hc.abs_max(names[0]) if names else None
             if amax is None:
@@ -200,7 +200,7 @@ class SmoothQuantStage:
             check_finite(names[0], amax)
             sm = smoothing_scales(amax, [layer.get_submodule(n).weight.data for n in linear_names], self.config.alpha)
             fold_scale(layer.get_submodule(norm_name), [layer.get_submodule(n) for n in linear_names],
-                       sm.s, self.arch.norm_offset)
+                       sm.s, offset)
             smoothing.update(dict.fromkeys(names, sm))
         return smoothing
 
@@ -239,13 +239,17 @@ class SmoothQuantStage:
 
 
 def fold_scale(norm: nn.Module, linears: list[nn.Linear], s: torch.Tensor, offset: float = 0.0) -> None:
-    """Divide the norm's output by ``s`` and multiply the Linears' input columns by it: exact.
+    """Divide the producer's output by ``s`` and multiply the Linears' input columns by it: exact.
 
-    A norm computing ``x_hat * (offset + weight) + bias`` gets ``weight' = (offset + weight) / s - offset``.
+    A norm computing ``x_hat * (offset + weight) + bias`` gets ``weight' = (offset + weight) / s - offset``;
+    a Linear producer (the table's ``linear_to_linears``) gets its rows and bias divided by ``s``.
     """
     with torch.no_grad():
         w = norm.weight.data.to(torch.float32)
-        norm.weight.data = ((offset + w) / s - offset).to(norm.weight.dtype)
+        if isinstance(norm, nn.Linear):
+            norm.weight.data = (w / s[:, None]).to(norm.weight.dtype)
+        else:
+            norm.weight.data = ((offset + w) / s - offset).to(norm.weight.dtype)
         if getattr(norm, "bias", None) is not None:
             norm.bias.data = (norm.bias.data.to(torch.float32) / s).to(norm.bias.dtype)
         for linear in linears:

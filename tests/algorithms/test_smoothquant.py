@@ -82,7 +82,7 @@ def test_stage_smoothing_leaves_the_model_unchanged(tiny_models, model_type):
     for layer, prefix, modules, hc in collectors:
         hc.__exit__(None, None, None)
         smoothing = stage.smooth(layer, prefix, modules, hc)
-        assert len({id(sm) for sm in smoothing.values()}) == len(arch.norm_to_linears)  # one s per group
+        assert len({id(sm) for sm in smoothing.values()}) == len(arch.scale_pairs())  # one s per group
         spread += [(sm.s.max() / sm.s.min()).item() for sm in smoothing.values()]
     assert min(spread) > 3  # the test is not vacuous: the scales differ a lot across channels
     with torch.no_grad():
@@ -146,15 +146,19 @@ def test_overflowing_calibration_stops_the_run_without_output(tiny_models, tiny_
 
 
 def test_static_scales_warn_about_massive_activations(tiny_models, tiny_tokenizer, tmp_path, caplog):
-    """down_proj has no norm to smooth into: a 500x channel there makes one static scale useless."""
+    """A 500x input channel: smoothed away at down_proj (folded into up_proj's rows); at o_proj,
+    which has nothing to fold into, one static scale is useless and the run says so."""
     model = AutoModelForCausalLM.from_pretrained(tiny_models["llama"], dtype=torch.float32)
     with torch.no_grad():
         model.model.layers[1].mlp.up_proj.weight[7] *= 500  # channel 7 of layer 1's down_proj input
+        model.model.layers[1].self_attn.v_proj.weight[7] *= 500  # channel 7 of layer 1's o_proj input
     model.save_pretrained(tmp_path / "massive")
     tiny_tokenizer.save_pretrained(tmp_path / "massive")
     with caplog.at_level("WARNING", logger="modelpress"):
         record = compress(str(tmp_path / "massive"), SmoothQuantConfig(activations="static", calibration=CALIB),
                           str(tmp_path / "o"))
     warned = [r.getMessage() for r in caplog.records if "static int8 scale" in r.getMessage()]
-    assert len(warned) == 1 and warned[0].startswith("model.layers.1.mlp.down_proj"), warned
-    assert record["layers"]["model.layers.1.mlp.down_proj"]["input_range_ratio"] > 100
+    assert len(warned) == 1 and warned[0].startswith("model.layers.1.self_attn.o_proj"), warned
+    assert record["layers"]["model.layers.1.self_attn.o_proj"]["input_range_ratio"] > 100
+    down = record["layers"]["model.layers.1.mlp.down_proj"]
+    assert down["sq_outlier_ratio_before"] > 100 and down["input_range_ratio"] < 32, down

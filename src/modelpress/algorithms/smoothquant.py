@@ -17,16 +17,18 @@ weights; ``max_i |W_ij|`` is taken over every Linear that reads ``X`` (q/k/v sha
 :func:`modelpress.layerwise.fold_scale`), so the smoothed model has the same shape and cost.
 
 Which Linears are smoothed: those fed by a norm (the architecture table's ``norm_to_linears``:
-q/k/v and gate/up in Llama-like models). o_proj and down_proj have no preceding norm to fold
-into; as in the paper's released code for Llama (``smooth_lm``) they are left unsmoothed and
-quantized as they are (their activations still get int8 scales).
+q/k/v and gate/up in Llama-like models), as in the paper's released code (``smooth_lm``), and,
+beyond it, down_proj (OPT: fc2), whose input ``act(gate) * up`` is linear in up_proj's output
+channel by channel, so ``diag(s)^-1`` folds exactly into up_proj's rows (the table's
+``linear_to_linears``). o_proj stays unsmoothed: with grouped-query attention one v_proj channel
+feeds several o_proj columns.
 
 Static vs dynamic inputs: a static per-tensor scale must cover the largest input ever seen.
-The unsmoothed down_proj inputs carry "massive activations" (a few channels of a few tokens,
+Unsmoothed, the down_proj inputs carry "massive activations" (a few channels of a few tokens,
 ~1000x the rest; SmolLM2-135M: max 2892 against ~10), so one static scale rounds the rest of
-them away: on SmolLM2 (4 ppl-512 windows) static W8A8 costs +90% perplexity where dynamic costs
-+1.3%, while static inputs everywhere except down_proj cost +0.6%. The
-stage warns about such Linears (:data:`STATIC_RANGE_WARN`); prefer dynamic, or ``exclude`` them.
+them away: on SmolLM2 (4 ppl-512 windows), before down_proj was smoothed, static W8A8 cost +90%
+perplexity where dynamic cost +1.3%, and static inputs everywhere except down_proj +0.6%. The
+stage warns about Linears whose input range is still that spiky (:data:`STATIC_RANGE_WARN`).
 
 The pure math lives here (tensors in, tensors out); the layer-by-layer stage that collects
 ``max |X_j|``, folds, and quantizes is :class:`modelpress.layerwise.SmoothQuantStage`.

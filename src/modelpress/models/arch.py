@@ -19,6 +19,10 @@ class ArchSpec:
     Attributes:
         layers: dotted path of the decoder layers' ``ModuleList``, from the causal-LM root.
         norm_to_linears: inside one layer, ``(norm, (linears it feeds...))`` pairs.
+        linear_to_linears: ``(linear, (linears it feeds...))`` pairs where the consumers' input is
+            the producer's output times something that does not depend on it, channel by channel
+            (``act(gate) * up`` feeding ``down``; a ReLU, which commutes with positive scales):
+            a per-channel scale can move from the consumers' columns to the producer's rows exactly.
         moe: the model has mixture-of-experts blocks.
         norm_offset: the norms multiply by ``offset + weight`` (1 for Gemma's RMSNorm), which
             matters when a per-channel scale is folded into the norm.
@@ -26,9 +30,17 @@ class ArchSpec:
 
     layers: str
     norm_to_linears: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    linear_to_linears: tuple[tuple[str, tuple[str, ...]], ...] = ()
     moe: bool = False
     norm_offset: float = 0.0
 
+    def scale_pairs(self) -> list[tuple[str, tuple[str, ...], float]]:
+        """Every ``(producer, consumers, offset)`` a per-channel scale can be folded through."""
+        return ([(n, c, self.norm_offset) for n, c in self.norm_to_linears]
+                + [(p, c, 0.0) for p, c in self.linear_to_linears])
+
+
+_GATED_MLP = (("mlp.up_proj", ("mlp.down_proj",)),)  # down reads act(gate) * up
 
 _LLAMA_LIKE = ArchSpec(
     layers="model.layers",
@@ -36,6 +48,7 @@ _LLAMA_LIKE = ArchSpec(
         ("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
         ("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
     ),
+    linear_to_linears=_GATED_MLP,
 )
 _GEMMA2_LIKE = ArchSpec(  # Gemma 2/3: sandwich norms; the MLP is fed by pre_feedforward_layernorm
     layers="model.layers",
@@ -43,6 +56,7 @@ _GEMMA2_LIKE = ArchSpec(  # Gemma 2/3: sandwich norms; the MLP is fed by pre_fee
         ("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
         ("pre_feedforward_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
     ),
+    linear_to_linears=_GATED_MLP,
     norm_offset=1.0,
 )
 
@@ -51,7 +65,8 @@ ARCHITECTURES: dict[str, ArchSpec] = {
     "mistral": _LLAMA_LIKE,
     "qwen2": _LLAMA_LIKE,
     "qwen3": _LLAMA_LIKE,
-    "gemma": ArchSpec(layers=_LLAMA_LIKE.layers, norm_to_linears=_LLAMA_LIKE.norm_to_linears, norm_offset=1.0),
+    "gemma": ArchSpec(layers=_LLAMA_LIKE.layers, norm_to_linears=_LLAMA_LIKE.norm_to_linears,
+                      linear_to_linears=_GATED_MLP, norm_offset=1.0),
     "gemma2": _GEMMA2_LIKE,
     "gemma3_text": _GEMMA2_LIKE,
     "phi3": ArchSpec(
@@ -67,6 +82,7 @@ ARCHITECTURES: dict[str, ArchSpec] = {
             ("self_attn_layer_norm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
             ("final_layer_norm", ("fc1",)),
         ),
+        linear_to_linears=(("fc1", ("fc2",)),),  # fc2 reads relu(fc1): relu(x / s) = relu(x) / s for s > 0
     ),
 }
 
