@@ -293,7 +293,9 @@ class NVFP4Format(_ScaledGridFormat):
         if self.global_scale is not None:
             return self
         amax = W.detach().abs().amax().to(torch.float32).clamp(min=torch.finfo(torch.float32).tiny)
-        g = torch.tensor(grids.FP8_E4M3_MAX * grids.E2M1_MAX, dtype=torch.float32) / amax
+        # a Python number over a tensor, as compressed-tensors writes it: torch computes it as
+        # 2688 * (1 / amax), which can differ from 2688 / amax in the last bit
+        g = grids.FP8_E4M3_MAX * grids.E2M1_MAX / amax
         g = torch.nan_to_num(g, nan=1.0, posinf=1.0, neginf=1.0)
         return replace(self, global_scale=g.item())
 
