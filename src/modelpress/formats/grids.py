@@ -50,22 +50,33 @@ def round_fp8_e4m3(x: torch.Tensor) -> torch.Tensor:
     return x.to(torch.float32).clamp(-FP8_E4M3_MAX, FP8_E4M3_MAX).to(torch.float8_e4m3fn).to(torch.float32)
 
 
-def _nearest_index(a: torch.Tensor, levels: torch.Tensor, tie_to_even: bool) -> torch.Tensor:
-    """Index of the level of sorted ``levels`` nearest to each ``a`` (ties: the even index, or the
-    lower one). Values beyond the ends go to the end levels (saturation)."""
-    mids = (levels[1:] + levels[:-1]) / 2
-    lo = torch.bucketize(a, mids, right=False)  # a == mid -> the lower level
-    if not tie_to_even:
-        return lo
-    hi = torch.bucketize(a, mids, right=True)  # a == mid -> the upper level
-    return torch.where((lo != hi) & (hi % 2 == 0), hi, lo)
+def _nearest_index(a: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
+    """Index of the level of sorted ``levels`` nearest to each ``a`` (a tie goes to the lower
+    level). Values beyond the ends go to the end levels (saturation)."""
+    return torch.bucketize(a, (levels[1:] + levels[:-1]) / 2, right=False)
+
+
+def round_e2m1(x: torch.Tensor) -> torch.Tensor:
+    """``x`` rounded to the nearest FP4 E2M1 value (ties to even, saturating at +-6); float32.
+
+    Within a binade the E2M1 values are evenly spaced (0.5 below 2, which covers the subnormal
+    0.5; 1 in [2, 4); 2 in [4, 6]), so rounding is ``round(a / q) * q`` with ``torch.round``'s
+    ties-to-even, which is the even mantissa: the same as a lookup of the nearest level.
+    """
+    x = x.to(torch.float32)
+    a = x.abs().clamp(max=E2M1_MAX)
+    q = torch.where(a >= 4, 2.0, torch.where(a >= 2, 1.0, 0.5))  # the spacing of a's binade
+    return torch.copysign(torch.round(a / q) * q, x)
+
+
+_E2M1_INDEX = torch.tensor([0, 1, 2, 3, 4, -1, 5, -1, 6, -1, -1, -1, 7])  # 2 * magnitude -> index
 
 
 def e2m1_codes(x: torch.Tensor) -> torch.Tensor:
     """4-bit E2M1 codes (``sign << 3 | magnitude index``, uint8) of ``x`` rounded to nearest."""
-    x = x.to(torch.float32)
-    idx = _nearest_index(x.abs(), E2M1_MAGNITUDES.to(x.device), tie_to_even=True)
-    return (idx | (torch.signbit(x).to(torch.int64) << 3)).to(torch.uint8)
+    r = round_e2m1(x)
+    idx = _E2M1_INDEX.to(r.device)[(2 * r.abs()).to(torch.int64)]
+    return (idx | (torch.signbit(r).to(torch.int64) << 3)).to(torch.uint8)
 
 
 def e2m1_values(codes: torch.Tensor) -> torch.Tensor:
@@ -75,14 +86,9 @@ def e2m1_values(codes: torch.Tensor) -> torch.Tensor:
     return torch.where(codes >= 8, -mag, mag)
 
 
-def round_e2m1(x: torch.Tensor) -> torch.Tensor:
-    """``x`` rounded to the nearest FP4 E2M1 value (ties to even, saturating at +-6); float32."""
-    return e2m1_values(e2m1_codes(x))
-
-
 def nf4_codes(x: torch.Tensor) -> torch.Tensor:
     """Index (0-15, uint8) of the NF4 level nearest to ``x`` (already divided by its block's absmax)."""
-    return _nearest_index(x.to(torch.float32), NF4_LEVELS.to(x.device), tie_to_even=False).to(torch.uint8)
+    return _nearest_index(x.to(torch.float32), NF4_LEVELS.to(x.device)).to(torch.uint8)
 
 
 def round_nf4(x: torch.Tensor) -> torch.Tensor:
