@@ -117,7 +117,7 @@ def _logit_error(src, out, spec, ids) -> float:
         return (q(ids).logits - ref(ids).logits).pow(2).mean().item()
 
 
-@pytest.mark.parametrize("spec", ["nvfp4", "nf4"])
+@pytest.mark.parametrize("spec", ["nvfp4", "nf4", "fp8"])  # fp8: one scale per tensor, not row-stacked
 def test_gptq_with_a_float_format_loads_and_beats_rtn(tiny_llama, tiny_tokenizer, tmp_path, spec):
     gptq_out, rtn_out = tmp_path / "gptq", tmp_path / "rtn"
     record = compress(str(tiny_llama), GPTQConfig(format=spec, calibration=CALIB), str(gptq_out))
