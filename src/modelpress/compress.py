@@ -25,6 +25,7 @@ from modelpress.algorithms.rtn import rtn
 from modelpress.data import CALIB_128X512
 from modelpress.errors import UserError
 from modelpress.formats.activations import ActFormat, InputQuant, check_w8a8
+from modelpress.formats.floats import parse_format
 from modelpress.formats.integer import IntFormat
 from modelpress.models import loading
 from modelpress.models.arch import arch_for
@@ -40,6 +41,7 @@ class QuantConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
+    format: str | None = None  # a format spec (nvfp4, fp8, nf4, int4-g128...): overrides the fields below
     bits: int = 4
     granularity: Literal["tensor", "channel", "group"] = "group"
     group_size: int | None = 128
@@ -59,7 +61,18 @@ class QuantConfig(BaseModel):
                 raise ValueError(f"exclude pattern {p!r} is not a valid regular expression: {e}") from None
         return patterns
 
+    @field_validator("format")
+    @classmethod
+    def _valid_format(cls, spec: str | None) -> str | None:
+        if spec is not None:
+            parse_format(spec)
+        return spec
+
     def int_format(self) -> IntFormat:
+        """The weight format: ``format`` when given (any spec, integer or float), else the
+        integer format the other fields describe."""
+        if self.format is not None:
+            return parse_format(self.format, observer=self.observer, scale_dtype=self.scale_dtype)
         return IntFormat(
             bits=self.bits,
             granularity=self.granularity,
@@ -79,6 +92,7 @@ class RTNConfig(QuantConfig):
 
     YAML:
         method: rtn
+        # format: nvfp4       # or fp8, fp8-channel, nf4, mxfp4, int4-g128: instead of the fields below
         bits: 4
         granularity: group
         group_size: 128

@@ -105,7 +105,7 @@ class GPTQStage:
                               act_order=self.config.act_order)
                 H32, row = H.to(torch.float32), 0
                 for n, W in zip(names, Ws):
-                    qt = result.qt.rows(row, row + W.shape[0])
+                    qt = result.qt if len(names) == 1 else result.qt.rows(row, row + W.shape[0])
                     row += W.shape[0]
                     W_hat = qt.dequantize()
                     info = {"gptq_loss": result.loss, "damp": result.damp, "tokens": n_tokens,

@@ -111,3 +111,31 @@ def test_row_stacked_linears_get_exactly_their_own_result(spec):
         part = stacked.rows(row, row + W.shape[0])
         row += W.shape[0]
         assert torch.equal(part.q, alone.q) and torch.equal(part.scale, alone.scale)
+
+
+@pytest.mark.parametrize("spec", ["fp8", "fp8-channel", "nf4", "mxfp4", "nvfp4"])
+@pytest.mark.parametrize("act_order", [False, True])
+def test_float_formats_output_error_well_below_rtn(spec, act_order):
+    """GPTQ is format-generic: the float and lookup grids gain as the integer ones do."""
+    from modelpress.formats.floats import parse_format
+
+    fmt = parse_format(spec)
+    X = _calibration()
+    W = torch.randn(96, 128)
+    result = gptq(W, _hessian(X), fmt, act_order=act_order)
+    rtn_qt = fmt.quantize(W)
+    assert result.output_error(W, X) < 0.5 * ((W - rtn_qt.dequantize()) @ X).pow(2).sum()
+    assert result.qt.fmt == fmt and result.qt.q.shape == W.shape
+    assert torch.equal(result.qt.q, fmt.for_tensor(W)._round(result.qt.q))  # every element on the grid
+    if spec == "nvfp4":  # the global scale comes from the original weight, as RTN's does
+        assert result.qt.global_scale == rtn_qt.global_scale
+
+
+def test_nvfp4_row_stacked_linears_share_one_global_scale():
+    from modelpress.formats.floats import parse_format
+
+    H = _hessian(_calibration())
+    Ws = [torch.randn(48, 128), 3 * torch.randn(16, 128)]
+    stacked = gptq(torch.cat(Ws), H, parse_format("nvfp4"), act_order=True).qt
+    parts = [stacked.rows(0, 48), stacked.rows(48, 64)]
+    assert parts[0].global_scale == parts[1].global_scale == pytest.approx(2688 / torch.cat(Ws).abs().max().item())

@@ -127,6 +127,7 @@ def gptq(
     if not (torch.isfinite(W).all() and torch.isfinite(H).all()):
         raise UserError("weights or calibration activations contain NaN or inf; check the model and the data")
 
+    fmt = fmt.for_tensor(W)  # per-tensor parameters (NVFP4's global scale) from the original weight
     dead = torch.diag(H) == 0  # inputs never active in calibration: any value works, use 0
     H[dead, dead] = 1
     W[:, dead] = 0

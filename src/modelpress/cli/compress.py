@@ -2,6 +2,7 @@
 
 Example:
     modelpress compress smollm2-135m --method rtn --bits 4 --group-size 64 -o smollm2-int4
+    modelpress compress smollm2-135m --method gptq --format nvfp4 -o smollm2-nvfp4
 """
 
 from __future__ import annotations
@@ -23,6 +24,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-o", "--output", required=True, metavar="OUT", help="output folder (must not exist)")
     parser.add_argument("--method", choices=sorted(METHODS), default="rtn")
     q = parser.add_argument_group("format")
+    q.add_argument("--format", metavar="SPEC", dest="weight_format",
+                   help="weight format by name, overriding --bits/--granularity/--group-size: fp8, fp8-channel, "
+                        "nvfp4, mxfp4, nf4 (written dequantized), nf4-g128, or an integer spec such as int4-g128")
     q.add_argument("--bits", type=int, help="2 to 8 (default 4; 8 for smoothquant)")
     q.add_argument("--granularity", choices=["tensor", "channel", "group"],
                    help="one scale per tensor, output channel or group (default group; channel for smoothquant)")
@@ -69,6 +73,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def build_config(args: argparse.Namespace):
     fields = {
+        "format": args.weight_format,
         "symmetric": args.symmetric,
         "observer": args.observer,
         "scale_dtype": args.scale_dtype,

@@ -24,28 +24,38 @@ shape ``(1,)`` as compressed-tensors expects.
 
 Each distinct (format, quantization args) pair becomes one config group whose targets are the
 exact module names, so mixed precision (group-size fallbacks) is described faithfully; every
-other Linear is listed in ``ignore``.
+other Linear is listed in ``ignore``. Float and lookup formats (FP8, NVFP4, MXFP4, NF4) are laid
+out by :mod:`modelpress.export.compressed_tensors_floats`.
 """
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import torch
 
+from modelpress.export import compressed_tensors_floats as floats
 from modelpress.export.checkpoint import CheckpointWriter
 from modelpress.formats.activations import ActFormat, InputQuant
+from modelpress.formats.floats import FORMAT_CLASSES
 from modelpress.formats.integer import SCALE_DTYPES, IntFormat, QuantizedTensor
+
+logger = logging.getLogger("modelpress")
 
 
 def storage_format(fmt: IntFormat, act: ActFormat | None = None) -> str:
     """The compressed-tensors format name a weight in ``fmt`` is stored as (with inputs in ``act``)."""
+    if not isinstance(fmt, IntFormat):
+        return floats.storage_format(fmt)
     return "pack-quantized" if fmt.symmetric and act is None else "int-quantized"
 
 
 def quantization_args(fmt: IntFormat):
     from compressed_tensors.quantization import QuantizationArgs
 
+    if not isinstance(fmt, IntFormat):
+        return floats.quantization_args(fmt)
     return QuantizationArgs(
         num_bits=fmt.bits,
         type="int",
@@ -66,6 +76,8 @@ def compressed_tensors(module: str, qt: QuantizedTensor, inputs: InputQuant | No
     from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
 
     fmt = qt.fmt
+    if not isinstance(fmt, IntFormat):
+        return floats.checkpoint_tensors(module, qt)
     scale = qt.scale.to(SCALE_DTYPES[fmt.scale_dtype])
     zero = qt.zero_point
     if fmt.granularity == "tensor":
@@ -85,16 +97,22 @@ def compressed_tensors(module: str, qt: QuantizedTensor, inputs: InputQuant | No
 
 
 def quantization_config(formats: dict[str, IntFormat], ignore: list[str],
-                        activations: dict[str, ActFormat] | None = None) -> dict:
+                        activations: dict[str, ActFormat] | None = None) -> dict | None:
     """The ``quantization_config`` entry of ``config.json`` for these module formats (and the
-    input-activation formats of the modules listed in ``activations``)."""
+    input-activation formats of the modules listed in ``activations``); ``None`` when every weight
+    is stored dequantized."""
     from compressed_tensors.quantization import QuantizationConfig, QuantizationScheme
 
     activations = activations or {}
     groups: dict[tuple[str, IntFormat, ActFormat | None], list[str]] = {}
+    dequantized = [m for m, fmt in formats.items() if storage_format(fmt) == floats.DEQUANTIZED]
     for module, fmt in formats.items():
-        act = activations.get(module)
-        groups.setdefault((storage_format(fmt, act), fmt, act), []).append(module)
+        if module not in dequantized:
+            act = activations.get(module)
+            groups.setdefault((storage_format(fmt, act), fmt, act), []).append(module)
+    if not groups:
+        return None
+    ignore = list(ignore) + dequantized
 
     def scheme(targets: list[str], fmt: IntFormat, act: ActFormat | None, fmt_name: str):
         return QuantizationScheme(targets=targets, weights=quantization_args(fmt), format=fmt_name,
@@ -144,12 +162,15 @@ class CompressedCheckpointWriter(CheckpointWriter):
             self.activations[module] = inputs.fmt
 
     def save_state(self, extra: dict) -> None:
-        super().save_state({**extra, "format_fields": {m: f.__dict__ for m, f in self.formats.items()},
+        fields = {m: {"kind": type(f).__name__, **f.__dict__} for m, f in self.formats.items()}
+        super().save_state({**extra, "format_fields": fields,
                             "activation_fields": {m: f.__dict__ for m, f in self.activations.items()}})
 
     def load_state(self) -> dict:
         state = super().load_state()
-        self.formats = {m: IntFormat(**fields) for m, fields in state["format_fields"].items()}
+        classes = {"IntFormat": IntFormat, **FORMAT_CLASSES}
+        self.formats = {m: classes[fields.pop("kind", "IntFormat")](**fields)
+                        for m, fields in state["format_fields"].items()}
         self.activations = {m: ActFormat(**fields) for m, fields in state.get("activation_fields", {}).items()}
         return state
 
@@ -162,6 +183,11 @@ class CompressedCheckpointWriter(CheckpointWriter):
             **kwargs: passed to :meth:`CheckpointWriter.finish`.
         """
         config = dict(config)
-        if self.formats:
-            config["quantization_config"] = quantization_config(self.formats, list(ignore), self.activations)
+        dequantized = sum(storage_format(f) == floats.DEQUANTIZED for f in self.formats.values())
+        if dequantized:
+            logger.warning("%d layers are in a format compressed-tensors cannot store (NF4); they are "
+                           "written dequantized, in float32", dequantized)
+        qc = quantization_config(self.formats, list(ignore), self.activations) if self.formats else None
+        if qc is not None:
+            config["quantization_config"] = qc
         return super().finish(config=config, **kwargs)

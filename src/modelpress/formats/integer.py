@@ -114,6 +114,11 @@ class IntFormat:
     def divides(self, in_features: int) -> bool:
         return self.granularity != "group" or in_features % self.group_size == 0
 
+    def for_tensor(self, W: torch.Tensor) -> IntFormat:
+        """This format with its per-tensor parameters fixed from ``W``: integer formats have none
+        (NVFP4's global scale is one; see :mod:`modelpress.formats.floats`)."""
+        return self
+
     # -- quantization -----------------------------------------------------------------------
 
     def _grouped(self, W: torch.Tensor) -> torch.Tensor:

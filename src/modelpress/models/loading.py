@@ -105,6 +105,22 @@ def load_tokenizer(source: ModelSource):
         raise _wrap_load_error(source, e) from None
 
 
+def _fp4_load_args(source: ModelSource) -> dict:
+    """compressed-tensors decompresses FP4 (NVFP4 / MXFP4) weights to bfloat16 at every forward,
+    which a float32 model cannot multiply on CPU: for those, decompress once at load instead."""
+    if source.kind != "folder":
+        return {}
+    import json
+
+    qc = json.loads((Path(source.path) / "config.json").read_text()).get("quantization_config") or {}
+    formats = [qc.get("format")] + [g.get("format") for g in (qc.get("config_groups") or {}).values()]
+    if qc.get("quant_method") != "compressed-tensors" or not any("fp4" in str(f) for f in formats):
+        return {}
+    from transformers.utils.quantization_config import CompressedTensorsConfig
+
+    return {"quantization_config": CompressedTensorsConfig(dequantize=True)}
+
+
 def load_model(source: ModelSource, dtype: torch.dtype = torch.float32, device: str = "cpu"):
     """Load the whole model in ``dtype`` (evaluation; compression streams tensors instead).
 
@@ -116,6 +132,7 @@ def load_model(source: ModelSource, dtype: torch.dtype = torch.float32, device: 
     name, kwargs = source.pretrained_args
     if source.kind != "gguf":
         kwargs["use_safetensors"] = True
+        kwargs.update(_fp4_load_args(source))
     try:
         model = AutoModelForCausalLM.from_pretrained(
             name, dtype=dtype, trust_remote_code=False, device_map=device, **kwargs

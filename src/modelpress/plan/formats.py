@@ -3,13 +3,17 @@
 Integer specs (``int4``, ``int4-g128``, ``int8-channel``, ``int3-g64-asym``) are parsed by
 :func:`modelpress.formats.integer.parse_int_format`, and their bits per weight come from the
 format itself, so the plan and the written checkpoint cannot disagree. GGUF block types take
-their sizes from the ``gguf`` package's table (bytes per block of weights).
+their sizes from the ``gguf`` package's table (bytes per block of weights). Float and lookup
+formats (``fp8``, ``fp8-channel``, ``nvfp4``, ``mxfp4``, ``nf4``, ``nf4-g128``) also take their bits
+from the format objects in :mod:`modelpress.formats.floats`, scales included.
 
 Example:
     >>> plan_format("int4-g128").bits
     4.125
     >>> plan_format("q4_k").bits
     4.5
+    >>> plan_format("nvfp4").bits, plan_format("mxfp4").bits, plan_format("nf4").bits
+    (4.5, 4.25, 4.25)
 """
 
 from __future__ import annotations
@@ -23,10 +27,8 @@ _FLOAT = {
     "fp32": PlanFormat("fp32", 32.0, rest_bits=32.0),
     "fp16": PlanFormat("fp16", 16.0),
     "bf16": PlanFormat("bf16", 16.0),
-    "fp8": PlanFormat("fp8", 8.0, compute="fp8"),  # E4M3, one fp32 scale per tensor: negligible
-    "mxfp4": PlanFormat("mxfp4", 4.0 + 8 / 32, compute="fp4"),  # OCP MX: E8M0 scale per 32
-    "nvfp4": PlanFormat("nvfp4", 4.0 + 8 / 16, compute="fp4"),  # FP8 E4M3 scale per 16 (+ fp32 per tensor)
 }
+_COMPUTE = {"fp8": "fp8", "mxfp4": "fp4", "nvfp4": "fp4", "nf4": "fp16"}  # NF4 is dequantized to 16-bit to multiply
 
 # llama.cpp mixes: most weights in the base type, some (attn_v, ffn_down, output) higher. The
 # average over a typical model is llama.cpp's own reported bits/weight for these mixes.
@@ -49,6 +51,12 @@ def plan_format(spec: str) -> PlanFormat:
     key = spec.strip().lower()
     if key in _FLOAT:
         return _FLOAT[key]
+    if key.split("-")[0] in _COMPUTE:
+        from modelpress.formats.floats import parse_float_format
+
+        fmt = parse_float_format(key)
+        per_row = (lambda in_f: fmt.bits_per_weight(in_features=in_f)) if fmt.granularity == "channel" else None
+        return PlanFormat(key, fmt.bits_per_weight(), per_row=per_row, compute=_COMPUTE[key.split("-")[0]])
     if key.startswith("int"):
         from modelpress.formats.integer import parse_int_format
 
@@ -62,6 +70,6 @@ def plan_format(spec: str) -> PlanFormat:
     if bits is not None and key.startswith(("q", "iq")):
         return PlanFormat(key, bits, rest_bits=bits)
     raise UserError(
-        f"unknown format {spec!r}; use fp32, fp16, bf16, fp8, mxfp4, nvfp4, an integer spec such as "
+        f"unknown format {spec!r}; use fp32, fp16, bf16, fp8, fp8-channel, nf4, mxfp4, nvfp4, an integer spec such as "
         "int4-g128 or int8, or a GGUF type such as q4_k, q8_0, q4_k_m"
     )
