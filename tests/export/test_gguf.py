@@ -81,3 +81,14 @@ def test_smollm2_f16_in_llama_cpp(smollm2, tmp_path):
         ref = model(torch.tensor([ids])).logits[0].numpy()
     assert (ours.argmax(-1) == ref.argmax(-1)).mean() > 0.9
     assert np.abs(ours - ref).max() < 0.5
+
+
+def test_verify_loads_the_file_back_and_agrees(tiny_llama, eval_text, tmp_path, capsys):
+    """--verify: llama.cpp's perplexity of the written file equals ours for the same weights (1%)."""
+    out = tmp_path / "m.gguf"
+    assert main(["export", str(tiny_llama), "--format", "gguf", "--type", "q8_0", "-o", str(out),
+                 "--verify", "--text", str(eval_text), "--windows", "2"]) == 0
+    line = capsys.readouterr().out.splitlines()[-1]
+    assert line.startswith("ppl-512 (2 windows): llama.cpp") and out.is_file()
+    rel = float(line.rsplit("differ by ", 1)[1].split("%")[0])
+    assert rel < 1.0

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from modelpress.cli import options
 from modelpress.errors import UserError
 from modelpress.export.hf import DTYPES, export_hf
 
@@ -20,6 +21,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="hf: plain float safetensors checkpoint (default); gguf: one file for llama.cpp")
     parser.add_argument("--type", default="f16", metavar="T",
                         help="gguf: f32, f16, bf16, q8_0, q4_0, q4_1, q5_0, q5_1, q2_k..q6_k (default f16)")
+    parser.add_argument("--verify", action="store_true",
+                        help="gguf: load the file in llama.cpp and check its ppl-512 on --text against ours "
+                             "for the same weights (within 1%%; the file is removed if not)")
+    options.add_eval_text(parser)
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16", help="float dtype of the weights (default bfloat16)")
 
 
@@ -29,10 +34,35 @@ def main(args: argparse.Namespace) -> int:
     if args.format == "gguf":
         from modelpress.export.gguf import export_gguf
 
+        if args.verify and args.text is None:
+            raise UserError("--verify needs --text FILE to compute perplexity on")
         result = export_gguf(args.model, args.output, args.type)
         types = ", ".join(f"{n} {t}" for t, n in sorted(result["types"].items()))
         print(f"wrote {args.output}: {result['tensors']} tensors ({types}), {result['bytes'] / 1e6:,.1f} MB")
+        if args.verify:
+            _verify_gguf(args)
         return 0
     result = export_hf(args.model, args.output, args.dtype)
     print(f"wrote {args.output}: {result['tensors']} tensors, {result['bytes'] / 1e6:,.1f} MB in {args.dtype}")
     return 0
+
+
+def _verify_gguf(args: argparse.Namespace) -> None:
+    """llama.cpp's ppl of the written file vs ours for the same weights; remove the file if they disagree."""
+    from dataclasses import replace
+
+    from modelpress.data import PPL_512, read_text, token_windows
+    from modelpress.eval.llamacpp import gguf_weights_model, llama_cpp_ppl
+    from modelpress.eval.perplexity import evaluate
+    from modelpress.models import loading
+
+    tokenizer = loading.load_tokenizer(loading.resolve(args.model))
+    windows = token_windows(tokenizer, read_text(args.text), replace(PPL_512, n_windows=args.windows))
+    theirs = llama_cpp_ppl(args.output, windows)
+    ours = evaluate(gguf_weights_model(args.model, args.type), windows).ppl
+    rel = abs(theirs / ours - 1)
+    print(f"ppl-512 ({len(windows)} windows): llama.cpp {theirs:.3f}, modelpress {ours:.3f} (differ by {100 * rel:.2f}%)")
+    if rel > 0.01:
+        Path(args.output).unlink()
+        raise UserError(f"llama.cpp's perplexity differs from ours by {100 * rel:.2f}% (> 1%): the file does not "
+                        "hold what we meant; removed it. Please report this with the model and --type")
