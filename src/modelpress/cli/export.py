@@ -20,7 +20,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--format", choices=["hf", "gguf"], default="hf",
                         help="hf: plain float safetensors checkpoint (default); gguf: one file for llama.cpp")
     parser.add_argument("--type", default="f16", metavar="T",
-                        help="gguf: f32, f16, bf16, q8_0, q4_0, q4_1, q5_0, q5_1, q2_k..q6_k (default f16)")
+                        help="gguf: a llama.cpp file type: f32, f16, bf16, q8_0, q4_0, q4_1, q5_0, q5_1, q2_k, q3_k_s, "
+                             "q3_k_m, q3_k_l, q4_k_s, q4_k_m, q5_k_s, q5_k_m, q6_k (q3_k, q4_k, q5_k mean the _m "
+                             "mixes, as in llama-quantize; default f16)")
+    parser.add_argument("--pure", action="store_true",
+                        help="gguf: the type's block type for every quantizable tensor, not llama.cpp's mix")
     parser.add_argument("--verify", action="store_true",
                         help="gguf: load the file in llama.cpp and check its ppl-512 on --text against ours "
                              "for the same weights (within 1%%; the file is removed if not)")
@@ -36,7 +40,7 @@ def main(args: argparse.Namespace) -> int:
 
         if args.verify and args.text is None:
             raise UserError("--verify needs --text FILE to compute perplexity on")
-        result = export_gguf(args.model, args.output, args.type)
+        result = export_gguf(args.model, args.output, args.type, pure=args.pure)
         types = ", ".join(f"{n} {t}" for t, n in sorted(result["types"].items()))
         print(f"wrote {args.output}: {result['tensors']} tensors ({types}), {result['bytes'] / 1e6:,.1f} MB")
         if args.verify:
@@ -59,7 +63,7 @@ def _verify_gguf(args: argparse.Namespace) -> None:
     tokenizer = loading.load_tokenizer(loading.resolve(args.model))
     windows = token_windows(tokenizer, read_text(args.text), replace(PPL_512, n_windows=args.windows))
     theirs = llama_cpp_ppl(args.output, windows)
-    ours = evaluate(gguf_weights_model(args.model, args.type), windows).ppl
+    ours = evaluate(gguf_weights_model(args.model, args.output), windows).ppl
     rel = abs(theirs / ours - 1)
     print(f"ppl-512 ({len(windows)} windows): llama.cpp {theirs:.3f}, modelpress {ours:.3f} (differ by {100 * rel:.2f}%)")
     if rel > 0.01:

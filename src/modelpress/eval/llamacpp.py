@@ -42,21 +42,36 @@ def llama_cpp_ppl(gguf_file: str | Path, windows: torch.Tensor, n_threads: int |
     return math.exp(nll / n)
 
 
-def gguf_weights_model(model_dir: str, type_name: str) -> torch.nn.Module:
-    """The float32 transformers model with every weight replaced by what the GGUF export of type
-    ``type_name`` stores for it (decoded), so that our evaluator sees the file's weights."""
+def gguf_weights_model(model_dir: str, gguf_file: str | Path) -> torch.nn.Module:
+    """The float32 transformers model of ``model_dir`` with every weight replaced by what the GGUF
+    file holds for it (decoded), so that our evaluator sees the file's weights."""
     from transformers import AutoModelForCausalLM
 
-    from modelpress.export.gguf import _tensor_type
-    from modelpress.formats.gguf_blocks import GGUF_FORMATS, gguf_format
+    from modelpress.export.gguf import GGUFLayout, read_gguf_weights
+    from modelpress.export.gguf_mix import file_type
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    layout = GGUFLayout(model.config, file_type("f32"))
+    state = model.state_dict()
     with torch.no_grad():
-        for name, p in model.named_parameters():
-            t = _tensor_type(name, tuple(p.shape), type_name)
-            if t in GGUF_FORMATS:
-                fmt = gguf_format(t)
-                p.copy_(fmt.dequantize(fmt.quantize(p), tuple(p.shape)))
-            elif t in ("f16", "bf16"):
-                p.copy_(p.to(torch.float16 if t == "f16" else torch.bfloat16).float())
+        for name, W in read_gguf_weights(gguf_file, layout).items():
+            state[name].copy_(W)
     return model
+
+
+def llama_cpp_quantize(src: str | Path, dst: str | Path, type_name: str, n_threads: int = 0) -> None:
+    """llama.cpp's own quantizer (``llama_model_quantize``, what ``llama-quantize`` runs) from the
+    F32/F16 GGUF ``src`` to ``dst`` in file type ``type_name`` (``q4_k_m``...): the reference our
+    export is compared with."""
+    import ctypes
+
+    import gguf
+    import llama_cpp
+
+    from modelpress.export.gguf_mix import FILE_TYPES, file_type
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = int(getattr(gguf.LlamaFileType, FILE_TYPES[file_type(type_name)][1]))
+    params.nthread = n_threads
+    if llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params)) != 0:
+        raise RuntimeError(f"llama_model_quantize failed on {src} -> {dst} ({type_name})")

@@ -1,43 +1,47 @@
 """GGUF export for llama.cpp: the model's tensors in llama.cpp's names, block types and metadata.
 
-Written with the ``gguf`` package's ``GGUFWriter``; the tokenizer comes from the checkpoint's
-``tokenizer.json`` through ``gguf.vocab`` (byte-level BPE vocab and merges, special tokens).
-Quantized block types are encoded by :mod:`modelpress.formats.gguf_blocks` (byte-exact with
-llama.cpp's reference encoder). The file is written under a temporary name and renamed when
-complete.
+Written with the ``gguf`` package's ``GGUFWriter``, streamed: the tensor directory is written
+first from the model's shapes and the per-tensor types of the file type
+(:mod:`modelpress.export.gguf_mix`, llama.cpp's rules), then each tensor is read from the
+checkpoint, encoded (:mod:`modelpress.formats.gguf_blocks`, byte-exact with llama.cpp's reference
+encoder, or the bytes a calibrated method chose) and written, one at a time. Tensors are written
+in layer order, as llama.cpp's converter does (its mixes count layers in file order). The file is
+written under a temporary name and renamed when complete.
 
-Per-architecture facts live in :data:`GGUF_ARCHITECTURES` (one row per ``model_type``):
+The tokenizer comes from ``tokenizer.json`` through ``gguf.vocab``: byte-level BPE becomes
+llama.cpp's ``gpt2`` tokenizer (vocab and merges); a BPE with byte fallback (SentencePiece
+converted by Hugging Face) becomes llama.cpp's ``llama`` tokenizer, whose merge priorities are
+token scores: we give each token minus the rank of the merge that makes it.
 
-- ``llama`` (also SmolLM2): llama.cpp's LLAMA graph applies RoPE to interleaved pairs, so
-  ``q_proj`` / ``k_proj`` rows are permuted from Hugging Face's half-split order, as llama.cpp's
-  own converter does.
+Per-architecture facts live in :data:`GGUF_ARCHITECTURES`, one row per ``model_type``:
 
-Scope (first version): architectures in the table, types F32, F16, BF16 and the block types of
-:mod:`~modelpress.formats.gguf_blocks` applied to every 2-D weight whose rows fit the block
-(others, and 1-D tensors, stay F32 as llama.cpp keeps norms). llama.cpp's mixes (Q4_K_M...)
-with their per-tensor rules are not done yet.
+- llama.cpp's LLAMA graph applies RoPE to interleaved pairs, so ``q_proj`` / ``k_proj`` rows are
+  permuted from Hugging Face's half-split order, as llama.cpp's converter does (``permute_qk``);
+- norms that multiply by ``1 + weight`` (``ArchSpec.norm_offset``) are stored as ``1 + weight``.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
 
 from modelpress.errors import UserError
-from modelpress.formats.gguf_blocks import GGUF_FORMATS, gguf_format
+from modelpress.export.gguf_mix import FILE_TYPES, FLOAT_TYPES, file_type, tensor_types
+from modelpress.formats.gguf_blocks import gguf_format
 from modelpress.models import loading
-from modelpress.models.arch import text_config
-from modelpress.models.tensors import meta_model, tensor_stream
+from modelpress.models.arch import arch_for, text_config
+from modelpress.models.tensors import meta_model, shard_index
 from modelpress.progress import track
 
 logger = logging.getLogger("modelpress")
-
-FLOAT_TYPES = {"f32": (np.float32, "ALL_F32"), "f16": (np.float16, "MOSTLY_F16"), "bf16": (None, "MOSTLY_BF16")}
 
 
 @dataclass(frozen=True)
@@ -45,12 +49,35 @@ class GGUFArch:
     """How one ``model_type`` maps onto a llama.cpp architecture."""
 
     name: str  # gguf.MODEL_ARCH member
-    permute_qk: bool  # q/k rows from HF's half-split RoPE order to llama.cpp's interleaved pairs
+    permute_qk: bool = False  # q/k rows from HF's half-split RoPE order to llama.cpp's interleaved pairs
+    sliding_window: bool = False  # per-layer sliding-window pattern and its RoPE base (Gemma 3)
 
 
 GGUF_ARCHITECTURES: dict[str, GGUFArch] = {
     "llama": GGUFArch("LLAMA", permute_qk=True),
+    "mistral": GGUFArch("LLAMA", permute_qk=True),
+    "qwen2": GGUFArch("QWEN2"),
+    "qwen3": GGUFArch("QWEN3"),
+    "gemma3_text": GGUFArch("GEMMA3", sliding_window=True),
 }
+
+
+@dataclass(frozen=True)
+class GGUFEntry:
+    """One tensor of the file: its checkpoint name, llama.cpp name, shape and GGUF type."""
+
+    name: str
+    gguf_name: str
+    shape: tuple[int, ...]
+    type: str
+
+    @property
+    def nbytes(self) -> int:
+        numel = int(np.prod(self.shape))
+        if self.type in FLOAT_TYPES:
+            return numel * (4 if self.type == "f32" else 2)
+        fmt = gguf_format(self.type)
+        return numel // fmt.block_size * fmt.type_bytes
 
 
 def _permute_rope(W: torch.Tensor, n_head: int) -> torch.Tensor:
@@ -59,27 +86,121 @@ def _permute_rope(W: torch.Tensor, n_head: int) -> torch.Tensor:
     return W.reshape(n_head, 2, rows // n_head // 2, *W.shape[1:]).swapaxes(1, 2).reshape(W.shape)
 
 
-def _tensor_type(name: str, shape: tuple[int, ...], type_name: str) -> str:
-    """The GGUF type of one tensor: norms and other 1-D tensors stay F32; a block type needs rows
-    of whole blocks (else F16, as llama.cpp falls back for odd shapes)."""
-    if len(shape) != 2 or type_name in FLOAT_TYPES:
-        return "f32" if len(shape) != 2 else type_name
-    if shape[1] % gguf_format(type_name).block_size:
-        return "f16"
-    return type_name
+def _unpermute_rope(W: torch.Tensor, n_head: int) -> torch.Tensor:
+    rows = W.shape[0]
+    return W.reshape(n_head, rows // n_head // 2, 2, *W.shape[1:]).swapaxes(1, 2).reshape(W.shape)
 
 
-def export_gguf(model: str, out_file: str, type_name: str = "f16") -> dict:
-    """Write ``model`` as a GGUF file of type ``type_name`` (``f16``, ``q8_0``, ``q4_k``...).
+class GGUFLayout:
+    """The file a model becomes: entries in write order, and the weight transforms of its architecture."""
+
+    def __init__(self, config, ftype: str, pure: bool = False):
+        import gguf
+
+        tc = text_config(config)
+        arch = GGUF_ARCHITECTURES.get(config.model_type)
+        if arch is None:
+            raise UserError(f"GGUF export does not support {config.model_type!r} yet; supported: "
+                            f"{', '.join(GGUF_ARCHITECTURES)}")
+        self.config, self.tc, self.arch, self.ftype = config, tc, arch, ftype
+        self.norm_offset = arch_for(config).norm_offset
+        model_arch = getattr(gguf.MODEL_ARCH, arch.name)
+        self.arch_name = gguf.MODEL_ARCH_NAMES[model_arch]
+        name_map = gguf.get_tensor_name_map(model_arch, tc.num_hidden_layers)
+        rows = []
+        for name, shape in _state_shapes(meta_model(config)):
+            gname = name_map.get_name(name, try_suffixes=(".weight", ".bias"))
+            if gname is None:
+                raise UserError(f"tensor {name} has no llama.cpp name for {arch.name}; this checkpoint is not supported")
+            rows.append((name, gname, shape))
+        rows.sort(key=lambda r: _file_position(r[1]))
+        n_layer = tc.num_hidden_layers
+        n_gqa = tc.num_attention_heads // tc.num_key_value_heads
+        large_attn_v = n_layer == 80 and n_gqa > 1  # llama.cpp's "70B" rule
+        types = tensor_types([(g, s) for _, g, s in rows], ftype, n_layer, n_gqa, large_attn_v, pure)
+        self.entries = [GGUFEntry(n, g, s, types[g]) for n, g, s in rows]
+
+    def to_gguf(self, name: str, W: torch.Tensor) -> torch.Tensor:
+        """The float tensor llama.cpp expects for checkpoint tensor ``name``."""
+        if self.norm_offset and W.ndim == 1 and re.search(r"norm\.weight$", name):
+            W = W + self.norm_offset
+        heads = self._rope_heads(name)
+        return _permute_rope(W, heads) if heads else W
+
+    def from_gguf(self, name: str, W: torch.Tensor) -> torch.Tensor:
+        """Inverse of :meth:`to_gguf`."""
+        heads = self._rope_heads(name)
+        W = _unpermute_rope(W, heads) if heads else W
+        if self.norm_offset and W.ndim == 1 and re.search(r"norm\.weight$", name):
+            W = W - self.norm_offset
+        return W
+
+    def _rope_heads(self, name: str) -> int | None:
+        if self.arch.permute_qk and name.endswith("q_proj.weight"):
+            return self.tc.num_attention_heads
+        if self.arch.permute_qk and name.endswith("k_proj.weight"):
+            return self.tc.num_key_value_heads
+        return None
+
+
+def _state_shapes(meta: torch.nn.Module) -> list[tuple[str, tuple[int, ...]]]:
+    """Checkpoint tensor names and shapes, each tied tensor once (under its first name)."""
+    seen, out = set(), []
+    for name, t in meta.state_dict(keep_vars=True).items():
+        if id(t) not in seen:
+            seen.add(id(t))
+            out.append((name, tuple(t.shape)))
+    return out
+
+
+def _file_position(gguf_name: str) -> tuple[int, str]:
+    """Write order: token embedding, layers in order, then the rest (as llama.cpp's converter)."""
+    m = re.match(r"blk\.(\d+)\.", gguf_name)
+    if m:
+        return 1 + int(m.group(1)), gguf_name
+    return (0 if gguf_name.startswith("token_embd") else 1 << 30), gguf_name
+
+
+def _tensor_getter(source, config) -> Callable[[str], torch.Tensor]:
+    """``name -> tensor`` read on demand from the safetensors shards (or from the model loaded
+    once, for a GGUF source or a checkpoint whose names transformers remaps)."""
+    index = shard_index(source)
+    expected = {n for n, _ in _state_shapes(meta_model(config))}
+    if index and expected <= set(index):
+        from safetensors import safe_open
+
+        handles = {}
+
+        def get(name: str) -> torch.Tensor:
+            path = index[name]
+            if path not in handles:
+                handles[path] = safe_open(path, framework="pt")
+            return handles[path].get_tensor(name)
+
+        return get
+    logger.info("loading %s", source.path)
+    state = loading.load_model(source).state_dict()
+    return state.__getitem__
+
+
+def export_gguf(model: str, out_file: str, type_name: str = "f16", pure: bool = False,
+                encoded: dict[str, torch.Tensor] | None = None) -> dict:
+    """Write ``model`` as a GGUF file of llama.cpp file type ``type_name`` (``f16``, ``q4_k_m``...).
+
+    Args:
+        model: checkpoint folder with a ``tokenizer.json``.
+        out_file: the ``.gguf`` file to write; must not exist.
+        type_name: a llama.cpp file type (see :data:`~modelpress.export.gguf_mix.FILE_TYPES`).
+        pure: one block type for every quantizable tensor (``llama-quantize --pure``).
+        encoded: checkpoint name -> GGUF bytes already chosen (by a calibrated method) in the
+            tensor's planned type, rows in checkpoint order; other tensors are encoded here.
 
     Returns:
         ``{"bytes": file size, "tensors": n, "types": {gguf type: count}}``.
     """
     import gguf
 
-    type_name = type_name.strip().lower()
-    if type_name not in FLOAT_TYPES and type_name not in GGUF_FORMATS:
-        raise UserError(f"unknown GGUF type {type_name!r}; known: {', '.join([*FLOAT_TYPES, *GGUF_FORMATS])}")
+    ftype = file_type(type_name)
     out = Path(out_file)
     if out.exists():
         raise UserError(f"output {out} already exists; choose a new file or remove it")
@@ -88,62 +209,69 @@ def export_gguf(model: str, out_file: str, type_name: str = "f16") -> dict:
         raise UserError("GGUF export reads a checkpoint folder with a tokenizer.json; "
                         "convert first with `modelpress export MODEL --format hf -o DIR`")
     config = loading.load_config(source)
-    arch = GGUF_ARCHITECTURES.get(config.model_type)
-    if arch is None:
-        raise UserError(f"GGUF export does not support {config.model_type!r} yet; supported: "
-                        f"{', '.join(GGUF_ARCHITECTURES)}")
-    tc = text_config(config)
-    model_arch = getattr(gguf.MODEL_ARCH, arch.name)
-    name_map = gguf.get_tensor_name_map(model_arch, tc.num_hidden_layers)
+    layout = GGUFLayout(config, ftype, pure)
+    get = _tensor_getter(source, config)
     tmp = out.with_name(out.name + f".partial-{os.getpid()}")
-    writer = gguf.GGUFWriter(tmp, gguf.MODEL_ARCH_NAMES[model_arch])
+    writer = gguf.GGUFWriter(tmp, layout.arch_name)
+    types: dict[str, int] = {}
     try:
-        _write_metadata(writer, tc, type_name, Path(source.path))
-        meta = meta_model(config)
-        stream, n = tensor_stream(source, meta)
-        types: dict[str, int] = {}
-        for name, tensor in track(stream, total=n, what="tensor"):
-            gname = name_map.get_name(name, try_suffixes=(".weight", ".bias"))
-            if gname is None:
-                raise UserError(f"tensor {name} has no llama.cpp name for {arch.name}; this checkpoint is not supported")
-            W = tensor.to(torch.float32)
-            if arch.permute_qk and name.endswith("q_proj.weight"):
-                W = _permute_rope(W, tc.num_attention_heads)
-            elif arch.permute_qk and name.endswith("k_proj.weight"):
-                W = _permute_rope(W, tc.num_key_value_heads)
-            t = _tensor_type(name, tuple(W.shape), type_name)
-            types[t] = types.get(t, 0) + 1
-            _add_tensor(writer, gname, W, t)
+        _write_metadata(writer, layout, Path(source.path))
+        for e in layout.entries:
+            raw = None if e.type in ("f32", "f16") else gguf_format(e.type).ggml_type if e.type != "bf16" \
+                else gguf.GGMLQuantizationType.BF16
+            writer.add_tensor_info(e.gguf_name, e.shape, np.float16 if e.type == "f16" else np.float32,
+                                   e.nbytes, raw_dtype=raw)
+            types[e.type] = types.get(e.type, 0) + 1
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
+        writer.write_ti_data_to_file()
+        for e in track(layout.entries, total=len(layout.entries), what="tensor"):
+            if encoded is not None and e.name in encoded:
+                data = encoded[e.name]
+                heads = layout._rope_heads(e.name)
+                writer.write_tensor_data((_permute_rope(data, heads) if heads else data).numpy())
+                continue
+            W = get(e.name).to(torch.float32)
+            if not torch.isfinite(W).all():
+                raise UserError(f"tensor {e.name} contains NaN or inf; the checkpoint is corrupt")
+            writer.write_tensor_data(_encode(layout.to_gguf(e.name, W), e.type))
         writer.close()
         tmp.replace(out)
     except BaseException:
         writer.close()
         tmp.unlink(missing_ok=True)
         raise
-    return {"bytes": out.stat().st_size, "tensors": n, "types": types}
+    return {"bytes": out.stat().st_size, "tensors": len(layout.entries), "types": types}
 
 
-def _add_tensor(writer, gname: str, W: torch.Tensor, type_name: str) -> None:
-    import gguf
-
+def _encode(W: torch.Tensor, type_name: str) -> np.ndarray:
     if type_name == "f32":
-        writer.add_tensor(gname, W.numpy())
-    elif type_name == "f16":
-        writer.add_tensor(gname, W.to(torch.float16).numpy())
-    elif type_name == "bf16":
-        raw = W.to(torch.bfloat16).view(torch.int16).numpy()
-        writer.add_tensor(gname, raw, raw_dtype=gguf.GGMLQuantizationType.BF16)
-    else:
-        fmt = gguf_format(type_name)
-        writer.add_tensor(gname, fmt.quantize(W).numpy(), raw_dtype=fmt.ggml_type)
+        return W.numpy()
+    if type_name == "f16":
+        return W.to(torch.float16).numpy()
+    if type_name == "bf16":
+        return W.to(torch.bfloat16).view(torch.int16).numpy()
+    return gguf_format(type_name).quantize(W).numpy()
 
 
-def _write_metadata(writer, tc, type_name: str, folder: Path) -> None:
+def read_gguf_weights(gguf_file: str | Path, layout: GGUFLayout) -> dict[str, torch.Tensor]:
+    """Checkpoint name -> the float32 weight the GGUF file holds for it (decoded, in checkpoint layout)."""
+    from gguf import GGUFReader
+    from gguf.quants import dequantize
+
+    tensors = {t.name: t for t in GGUFReader(gguf_file).tensors}
+    out = {}
+    for e in layout.entries:
+        t = tensors[e.gguf_name]
+        W = torch.from_numpy(np.ascontiguousarray(dequantize(np.array(t.data), t.tensor_type), dtype=np.float32))
+        out[e.name] = layout.from_gguf(e.name, W.reshape(e.shape))
+    return out
+
+
+def _write_metadata(writer, layout: GGUFLayout, folder: Path) -> None:
     import gguf
 
+    tc = layout.tc
     head_dim = getattr(tc, "head_dim", None) or tc.hidden_size // tc.num_attention_heads
     writer.add_context_length(tc.max_position_embeddings)
     writer.add_embedding_length(tc.hidden_size)
@@ -151,25 +279,123 @@ def _write_metadata(writer, tc, type_name: str, folder: Path) -> None:
     writer.add_feed_forward_length(tc.intermediate_size)
     writer.add_head_count(tc.num_attention_heads)
     writer.add_head_count_kv(tc.num_key_value_heads)
+    writer.add_key_length(head_dim)
+    writer.add_value_length(head_dim)
     writer.add_rope_dimension_count(head_dim)
-    rope = getattr(tc, "rope_parameters", None) or {}
-    writer.add_rope_freq_base(float(rope.get("rope_theta", getattr(tc, "rope_theta", 10000.0))))
     writer.add_layer_norm_rms_eps(tc.rms_norm_eps)
     writer.add_vocab_size(tc.vocab_size)
-    ftype = FLOAT_TYPES[type_name][1] if type_name in FLOAT_TYPES else f"MOSTLY_{type_name.upper()}"
-    writer.add_file_type(getattr(gguf.LlamaFileType, ftype))
-    try:
-        vocab = gguf.vocab.BpeVocab(folder)
-    except (FileNotFoundError, ValueError) as e:
-        raise UserError(f"GGUF export handles byte-level BPE tokenizers for now ({folder}: {e})") from None
-    tokens, scores, toktypes = zip(*vocab.all_tokens())
+    writer.add_file_type(getattr(gguf.LlamaFileType, FILE_TYPES[layout.ftype][1]))
+    if layout.ftype not in FLOAT_TYPES:
+        writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    _write_rope(writer, tc, layout.arch)
+    _write_tokenizer(writer, tc, folder)
+
+
+def _rope_params(tc, layer_type: str | None = None) -> dict:
+    rope = getattr(tc, "rope_parameters", None) or {}
+    if layer_type and layer_type in rope:
+        rope = rope[layer_type]
+    return {"rope_theta": getattr(tc, "rope_theta", 10000.0), "rope_type": "default", **rope}
+
+
+def _write_rope(writer, tc, arch: GGUFArch) -> None:
+    import gguf
+
+    full = _rope_params(tc, "full_attention")
+    writer.add_rope_freq_base(float(full["rope_theta"]))
+    if full["rope_type"] == "linear":
+        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(float(full["factor"]))
+    elif full["rope_type"] != "default":
+        raise UserError(f"GGUF export does not handle RoPE scaling {full['rope_type']!r} yet")
+    if arch.sliding_window:
+        head_dim = getattr(tc, "head_dim", None) or tc.hidden_size // tc.num_attention_heads
+        expected = tc.hidden_size // tc.num_attention_heads if tc.num_hidden_layers == 62 else head_dim
+        if getattr(tc, "query_pre_attn_scalar", expected) != expected:
+            raise UserError(f"query_pre_attn_scalar {tc.query_pre_attn_scalar} differs from the attention scale "
+                            f"llama.cpp uses for this architecture ({expected}); it cannot run this model as trained")
+        if getattr(tc, "final_logit_softcapping", None):
+            writer.add_final_logit_softcapping(float(tc.final_logit_softcapping))
+        layer_types = getattr(tc, "layer_types", None)
+        if tc.sliding_window and layer_types:
+            writer.add_sliding_window(tc.sliding_window)
+            writer.add_sliding_window_pattern([t == "sliding_attention" for t in layer_types])
+            local = _rope_params(tc, "sliding_attention")
+            if local["rope_type"] != "default":
+                raise UserError(f"GGUF export does not handle sliding-window RoPE scaling {local['rope_type']!r} yet")
+            writer.add_rope_freq_base_swa(float(local["rope_theta"]))
+
+
+def _write_tokenizer(writer, tc, folder: Path) -> None:
+    import gguf
+
+    spec = json.loads((folder / "tokenizer.json").read_text(encoding="utf-8"))
+    model = spec.get("model", {})
+    if model.get("type") != "BPE":
+        raise UserError(f"GGUF export handles BPE tokenizers (byte-level or with byte fallback); "
+                        f"{folder / 'tokenizer.json'} is {model.get('type')!r}")
+    if model.get("byte_fallback"):  # SentencePiece-style: llama.cpp's "llama" tokenizer, scores order merges
+        vocab = gguf.vocab.LlamaHfVocab(folder)
+        tokens, _, toktypes = zip(*vocab.all_tokens())
+        scores = _merge_scores(tokens, toktypes, model.get("merges", []))
+        writer.add_tokenizer_model("llama")
+        writer.add_add_space_prefix(False)
+    else:
+        try:
+            vocab = gguf.vocab.BpeVocab(folder)
+        except (FileNotFoundError, ValueError) as e:
+            raise UserError(f"cannot read the tokenizer in {folder}: {e}") from None
+        tokens, scores, toktypes = zip(*vocab.all_tokens())
+        writer.add_tokenizer_model("gpt2")
+    tokens, scores, toktypes = list(tokens), list(scores), list(toktypes)
     if len(tokens) < tc.vocab_size:  # embedding rows beyond the tokenizer: padding tokens, as llama.cpp pads
         pad = tc.vocab_size - len(tokens)
-        tokens += tuple(f"[PAD{i}]".encode() for i in range(pad))
-        scores += (0.0,) * pad
-        toktypes += (gguf.TokenType.UNUSED,) * pad
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre("default")
-    writer.add_token_list(list(tokens))
-    writer.add_token_types(list(toktypes))
-    gguf.SpecialVocab(folder, load_merges=True, n_vocab=len(tokens)).add_to_gguf(writer, quiet=True)
+        tokens += [f"[PAD{i}]".encode() for i in range(pad)]
+        scores += [0.0] * pad
+        toktypes += [gguf.TokenType.UNUSED] * pad
+    writer.add_tokenizer_pre(_pre_tokenizer(spec) if not model.get("byte_fallback") else "default")
+    writer.add_token_list(tokens)
+    writer.add_token_scores(scores)
+    writer.add_token_types(toktypes)
+    gguf.SpecialVocab(folder, load_merges=not model.get("byte_fallback"), n_vocab=len(tokens)).add_to_gguf(
+        writer, quiet=True)
+
+
+# Hugging Face split patterns -> the llama.cpp pre-tokenizer that splits text the same way
+_SPLIT_PATTERNS = {
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
+    r"|\s+(?!\S)|\s+": "llama-bpe",
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
+    r"|\s+(?!\S)|\s+": "qwen2",
+}
+
+
+def _pre_tokenizer(spec: dict) -> str:
+    """llama.cpp's name for the byte-level BPE pre-tokenizer of ``tokenizer.json``: plain ByteLevel
+    splits with GPT-2's pattern; a Split by a known pattern before ByteLevel names its model's.
+    Others get llama.cpp's default, with a warning (text may split differently there)."""
+    pre = spec.get("pre_tokenizer") or {}
+    if pre.get("type") == "ByteLevel" and pre.get("use_regex", True):
+        return "gpt-2"
+    if pre.get("type") == "Sequence":
+        for p in pre.get("pretokenizers", []):
+            pattern = (p.get("pattern") or {}).get("Regex") if p.get("type") == "Split" else None
+            if pattern in _SPLIT_PATTERNS:
+                return _SPLIT_PATTERNS[pattern]
+    logger.warning("tokenizer pre-tokenizer %s is not one llama.cpp is known to match; the GGUF uses llama.cpp's "
+                   "default, which may split some text differently from transformers", pre.get("type"))
+    return "default"
+
+
+def _merge_scores(tokens, toktypes, merges) -> list[float]:
+    """Token scores that make llama.cpp's SentencePiece merging follow the BPE merge order:
+    minus the rank of the first merge producing the token (lower rank merges first)."""
+    import gguf
+
+    rank: dict[bytes, int] = {}
+    for r, m in enumerate(merges):
+        a, b = m.split(" ", 1) if isinstance(m, str) else m
+        rank.setdefault((a + b).encode("utf-8"), r)
+    never = -float(len(merges) + 1)
+    return [-float(rank[t]) if t in rank else (0.0 if tt == gguf.TokenType.NORMAL and len(t.decode("utf-8", "replace")) == 1
+                                               else never) for t, tt in zip(tokens, toktypes)]

@@ -1,0 +1,69 @@
+"""llama.cpp's file types: our GGUF equals what llama.cpp's own quantizer writes from the same weights."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGUFReader
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from modelpress.errors import UserError
+from modelpress.eval.llamacpp import llama_cpp_quantize
+from modelpress.export.gguf import export_gguf
+from modelpress.export.gguf_mix import file_type, tensor_types
+
+
+@pytest.fixture(scope="module")
+def mix_model(tmp_path_factory, tiny_tokenizer):
+    """A Llama whose rows are whole 256-blocks (k-quants apply) except ffn_down's (288: fallbacks),
+    with 8 layers so the per-layer rules of the mixes pick different layers."""
+    cfg = AutoConfig.for_model("llama", hidden_size=256, intermediate_size=288, num_hidden_layers=8,
+                               num_attention_heads=4, num_key_value_heads=1, head_dim=64,
+                               vocab_size=len(tiny_tokenizer), max_position_embeddings=256,
+                               tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("mix") / "model"
+    AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).save_pretrained(path)
+    tiny_tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def f32_gguf(mix_model):
+    out = mix_model.parent / "f32.gguf"
+    export_gguf(str(mix_model), str(out), "f32")
+    return out
+
+
+@pytest.mark.parametrize("ftype", ["q4_k_m", "q3_k_m", "q4_0", "q5_k_m", "q2_k", "q4_k_s", "q6_k", "q8_0"])
+def test_same_types_and_bytes_as_llama_quantize(mix_model, f32_gguf, tmp_path, ftype):
+    ref, ours = tmp_path / "ref.gguf", tmp_path / "ours.gguf"
+    llama_cpp_quantize(f32_gguf, ref, ftype)
+    export_gguf(str(mix_model), str(ours), ftype)
+    theirs = {t.name: t for t in GGUFReader(ref).tensors}
+    mine = {t.name: t for t in GGUFReader(ours).tensors}
+    assert sorted(theirs) == sorted(mine)
+    for name, t in theirs.items():
+        assert mine[name].tensor_type == t.tensor_type, name
+        assert np.array_equal(np.array(mine[name].data), np.array(t.data)), name
+    assert ref.stat().st_size == ours.stat().st_size
+    assert len({t.tensor_type for t in theirs.values()}) > 2 or ftype in ("q8_0", "q4_0")  # a real mix
+
+
+def test_mix_rules():
+    names = [(f"blk.{i}.{k}.weight", (256, 512)) for i in range(16) for k in ("attn_v", "ffn_down", "attn_output")]
+    q3 = tensor_types(names, "q3_k_m", n_layer=16, n_gqa=1)
+    assert [q3[f"blk.{i}.attn_v.weight"] for i in range(3)] == ["q5_k", "q5_k", "q4_k"]
+    assert q3["blk.0.ffn_down.weight"] == "q5_k" and q3["blk.1.ffn_down.weight"] == "q4_k"
+    assert q3["blk.3.attn_output.weight"] == "q4_k"
+    q4 = tensor_types(names, "q4_k_m", n_layer=16, n_gqa=1)
+    more = [i for i in range(16) if q4[f"blk.{i}.ffn_down.weight"] == "q6_k"]
+    assert more == [0, 1, 4, 7, 10, 13, 14, 15]  # first and last eighth, every third between
+    odd = tensor_types([("blk.0.attn_q.weight", (64, 100))], "q4_k_m", n_layer=1, n_gqa=1)
+    assert odd["blk.0.attn_q.weight"] == "f16"  # neither a 256- nor a 32-block fits
+    pure = tensor_types(names, "q4_k_m", n_layer=16, n_gqa=1, pure=True)
+    assert set(pure.values()) == {"q4_k"}
+    assert file_type("Q4_K") == "q4_k_m"
+    with pytest.raises(UserError, match="unknown GGUF type"):
+        file_type("q4_k_x")
