@@ -293,7 +293,7 @@ def compress_layerwise(model: str, config: GPTQConfig, out_dir: str, resume: boo
     tokenizer = loading.load_tokenizer(source)
     ids = calibration_ids(tokenizer, config.calibration)
     batches = list(torch.split(ids, config.calibration.batch_size))
-    _warn_if_too_few_tokens(ids, targets)
+    warn_if_too_few_tokens(ids.numel(), max((targets.in_features[n] for n in targets.formats), default=0))
     stage = STAGES[config.method](config, lm.arch)
     fingerprint = _run_fingerprint(model, config)
 
@@ -359,14 +359,13 @@ def compress_layerwise(model: str, config: GPTQConfig, out_dir: str, resume: boo
     return record
 
 
-def _warn_if_too_few_tokens(ids: torch.Tensor, targets) -> None:
+def warn_if_too_few_tokens(n_tokens: int, widest: int) -> None:
     """Fewer calibration tokens than a Linear has inputs leaves its Hessian singular: say so."""
-    widest = max((targets.in_features[n] for n in targets.formats), default=0)
-    if ids.numel() < widest:
+    if n_tokens < widest:
         logger.warning(
             "calibration has %d tokens, fewer than the %d inputs of the widest layer: its Hessian is singular and "
             "the result leans on damping; use more or longer calibration samples (128 x 512 is the usual)",
-            ids.numel(), widest,
+            n_tokens, widest,
         )
 
 

@@ -67,3 +67,27 @@ def test_mix_rules():
     assert file_type("Q4_K") == "q4_k_m"
     with pytest.raises(UserError, match="unknown GGUF type"):
         file_type("q4_k_x")
+
+
+def test_calibrated_gguf_same_size_lower_error(mix_model, eval_text, tmp_path, capsys):
+    """GPTQ onto the grids of Q3_K_M: llama.cpp's types and size, closer logits to the float model."""
+    from transformers import AutoTokenizer
+
+    from modelpress.cli import main
+    from modelpress.eval.llamacpp import gguf_weights_model
+
+    plain, calibrated = tmp_path / "plain.gguf", tmp_path / "cal.gguf"
+    export_gguf(str(mix_model), str(plain), "q3_k_m")
+    assert main(["export", str(mix_model), "--format", "gguf", "--type", "q3_k_m", "--calibrate", "gptq",
+                 "--calib-samples", "8", "--calib-seq-len", "128", "-o", str(calibrated)]) == 0
+    assert "GPTQ on 56 Linears of 8 layers" in capsys.readouterr().out
+    assert plain.stat().st_size == calibrated.stat().st_size
+    types = {t.name: t.tensor_type for t in GGUFReader(plain).tensors}
+    assert {t.name: t.tensor_type for t in GGUFReader(calibrated).tensors} == types
+    ids = AutoTokenizer.from_pretrained(mix_model)(eval_text.read_text(encoding="utf-8")[20000:26000],
+                                                   return_tensors="pt")["input_ids"][:, :256]
+    with torch.no_grad():
+        ref = AutoModelForCausalLM.from_pretrained(mix_model, dtype=torch.float32).eval()(ids).logits
+        err = {f: (gguf_weights_model(str(mix_model), f)(ids).logits - ref).pow(2).mean().item()
+               for f in (plain, calibrated)}
+    assert err[calibrated] < 0.8 * err[plain]

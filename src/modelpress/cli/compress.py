@@ -50,15 +50,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a.add_argument("--alpha", type=float, default=0.5, help="smoothquant: migration strength in [0, 1] (default 0.5)")
     a.add_argument("--weights", choices=["rtn", "gptq"], default="rtn",
                    help="smoothquant: how the smoothed int8 weights are rounded (default rtn)")
-    g = parser.add_argument_group("calibrated methods (gptq, awq, smoothquant)")
-    g.add_argument("--calib", metavar="SOURCE",
-                   help="calibration text: .txt, .jsonl, .parquet, a saved dataset folder, or hf:NAME[:CONFIG][@SPLIT]; "
-                        "default: modelpress's built-in text")
-    g.add_argument("--calib-field", default="text", metavar="FIELD", help="text column of a dataset or .jsonl (default text)")
-    g.add_argument("--calib-samples", type=options.positive_int, default=128, metavar="N",
-                   help="calibration windows (default 128, protocol calib-128x512)")
-    g.add_argument("--calib-seq-len", type=options.positive_int, default=512, metavar="T", help="tokens per window (default 512)")
-    g.add_argument("--batch-size", type=options.positive_int, default=8, metavar="B", help="windows per forward pass (default 8)")
+    g = options.add_calibration(parser, "calibrated methods (gptq, awq, smoothquant)")
     order = g.add_mutually_exclusive_group()
     order.add_argument("--act-order", dest="act_order", action="store_true", default=True,
                        help="GPTQ: columns by decreasing Hessian diagonal, static groups (default)")
@@ -88,8 +80,7 @@ def build_config(args: argparse.Namespace):
         fields["group_size"] = args.group_size
     if args.exclude is not None:
         fields["exclude"] = args.exclude
-    calibration = {"text": args.calib, "text_field": args.calib_field, "samples": args.calib_samples, "seq_len": args.calib_seq_len,
-                   "batch_size": args.batch_size}
+    calibration = options.calibration_fields(args)
     if args.method == "gptq":
         fields.update(act_order=args.act_order, damp=args.damp, block_size=args.block_size, calibration=calibration)
     elif args.method == "awq":
@@ -124,8 +115,7 @@ def main(args: argparse.Namespace) -> int:
         raise UserError(f"output {args.output} already exists; choose a new folder or remove it")
     if args.eval and args.text is None:
         raise UserError("--eval needs --text FILE to evaluate on")
-    if args.calib is not None and not args.calib.startswith("hf:") and not Path(args.calib).exists():
-        raise UserError(f"calibration text not found: {args.calib}")
+    options.check_calibration_source(args)
     record = compress(args.model, config, args.output, resume=args.resume)
     result = run_eval(args.output, args.text, args.windows, baseline=args.model) if args.eval else None
     if args.json:

@@ -10,6 +10,7 @@ import argparse
 from pathlib import Path
 
 from modelpress.cli import options
+from modelpress.compress import CalibrationConfig
 from modelpress.errors import UserError
 from modelpress.export.hf import DTYPES, export_hf
 
@@ -28,6 +29,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--verify", action="store_true",
                         help="gguf: load the file in llama.cpp and check its ppl-512 on --text against ours "
                              "for the same weights (within 1%%; the file is removed if not)")
+    g = options.add_calibration(parser, "calibrated GGUF (--calibrate gptq)")
+    g.add_argument("--calibrate", choices=["gptq"],
+                   help="gguf: GPTQ chooses the decoder Linears' codes on the block grids of the type "
+                        "(same types and size as llama.cpp's quantizer, lower error)")
+    g.add_argument("--damp", type=float, default=0.01, help="GPTQ damping, a fraction of the mean Hessian diagonal")
     options.add_eval_text(parser)
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16", help="float dtype of the weights (default bfloat16)")
 
@@ -40,9 +46,18 @@ def main(args: argparse.Namespace) -> int:
 
         if args.verify and args.text is None:
             raise UserError("--verify needs --text FILE to compute perplexity on")
-        result = export_gguf(args.model, args.output, args.type, pure=args.pure)
+        calibration = None
+        if args.calibrate:
+            options.check_calibration_source(args)
+            calibration = CalibrationConfig(**options.calibration_fields(args))
+        result = export_gguf(args.model, args.output, args.type, pure=args.pure, calibration=calibration,
+                             damp=args.damp)
         types = ", ".join(f"{n} {t}" for t, n in sorted(result["types"].items()))
         print(f"wrote {args.output}: {result['tensors']} tensors ({types}), {result['bytes'] / 1e6:,.1f} MB")
+        if "calibrated" in result:
+            c = result["calibrated"]
+            print(f"GPTQ on {c['linears']} Linears of {c['layers']} layers from {c['tokens']:,} calibration tokens; "
+                  f"mean relative output error {c['output_rel_mse']:.2e}")
         if args.verify:
             _verify_gguf(args)
         return 0

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
-from modelpress.data import PPL_512
+from modelpress.data import CALIB_128X512, PPL_512
+from modelpress.errors import UserError
 
 
 def positive_int(text: str) -> int:
@@ -27,6 +29,32 @@ def add_eval_text(parser: argparse.ArgumentParser) -> None:
         metavar="N",
         help=f"number of {PPL_512.seq_len}-token windows (default {PPL_512.n_windows}, the ppl-512 protocol)",
     )
+
+
+def add_calibration(parser: argparse.ArgumentParser, title: str):
+    """The calibration-text options (protocol calib-128x512 by default); returns their group."""
+    g = parser.add_argument_group(title)
+    g.add_argument("--calib", metavar="SOURCE",
+                   help="calibration text: .txt, .jsonl, .parquet, a saved dataset folder, or hf:NAME[:CONFIG][@SPLIT]; "
+                        "default: modelpress's built-in text")
+    g.add_argument("--calib-field", default="text", metavar="FIELD", help="text column of a dataset or .jsonl (default text)")
+    g.add_argument("--calib-samples", type=positive_int, default=CALIB_128X512.n_windows, metavar="N",
+                   help=f"calibration windows (default {CALIB_128X512.n_windows}, protocol calib-128x512)")
+    g.add_argument("--calib-seq-len", type=positive_int, default=CALIB_128X512.seq_len, metavar="T",
+                   help=f"tokens per window (default {CALIB_128X512.seq_len})")
+    g.add_argument("--batch-size", type=positive_int, default=8, metavar="B", help="windows per forward pass (default 8)")
+    return g
+
+
+def calibration_fields(args: argparse.Namespace) -> dict:
+    """The :class:`~modelpress.compress.CalibrationConfig` fields the options of :func:`add_calibration` give."""
+    return {"text": args.calib, "text_field": args.calib_field, "samples": args.calib_samples,
+            "seq_len": args.calib_seq_len, "batch_size": args.batch_size}
+
+
+def check_calibration_source(args: argparse.Namespace) -> None:
+    if args.calib is not None and not args.calib.startswith("hf:") and not Path(args.calib).exists():
+        raise UserError(f"calibration text not found: {args.calib}")
 
 
 def add_json(parser: argparse.ArgumentParser) -> None:

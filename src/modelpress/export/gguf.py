@@ -33,6 +33,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from modelpress.compress import CalibrationConfig
 from modelpress.errors import UserError
 from modelpress.export.gguf_mix import FILE_TYPES, FLOAT_TYPES, file_type, tensor_types
 from modelpress.formats.gguf_blocks import gguf_format
@@ -42,6 +43,8 @@ from modelpress.models.tensors import meta_model, shard_index
 from modelpress.progress import track
 
 logger = logging.getLogger("modelpress")
+
+_ENCODE_CHUNK = 1 << 22  # weights encoded at a time
 
 
 @dataclass(frozen=True)
@@ -184,7 +187,7 @@ def _tensor_getter(source, config) -> Callable[[str], torch.Tensor]:
 
 
 def export_gguf(model: str, out_file: str, type_name: str = "f16", pure: bool = False,
-                encoded: dict[str, torch.Tensor] | None = None) -> dict:
+                calibration: CalibrationConfig | None = None, damp: float = 0.01) -> dict:
     """Write ``model`` as a GGUF file of llama.cpp file type ``type_name`` (``f16``, ``q4_k_m``...).
 
     Args:
@@ -192,11 +195,14 @@ def export_gguf(model: str, out_file: str, type_name: str = "f16", pure: bool = 
         out_file: the ``.gguf`` file to write; must not exist.
         type_name: a llama.cpp file type (see :data:`~modelpress.export.gguf_mix.FILE_TYPES`).
         pure: one block type for every quantizable tensor (``llama-quantize --pure``).
-        encoded: checkpoint name -> GGUF bytes already chosen (by a calibrated method) in the
-            tensor's planned type, rows in checkpoint order; other tensors are encoded here.
+        calibration: calibration windows: GPTQ chooses the codes of the decoder Linears on the
+            block grids of their types (:mod:`modelpress.export.gguf_calibrated`); ``None``:
+            llama.cpp's plain round-to-nearest encoding everywhere.
+        damp: GPTQ damping (fraction of the mean Hessian diagonal).
 
     Returns:
-        ``{"bytes": file size, "tensors": n, "types": {gguf type: count}}``.
+        ``{"bytes": file size, "tensors": n, "types": {gguf type: count}}`` (and ``"calibrated"``:
+        layers, Linears, tokens, mean relative output error, when calibrated).
     """
     import gguf
 
@@ -210,6 +216,11 @@ def export_gguf(model: str, out_file: str, type_name: str = "f16", pure: bool = 
                         "convert first with `modelpress export MODEL --format hf -o DIR`")
     config = loading.load_config(source)
     layout = GGUFLayout(config, ftype, pure)
+    encoded, summary = {}, None
+    if calibration is not None:
+        from modelpress.export.gguf_calibrated import gptq_gguf_tensors
+
+        encoded, summary = gptq_gguf_tensors(model, {e.name: e.type for e in layout.entries}, calibration, damp)
     get = _tensor_getter(source, config)
     tmp = out.with_name(out.name + f".partial-{os.getpid()}")
     writer = gguf.GGUFWriter(tmp, layout.arch_name)
@@ -226,7 +237,7 @@ def export_gguf(model: str, out_file: str, type_name: str = "f16", pure: bool = 
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
         for e in track(layout.entries, total=len(layout.entries), what="tensor"):
-            if encoded is not None and e.name in encoded:
+            if e.name in encoded:
                 data = encoded[e.name]
                 heads = layout._rope_heads(e.name)
                 writer.write_tensor_data((_permute_rope(data, heads) if heads else data).numpy())
@@ -241,7 +252,8 @@ def export_gguf(model: str, out_file: str, type_name: str = "f16", pure: bool = 
         writer.close()
         tmp.unlink(missing_ok=True)
         raise
-    return {"bytes": out.stat().st_size, "tensors": len(layout.entries), "types": types}
+    result = {"bytes": out.stat().st_size, "tensors": len(layout.entries), "types": types}
+    return result if summary is None else {**result, "calibrated": summary}
 
 
 def _encode(W: torch.Tensor, type_name: str) -> np.ndarray:
@@ -251,7 +263,9 @@ def _encode(W: torch.Tensor, type_name: str) -> np.ndarray:
         return W.to(torch.float16).numpy()
     if type_name == "bf16":
         return W.to(torch.bfloat16).view(torch.int16).numpy()
-    return gguf_format(type_name).quantize(W).numpy()
+    fmt = gguf_format(type_name)
+    rows = max(1, _ENCODE_CHUNK // W.shape[1])  # bounded temporaries for a large embedding
+    return torch.cat([fmt.quantize(W[i:i + rows]) for i in range(0, W.shape[0], rows)]).numpy()
 
 
 def read_gguf_weights(gguf_file: str | Path, layout: GGUFLayout) -> dict[str, torch.Tensor]:
