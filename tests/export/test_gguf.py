@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+
 import numpy as np
 import pytest
 import torch
@@ -105,3 +107,20 @@ def test_verify_loads_the_file_back_and_agrees(tiny_llama, eval_text, tmp_path, 
     assert line.startswith("ppl-512 (2 windows): llama.cpp") and out.is_file()
     rel = float(line.rsplit("differ by ", 1)[1].split("%")[0])
     assert rel < 1.0
+
+
+def test_nan_weight_or_odd_rows(tiny_llama, tmp_path, capsys, caplog):
+    """NaN weights: a clear error and no file. Rows that fit no block: F16, as llama.cpp does, said in a warning."""
+    from safetensors.torch import load_file, save_file
+
+    bad = tmp_path / "bad"
+    shutil.copytree(tiny_llama, bad)
+    state = load_file(bad / "model.safetensors")
+    state["model.layers.1.mlp.down_proj.weight"][0, 3] = float("nan")
+    save_file(state, bad / "model.safetensors", metadata={"format": "pt"})
+    assert main(["export", str(bad), "--format", "gguf", "--type", "q8_0", "-o", str(tmp_path / "a.gguf")]) == 2
+    assert "model.layers.1.mlp.down_proj.weight contains NaN" in capsys.readouterr().err
+    assert not (tmp_path / "a.gguf").exists() and not list(tmp_path.glob("a.gguf.partial*"))
+    with caplog.at_level("WARNING", logger="modelpress"):
+        export_gguf(str(tiny_llama), str(tmp_path / "b.gguf"), "q4_k_m")  # rows of 64 and 128: no 256-blocks
+    assert "fall back as llama.cpp does (q4_k->q5_0" in caplog.text

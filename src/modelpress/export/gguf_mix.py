@@ -31,6 +31,8 @@ Example:
 
 from __future__ import annotations
 
+import logging
+
 from modelpress.errors import UserError
 from modelpress.formats.gguf_blocks import gguf_format
 
@@ -56,6 +58,7 @@ FILE_TYPES: dict[str, tuple[str, str]] = {
 }
 ALIASES = {"q3_k": "q3_k_m", "q4_k": "q4_k_m", "q5_k": "q5_k_m"}  # as llama-quantize reads them
 FLOAT_TYPES = ("f32", "f16", "bf16")
+logger = logging.getLogger("modelpress")
 _FALLBACK = {"q2_k": "q4_0", "q3_k": "q4_0", "q4_k": "q5_0", "q5_k": "q5_1", "q6_k": "q8_0"}
 
 
@@ -98,7 +101,7 @@ def tensor_types(tensors: list[tuple[str, tuple[int, ...]]], ftype: str, n_layer
     tied = not any(n == "output.weight" for n, _ in tensors)
     n_attn_v = sum(1 for n, _ in tensors if "attn_v.weight" in n or "attn_qkv.weight" in n)
     counters = {"attn_v": 0, "ffn_down": 0}
-    types = {}
+    types, fallbacks = {}, {}
     for name, shape in tensors:
         if not quantizable(name, shape):
             types[name] = "f32"
@@ -107,8 +110,14 @@ def tensor_types(tensors: list[tuple[str, tuple[int, ...]]], ftype: str, n_layer
         if default not in FLOAT_TYPES:
             if not pure:
                 t = _mixed_type(name, shape, ftype, default, tied, counters, n_attn_v, n_layer, n_gqa, large_attn_v)
-            t = _fallback(t, shape[-1])
+            fits = _fallback(t, shape[-1])
+            if fits != t:
+                fallbacks[f"{t}->{fits}"] = fallbacks.get(f"{t}->{fits}", 0) + 1
+            t = fits
         types[name] = t
+    if fallbacks:
+        logger.warning("%d tensors have rows that are not whole blocks of their type and fall back as llama.cpp "
+                       "does (%s)", sum(fallbacks.values()), ", ".join(f"{k}: {n}" for k, n in sorted(fallbacks.items())))
     return types
 
 
