@@ -316,6 +316,8 @@ def compress_layerwise(model: str, config: GPTQConfig, out_dir: str, resume: boo
         else:
             for name, tensor in lm.outside_layers():
                 writer.add_tensor(name, tensor.to(lm.source_dtype(name)))
+            writer.flush()  # to disk now, so that they leave memory with the model's copies
+        lm.free_outside_layers()
         for i in track(range(start, lm.n_layers), total=lm.n_layers - start, what="layer"):
             layer = lm.load_layer(i)
             prefix = lm.layer_prefix(i)

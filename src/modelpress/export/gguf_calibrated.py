@@ -56,6 +56,7 @@ def gptq_gguf_tensors(model: str, types: dict[str, str], calibration: Calibratio
     rel: list[float] = []
     logger.info("capturing layer inputs for %d calibration windows of %d tokens", len(ids), ids.shape[1])
     capture = lm.capture(batches)
+    lm.free_outside_layers()
     hidden = capture.hidden
     linears = {n: m for n, m in lm.model.named_modules()
                if isinstance(m, torch.nn.Linear) and types.get(n + ".weight") in GGUF_FORMATS}

@@ -66,6 +66,23 @@ class WeightReader:
                 self._state.pop(n, None)
 
 
+def release_memory() -> None:
+    """Return freed heap memory to the OS. glibc keeps large freed blocks in its arenas, so a
+    long layer loop's resident size creeps up with each layer's temporaries; ``malloc_trim``
+    gives them back (a no-op elsewhere)."""
+    import ctypes
+    import ctypes.util
+    import gc
+
+    gc.collect()
+    name = ctypes.util.find_library("c")
+    if name:
+        try:
+            ctypes.CDLL(name).malloc_trim(0)
+        except (OSError, AttributeError):  # not glibc
+            pass
+
+
 class _StopForward(Exception):
     pass
 
@@ -163,6 +180,17 @@ class LayerwiseModel:
 
     def free_layer(self, i: int) -> None:
         self.layer_list[i].to("meta")
+        release_memory()
+
+    def free_outside_layers(self) -> None:
+        """Drop the tensors outside the decoder layers (embeddings, head) once the layer inputs
+        are captured and those tensors written: the layer loop never needs them again."""
+        from accelerate.utils import set_module_tensor_to_device
+
+        for name in self.names:
+            if not name.startswith(self.prefix + "."):
+                set_module_tensor_to_device(self.model, name, "meta")
+        release_memory()
 
     def outside_layers(self) -> Iterator[tuple[str, torch.Tensor]]:
         """Checkpoint tensors outside the decoder layers (embeddings, final norm, untied head)."""
