@@ -32,6 +32,11 @@ TINY_ARCHS = {
     "gemma3_text": {"sliding_window": 64, "query_pre_attn_scalar": 16, "tie_word_embeddings": True},
     "phi3": {"pad_token_id": 0},
     "opt": None,  # different field names, see _tiny_config
+    # mixture of experts: 4 experts, top-2 (Qwen2-MoE also has a shared expert behind a sigmoid gate)
+    "mixtral": {"sliding_window": None, "num_local_experts": 4, "num_experts_per_tok": 2},
+    "qwen2_moe": {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 128,
+                  "shared_expert_intermediate_size": 128},
+    "qwen3_moe": {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 128},
 }
 
 

@@ -237,7 +237,9 @@ def compress_rtn(model: str, config: RTNConfig, out_dir: str) -> dict:
     t0 = time.monotonic()
     source = loading.resolve(model)
     hf_config = loading.load_config(source)
-    arch_for(hf_config)  # fail early, before any work, on an unsupported architecture
+    if arch_for(hf_config).moe:  # fail early, before any work, on an unsupported architecture
+        raise UserError("RTN does not handle mixture-of-experts models yet (transformers fuses their experts); "
+                        "use a calibrated method such as GPTQ, which quantizes each expert")
     meta = meta_model(hf_config)
     targets = plan_targets(meta, config)
     tokenizer = loading.load_tokenizer(source)
@@ -270,13 +272,16 @@ def compress_rtn(model: str, config: RTNConfig, out_dir: str) -> dict:
     return record
 
 
-def finish_checkpoint(writer, source, hf_config, model: nn.Module, targets, tokenizer, record: dict) -> None:
+def finish_checkpoint(writer, source, hf_config, model: nn.Module, targets, tokenizer, record: dict,
+                      checkpoint_name=lambda name: name) -> None:
     """Complete a compressed checkpoint: config with its quantization config (every Linear not
-    in ``targets`` is listed as ignored), tokenizer, run record, and the source's side files."""
+    in ``targets`` is listed as ignored, under its ``checkpoint_name``), tokenizer, run record,
+    and the source's side files."""
     writer.finish(
         config=targets.output_config(hf_config),
         tokenizer=tokenizer,
-        ignore=[n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in targets.formats],
+        ignore=[checkpoint_name(n) for n, m in model.named_modules()
+                if isinstance(m, nn.Linear) and n not in targets.formats],
         extra_files={"modelpress.json": json.dumps(record, indent=2)},
         copy_files_from=source.path if source.kind == "folder" else None,
     )

@@ -37,7 +37,7 @@ from modelpress.compress import AWQConfig, CalibrationConfig, GPTQConfig, Smooth
 from modelpress.data import WindowProtocol, read_calibration, token_windows
 from modelpress.errors import UserError
 from modelpress.eval.fake_quant import activation_fake_quant
-from modelpress.export.compressed_tensors import CompressedCheckpointWriter
+from modelpress.export.compressed_tensors import CompressedCheckpointWriter, storage_format
 from modelpress.formats.activations import InputQuant
 from modelpress.models import loading
 from modelpress.models.layers import LayerwiseModel, run_layer
@@ -86,6 +86,17 @@ class GPTQStage:
     Linears that read the same input (q/k/v, gate/up) and share a format are quantized in one
     GPTQ call on their row-stacked weights: GPTQ treats rows independently given ``H``, so this
     is exactly the per-Linear result, with one inverse Hessian and one column loop instead of three.
+
+    Mixture-of-experts: each expert's Hessian comes from the tokens the router sent to it. An
+    expert that received fewer tokens than its Linear has inputs (zero, for an expert the
+    calibration text never reaches) would get a singular Hessian fitted to a handful of tokens;
+    it is quantized instead by GPTQ with the Hessian of *all* the layer's calibration tokens
+    passed through that expert (what it would see were it always chosen), recorded as
+    ``"fallback"`` in the run record. That keeps second-order error compensation on the real
+    input distribution of the block, where RTN would ignore the data altogether; its cost is one
+    extra float forward of every expert on every token during calibration, and one more Hessian
+    per expert projection. Only a Linear with no data at all (no tokens, no all-token Hessian) is
+    rounded to nearest.
     """
 
     def __init__(self, config: GPTQConfig, arch):
@@ -97,7 +108,14 @@ class GPTQStage:
             fmt = formats[names[0]]
             Ws = [modules[n].weight.data for n in names]
             H, n_tokens = hc.hessian(names[0])
-            if H is None or n_tokens == 0:  # an idle expert: no data, no second-order information
+            fallback = {}
+            if n_tokens < Ws[0].shape[1]:
+                H_all, n_all = hc.all_token_hessian(names[0])
+                if H_all is not None:  # an MoE expert few tokens were routed to
+                    fallback = {"fallback": f"gptq on all {n_all} tokens of the layer ({n_tokens} routed, fewer "
+                                            f"than its {Ws[0].shape[1]} inputs)", "routed_tokens": n_tokens}
+                    H, n_tokens = H_all, n_all
+            if H is None or n_tokens == 0:  # no data, no second-order information
                 for n, W in zip(names, Ws):
                     out[n] = _rtn_fallback(W, fmt)
             else:
@@ -109,7 +127,7 @@ class GPTQStage:
                     row += W.shape[0]
                     W_hat = qt.dequantize()
                     info = {"gptq_loss": result.loss, "damp": result.damp, "tokens": n_tokens,
-                            "output_rel_mse": _output_rel(W, W_hat, H32)}
+                            "output_rel_mse": _output_rel(W, W_hat, H32), **fallback}
                     out[n] = (qt, LayerError.between(W, W_hat), info)
             for n, W in zip(names, Ws):
                 modules[n].weight.data = out[n][0].dequantize().to(W.dtype)  # what the checkpoint holds
@@ -293,6 +311,7 @@ def compress_layerwise(model: str, config: GPTQConfig, out_dir: str, resume: boo
     tokenizer = loading.load_tokenizer(source)
     ids = calibration_ids(tokenizer, config.calibration)
     batches = list(torch.split(ids, config.calibration.batch_size))
+    check_expert_formats(lm, targets, config)
     warn_if_too_few_tokens(ids.numel(), max((targets.in_features[n] for n in targets.formats), default=0))
     stage = STAGES[config.method](config, lm.arch)
     fingerprint = _run_fingerprint(model, config)
@@ -336,7 +355,7 @@ def compress_layerwise(model: str, config: GPTQConfig, out_dir: str, resume: boo
                 quantized[name] = (qt, *input_quant)
                 if input_quant:
                     inputs[name.removeprefix(prefix + ".")] = input_quant[0]
-                layer_errors[name] = {"format": targets.formats[name].name, "numel": qt.q.numel(),
+                layer_errors[lm.checkpoint_name(name)] = {"format": targets.formats[name].name, "numel": qt.q.numel(),
                                       "nbytes": qt.nbytes, **err.__dict__, **info}
             del hc
             with activation_fake_quant(layer, inputs):  # W8A8: the next layer sees quantized-input outputs
@@ -352,13 +371,34 @@ def compress_layerwise(model: str, config: GPTQConfig, out_dir: str, resume: boo
             (writer.tmp_dir / HIDDEN_FILE.format(i)).unlink(missing_ok=True)
         elapsed = spent + time.monotonic() - t0
         record = build_record(source, config, targets, layer_errors, elapsed)
+        record["kept_unquantized"] = {lm.checkpoint_name(n): why for n, why in targets.kept.items()}
         record["calibration"] = {"windows": len(ids), "tokens_per_window": ids.shape[1],
                                  "text": config.calibration.text or "built-in"}
         if resume:
             record["resumed_at_layer"] = start
-        finish_checkpoint(writer, source, lm.config, lm.model, targets, tokenizer, record)
+        finish_checkpoint(writer, source, lm.config, lm.model, targets, tokenizer, record, lm.checkpoint_name)
     logger.info("wrote %s in %.1fs", out_dir, time.monotonic() - t0)
     return record
+
+
+def check_expert_formats(lm: LayerwiseModel, targets, config) -> None:
+    """Refuse MoE expert formats that transformers cannot load.
+
+    transformers (5.x) loads a compressed-tensors checkpoint's experts by decompressing each
+    expert's ``weight_packed`` / ``weight_scale`` at load time and stacking them into its fused
+    3-D parameters; that path exists only for ``pack-quantized`` (symmetric int, weight-only) and
+    FP8 experts: an ``int-quantized`` expert (asymmetric int, W8A8) fails to load.
+    """
+    if lm.arch.moe is None:
+        return
+    act = config.act_format()
+    marker = f".{lm.arch.moe.experts}."
+    bad = sorted({targets.formats[n].name for n in targets.formats
+                  if marker in n and storage_format(targets.formats[n], act) != "pack-quantized"})
+    if bad:
+        raise UserError(f"mixture-of-experts experts in {', '.join(bad)}{' with quantized inputs' if act else ''} "
+                        "cannot be loaded by transformers (it reads quantized experts only as packed, symmetric "
+                        "int weights); use symmetric int weights (e.g. W4A16, W8A16) or --exclude the experts")
 
 
 def warn_if_too_few_tokens(n_tokens: int, widest: int) -> None:
@@ -377,9 +417,9 @@ def _write_layer(writer: CompressedCheckpointWriter, lm: LayerwiseModel, i: int,
     for name in lm.layer_tensor_names(i):
         module = name.removesuffix(".weight")
         if module in quantized and name.endswith(".weight"):
-            writer.add_quantized(module, *quantized[module])
+            writer.add_quantized(lm.checkpoint_name(module), *quantized[module])
         else:
-            writer.add_tensor(name, state[name.removeprefix(prefix)].to(lm.source_dtype(name)))
+            writer.add_tensor(lm.checkpoint_name(name), state[name.removeprefix(prefix)].to(lm.source_dtype(name)))
 
 
 def _save_hidden(path: Path, hidden: list[torch.Tensor]) -> None:

@@ -61,4 +61,6 @@ def test_every_table_row_names_real_modules(tiny_models):
             layer.get_submodule(norm)
             for name in linears:
                 layer.get_submodule(name)
+        if spec.moe:
+            assert layer.get_submodule(spec.moe.experts).gate_up_proj.dim() == 3  # fused, as the runner expects
     assert set(tiny_models) == set(ARCHITECTURES)

@@ -2,6 +2,13 @@
 
 Linears that read the very same input tensor (q/k/v after one norm, gate/up after another)
 share one accumulator: the Hessian is computed once per distinct input, not once per Linear.
+
+Mixture-of-experts blocks (:class:`modelpress.models.moe.RoutedExperts`) call each expert's
+Linears on the tokens routed to it only, so the hooks give per-expert Hessians. They also report,
+without calling the Linears, what each expert would read were *all* tokens routed to it: those
+"all-token" Hessians (:meth:`HessianCollector.all_token_hessian`) are the fallback for experts
+that receive too few tokens. Gate/up of every expert read the block's input itself, so they
+share one all-token accumulator; each expert's down projection has its own.
 """
 
 from __future__ import annotations
@@ -31,6 +38,12 @@ class HessianCollector:
         self._amax: dict[str, torch.Tensor | None] = dict.fromkeys(modules)  # running max of |x|
         self._alias: dict[str, str] = {}  # name -> the name whose accumulator it shares
         self._seen: dict[int, tuple[torch.Tensor, str]] = {}  # id(input) -> (input, first reader)
+        self._name_of = {id(m): n for n, m in modules.items()}
+        self._H_all: dict[str, torch.Tensor | None] = {}  # MoE experts: were all tokens routed to them
+        self._n_all: dict[str, int] = {}
+        self._alias_all: dict[str, str] = {}
+        self._seen_all: dict[int, tuple[torch.Tensor, str]] = {}
+        self._observed: list[nn.Module] = [m for m in owner.modules() if hasattr(m, "observe_all_tokens")]
         self._first_call = True
         self._handles: list = []
 
@@ -39,6 +52,8 @@ class HessianCollector:
         self._handles.append(self.owner.register_forward_hook(self._end))
         for name, module in self.modules.items():
             self._handles.append(module.register_forward_hook(self._hook(name)))
+        for m in self._observed:
+            m.observe_all_tokens = self._observe_all_tokens
         return self
 
     def __exit__(self, *exc) -> None:
@@ -46,13 +61,33 @@ class HessianCollector:
             h.remove()
         self._handles.clear()
         self._seen.clear()
+        self._seen_all.clear()
+        for m in self._observed:
+            m.observe_all_tokens = None
 
     def _begin(self, module, args) -> None:
         self._seen.clear()  # holds references, so no id can be reused within one forward
+        self._seen_all.clear()
 
     def _end(self, module, args, output) -> None:
         self._seen.clear()
+        self._seen_all.clear()
         self._first_call = False
+
+    def _observe_all_tokens(self, inputs: dict[nn.Module, torch.Tensor]) -> None:
+        for module, x in inputs.items():
+            name = self._name_of.get(id(module))
+            if name is None:  # not a target (excluded)
+                continue
+            if self._first_call:
+                if id(x) in self._seen_all:
+                    self._alias_all[name] = self._seen_all[id(x)][1]
+                    continue
+                self._seen_all[id(x)] = (x, name)
+            elif name in self._alias_all:
+                continue
+            self._H_all[name], self._n_all[name] = accumulate_hessian(self._H_all.get(name), self._n_all.get(name, 0),
+                                                                      x.detach())
 
     def _hook(self, name: str):
         def hook(module, inputs, output) -> None:
@@ -80,6 +115,12 @@ class HessianCollector:
         """``(H, tokens)`` for ``name``; ``(None, 0)`` when it saw no input (an idle expert)."""
         owner = self._alias.get(name, name)
         return self._H[owner], self._n[owner]
+
+    def all_token_hessian(self, name: str) -> tuple[torch.Tensor | None, int]:
+        """``(H, tokens)`` of an MoE expert's Linear had every token been routed to its expert;
+        ``(None, 0)`` for a Linear outside an expert."""
+        owner = self._alias_all.get(name, name)
+        return self._H_all.get(owner), self._n_all.get(owner, 0)
 
     def owner_of(self, name: str) -> str:
         """The Linear whose accumulator ``name`` uses (itself unless it shares another's input)."""

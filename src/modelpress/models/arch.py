@@ -13,6 +13,32 @@ from modelpress.errors import UserError
 
 
 @dataclass(frozen=True)
+class MoESpec:
+    """Where a layer's experts are, and how the checkpoint names them.
+
+    Attributes:
+        experts: path, inside a decoder layer, of transformers' fused experts module (3-D
+            ``gate_up_proj`` / ``down_proj``); the runner swaps it for per-expert Linears.
+        projections: the checkpoint's names of one expert's ``(gate, up, down)`` Linears.
+        checkpoint_prefix: ``(in the model, in the checkpoint)``: the layer-relative name prefix
+            transformers renames on load (Mixtral's ``block_sparse_moe.`` -> ``mlp.``); tensors are
+            read and written under the checkpoint's names, which vLLM and transformers expect.
+        kept: layer-relative Linears never quantized (gates that scale a whole branch).
+    """
+
+    experts: str
+    projections: tuple[str, str, str]
+    checkpoint_prefix: tuple[str, str] | None = None
+    kept: tuple[str, ...] = ()
+
+    def checkpoint_name(self, relative: str) -> str:
+        """The checkpoint's name for a layer-relative model name."""
+        if self.checkpoint_prefix and relative.startswith(self.checkpoint_prefix[0]):
+            return self.checkpoint_prefix[1] + relative.removeprefix(self.checkpoint_prefix[0])
+        return relative
+
+
+@dataclass(frozen=True)
 class ArchSpec:
     """Where things are in a ``*ForCausalLM`` of one model type.
 
@@ -23,7 +49,7 @@ class ArchSpec:
             the producer's output times something that does not depend on it, channel by channel
             (``act(gate) * up`` feeding ``down``; a ReLU, which commutes with positive scales):
             a per-channel scale can move from the consumers' columns to the producer's rows exactly.
-        moe: the model has mixture-of-experts blocks.
+        moe: the mixture-of-experts blocks, or ``None`` for a dense model (see :class:`MoESpec`).
         norm_offset: the norms multiply by ``offset + weight`` (1 for Gemma's RMSNorm), which
             matters when a per-channel scale is folded into the norm.
     """
@@ -31,7 +57,7 @@ class ArchSpec:
     layers: str
     norm_to_linears: tuple[tuple[str, tuple[str, ...]], ...] = ()
     linear_to_linears: tuple[tuple[str, tuple[str, ...]], ...] = ()
-    moe: bool = False
+    moe: MoESpec | None = None
     norm_offset: float = 0.0
 
     def scale_pairs(self) -> list[tuple[str, tuple[str, ...], float]]:
@@ -60,6 +86,8 @@ _GEMMA2_LIKE = ArchSpec(  # Gemma 2/3: sandwich norms; the MLP is fed by pre_fee
     norm_offset=1.0,
 )
 
+_LLAMA_ATTENTION = (("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),)
+
 ARCHITECTURES: dict[str, ArchSpec] = {
     "llama": _LLAMA_LIKE,
     "mistral": _LLAMA_LIKE,
@@ -75,6 +103,22 @@ ARCHITECTURES: dict[str, ArchSpec] = {
             ("input_layernorm", ("self_attn.qkv_proj",)),
             ("post_attention_layernorm", ("mlp.gate_up_proj",)),
         ),
+    ),
+    # MoE: the router (mlp.gate) is not an nn.Linear in transformers 5, so it is never a target;
+    # AWQ/SmoothQuant fold no scale into the experts (only into attention)
+    "mixtral": ArchSpec(
+        layers="model.layers", norm_to_linears=_LLAMA_ATTENTION,
+        moe=MoESpec(experts="mlp.experts", projections=("w1", "w3", "w2"),
+                    checkpoint_prefix=("mlp.", "block_sparse_moe.")),
+    ),
+    "qwen2_moe": ArchSpec(
+        layers="model.layers", norm_to_linears=_LLAMA_ATTENTION,
+        moe=MoESpec(experts="mlp.experts", projections=("gate_proj", "up_proj", "down_proj"),
+                    kept=("mlp.shared_expert_gate",)),
+    ),
+    "qwen3_moe": ArchSpec(
+        layers="model.layers", norm_to_linears=_LLAMA_ATTENTION,
+        moe=MoESpec(experts="mlp.experts", projections=("gate_proj", "up_proj", "down_proj")),
     ),
     "opt": ArchSpec(
         layers="model.decoder.layers",

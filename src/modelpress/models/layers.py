@@ -29,6 +29,7 @@ from torch import nn
 from modelpress.errors import UserError
 from modelpress.models import loading
 from modelpress.models.arch import arch_for
+from modelpress.models.moe import unfuse_experts
 from modelpress.models.tensors import _checked, clean_config, meta_model, shard_index, unique_state_keys
 
 logger = logging.getLogger("modelpress")
@@ -41,10 +42,14 @@ class WeightReader:
     its tensors cannot be read one at a time under the model's names.
     """
 
-    def __init__(self, source: loading.ModelSource, expected: set[str]):
+    def __init__(self, source: loading.ModelSource, expected: set[str], moe: bool = False):
         self._files = shard_index(source)
         self._state: dict[str, torch.Tensor] | None = None
         if set(self._files) != expected:
+            if moe:
+                raise UserError(f"{source.path}: a mixture-of-experts model is read expert by expert from "
+                                "safetensors shards with the per-expert names transformers saves; this "
+                                "checkpoint (GGUF, or other tensor names) is not supported yet")
             logger.info("loading %s whole (its tensor names are not the model's)", source.path)
             model = loading.load_model(source)
             self._state = {k: v for k, v in model.state_dict().items() if k in expected}
@@ -140,15 +145,26 @@ class LayerwiseModel:
         self.source = source
         self.config = loading.load_config(source)
         self.arch = arch_for(self.config)
+        self.prefix = self.arch.layers
         self.dtype = dtype
         with init_empty_weights(include_buffers=False):
             self.model = AutoModelForCausalLM.from_config(clean_config(self.config)).eval()
-        self.names = unique_state_keys(meta_model(self.config))  # ties applied: a tied head is stored once
+        meta = meta_model(self.config)
+        if self.arch.moe:  # fused 3-D experts -> one Linear per expert and projection
+            unfuse_experts(self.model, self.arch.layers, self.arch.moe)
+            unfuse_experts(meta, self.arch.layers, self.arch.moe)
+        self.names = unique_state_keys(meta)  # ties applied: a tied head is stored once
         self._source_dtypes: dict[str, torch.dtype] = {}
-        self.reader = WeightReader(source, self.names)
+        self.reader = WeightReader(source, {self.checkpoint_name(n) for n in self.names}, moe=self.arch.moe is not None)
         self.layer_list: nn.ModuleList = self.model.get_submodule(self.arch.layers)
-        self.prefix = self.arch.layers
         self._materialize([n for n in self.names if not n.startswith(self.prefix + ".")])
+
+    def checkpoint_name(self, name: str) -> str:
+        """The name a tensor or module of the model has in checkpoints (differs for renamed MoE blocks)."""
+        if self.arch.moe is None or not name.startswith(self.prefix + "."):
+            return name
+        layer, _, relative = name.removeprefix(self.prefix + ".").partition(".")
+        return f"{self.prefix}.{layer}.{self.arch.moe.checkpoint_name(relative)}"
 
     def source_dtype(self, name: str) -> torch.dtype:
         """The dtype ``name`` has in the checkpoint (what the output keeps for unquantized tensors)."""
@@ -165,10 +181,10 @@ class LayerwiseModel:
         from accelerate.utils import set_module_tensor_to_device
 
         for name in names:
-            tensor = self.reader.get(name)
+            tensor = self.reader.get(self.checkpoint_name(name))
             self._source_dtypes[name] = tensor.dtype
             set_module_tensor_to_device(self.model, name, "cpu", value=tensor.to(self.dtype) if tensor.is_floating_point() else tensor)
-        self.reader.release(names)
+        self.reader.release([self.checkpoint_name(n) for n in names])
 
     def layer_tensor_names(self, i: int) -> list[str]:
         p = self.layer_prefix(i) + "."

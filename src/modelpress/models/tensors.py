@@ -84,6 +84,8 @@ def plan_targets(meta: nn.Module, config) -> Targets:
         targets.in_features[name] = module.in_features
         if any(re.search(p, name) for p in config.exclude):
             targets.kept[name] = "excluded"
+        elif arch.moe and any(name.endswith("." + k) for k in arch.moe.kept):
+            targets.kept[name] = "gate of a mixture-of-experts branch"
         elif not fmt.divides(module.in_features):
             misfits.append(name)
             layer_fmt = _fallback_format(fmt, module.in_features, config.group_fallback)
