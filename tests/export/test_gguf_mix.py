@@ -91,3 +91,23 @@ def test_calibrated_gguf_same_size_lower_error(mix_model, eval_text, tmp_path, c
         err = {f: (gguf_weights_model(str(mix_model), f)(ids).logits - ref).pow(2).mean().item()
                for f in (plain, calibrated)}
     assert err[calibrated] < 0.8 * err[plain]
+
+
+def test_calibrated_rows_never_worse_than_llama_cpp_on_the_calibration_objective():
+    """A weight already on its grid (RTN exact) keeps llama.cpp's bytes; elsewhere GPTQ's win."""
+    from modelpress.export.gguf_calibrated import _better_rows
+    from modelpress.formats.gguf_blocks import gguf_format
+
+    fmt = gguf_format("q4_k")
+    torch.manual_seed(0)
+    X = torch.randn(512, 2048) * torch.linspace(0.1, 3, 512)[:, None]
+    H = 2 * X @ X.T / 2048
+    W = torch.randn(8, 512)
+    W[:4] = fmt.dequantize(fmt.quantize(W[:4]), (4, 512))  # rows on the grid
+    from modelpress.algorithms.gguf_gptq import gguf_gptq
+
+    rtn, gptq = fmt.quantize(W), gguf_gptq(W, H, fmt).data
+    chosen = _better_rows(W, H, fmt, rtn, gptq)
+    assert torch.equal(chosen[:4], rtn[:4])
+    err = lambda d: (((fmt.dequantize(d, (8, 512)) - W) @ H) * (fmt.dequantize(d, (8, 512)) - W)).sum(1)  # noqa: E731
+    assert (err(chosen) <= err(rtn) + 1e-6).all() and err(chosen)[4:].sum() < err(rtn)[4:].sum()
