@@ -28,8 +28,6 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
-
 import numpy as np
 import torch
 
@@ -39,7 +37,8 @@ from modelpress.export.gguf_mix import FILE_TYPES, FLOAT_TYPES, file_type, tenso
 from modelpress.formats.gguf_blocks import gguf_format
 from modelpress.models import loading
 from modelpress.models.arch import arch_for, text_config
-from modelpress.models.tensors import meta_model, shard_index
+from modelpress.models.layers import WeightReader
+from modelpress.models.tensors import meta_model
 from modelpress.progress import track
 
 logger = logging.getLogger("modelpress")
@@ -164,28 +163,6 @@ def _file_position(gguf_name: str) -> tuple[int, str]:
     return (0 if gguf_name.startswith("token_embd") else 1 << 30), gguf_name
 
 
-def _tensor_getter(source, config) -> Callable[[str], torch.Tensor]:
-    """``name -> tensor`` read on demand from the safetensors shards (or from the model loaded
-    once, for a GGUF source or a checkpoint whose names transformers remaps)."""
-    index = shard_index(source)
-    expected = {n for n, _ in _state_shapes(meta_model(config))}
-    if index and expected <= set(index):
-        from safetensors import safe_open
-
-        handles = {}
-
-        def get(name: str) -> torch.Tensor:
-            path = index[name]
-            if path not in handles:
-                handles[path] = safe_open(path, framework="pt")
-            return handles[path].get_tensor(name)
-
-        return get
-    logger.info("loading %s", source.path)
-    state = loading.load_model(source).state_dict()
-    return state.__getitem__
-
-
 def export_gguf(model: str, out_file: str, type_name: str = "f16", pure: bool = False,
                 calibration: CalibrationConfig | None = None, damp: float = 0.01) -> dict:
     """Write ``model`` as a GGUF file of llama.cpp file type ``type_name`` (``f16``, ``q4_k_m``...).
@@ -221,7 +198,7 @@ def export_gguf(model: str, out_file: str, type_name: str = "f16", pure: bool = 
         from modelpress.export.gguf_calibrated import gptq_gguf_tensors
 
         encoded, summary = gptq_gguf_tensors(model, {e.name: e.type for e in layout.entries}, calibration, damp)
-    get = _tensor_getter(source, config)
+    reader = WeightReader(source, {e.name for e in layout.entries})
     tmp = out.with_name(out.name + f".partial-{os.getpid()}")
     writer = gguf.GGUFWriter(tmp, layout.arch_name)
     types: dict[str, int] = {}
@@ -242,9 +219,8 @@ def export_gguf(model: str, out_file: str, type_name: str = "f16", pure: bool = 
                 heads = layout._rope_heads(e.name)
                 writer.write_tensor_data((_permute_rope(data, heads) if heads else data).numpy())
                 continue
-            W = get(e.name).to(torch.float32)
-            if not torch.isfinite(W).all():
-                raise UserError(f"tensor {e.name} contains NaN or inf; the checkpoint is corrupt")
+            W = reader.get(e.name).to(torch.float32)  # NaN/inf refused by the reader
+            reader.release([e.name])
             writer.write_tensor_data(_encode(layout.to_gguf(e.name, W), e.type))
         writer.close()
         tmp.replace(out)

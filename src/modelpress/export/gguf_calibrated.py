@@ -30,7 +30,7 @@ from modelpress.algorithms.hessian import HessianCollector
 from modelpress.compress import CalibrationConfig
 from modelpress.errors import UserError
 from modelpress.formats.gguf_blocks import GGUF_FORMATS, gguf_format
-from modelpress.layerwise import calibration_ids, warn_if_too_few_tokens
+from modelpress.layerwise import _output_rel, calibration_ids, warn_if_too_few_tokens
 from modelpress.models import loading
 from modelpress.models.layers import LayerwiseModel, run_layer
 from modelpress.progress import track
@@ -87,8 +87,7 @@ def gptq_gguf_tensors(model: str, types: dict[str, str], calibration: Calibratio
                 raise UserError(f"{where}, {', '.join(names)}: {e}") from None
             W_hat = fmt.dequantize(data, tuple(W.shape))
             if H is not None and n_tokens:
-                D, H32 = W_hat - W, H.to(torch.float32)
-                rel.append((((D @ H32) * D).sum() / ((W @ H32) * W).sum().clamp(min=1e-30)).item())
+                rel.append(_output_rel(W, W_hat, H))
             row = 0
             for n, Wn in zip(names, Ws):
                 rows = slice(row, row + Wn.shape[0])
