@@ -7,9 +7,15 @@ loaded with plain transformers and evaluated by the same code (ppl-512 on Pride 
 
 Usage (from the project root, after scripts/setup.sh and scripts/setup_bench.sh):
     .venv/bin/python benchmarks/calibrated.py [--models smollm2,gemma3] [--methods gptq4,gptq3,awq4]
-        [--calib-samples 128] [--windows 40]
+        [--tools modelpress,llm-compressor]
+        [--calib-samples 128] [--windows 40] [--fresh]
 
-Writes benchmarks/results/calibrated.md and .json. Quote the ratios: these machines are shared.
+Writes benchmarks/results/calibrated.md and .json after every row (calibrated-SxW.* for a
+protocol other than the default 128 calibration samples and 40 windows). Rows accumulate across runs
+with the same protocol (calibration samples, evaluation windows): a later run replaces the rows it
+measures and keeps the others, so the hour-long llm-compressor runs can be spread over several
+invocations; each row records when it was measured. `--fresh` starts the table over. Quote the
+ratios: these machines are shared.
 """
 
 from __future__ import annotations
@@ -17,9 +23,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -41,6 +49,7 @@ METHODS = {  # name -> (method, bits, symmetric, modelpress extra flags)
     "gptq4-mse": ("gptq", 4, True, ["--observer", "mse"]),
     "gptq3-mse": ("gptq", 3, True, ["--observer", "mse"]),
     "awq4": ("awq", 4, False, []),
+    "rtn3": ("rtn", 3, True, []),  # the baseline GPTQ's paper improves on; modelpress only
 }
 
 
@@ -72,8 +81,44 @@ def perplexity(path: Path, ids_file: Path, venv: str = ".venv") -> float:
     return float(proc.stdout.split()[-1])
 
 
-def run(models: list[str], methods: list[str], calib_samples: int, windows: int, work: Path) -> list[dict]:
-    rows = []
+RESULTS = ROOT / "benchmarks" / "results"
+
+
+class Table:
+    """Result rows keyed by (model, tool, method), saved to calibrated.json/.md whenever one lands."""
+
+    def __init__(self, calib_samples: int, windows: int, fresh: bool):
+        self.protocol = {"calib_samples": calib_samples, "windows": windows}
+        self.rows: list[dict] = []
+        default = (calib_samples, windows) == (CALIB_128X512.n_windows, PPL_512.n_windows)
+        self.stem = "calibrated" if default else f"calibrated-{calib_samples}x{windows}"
+        path = RESULTS / f"{self.stem}.json"
+        if path.exists() and not fresh:
+            saved = json.loads(path.read_text())
+            if isinstance(saved, dict) and saved.get("protocol") == self.protocol:
+                self.rows = saved["rows"]
+
+    def add(self, row: dict) -> None:
+        row = {**row, "measured": time.strftime("%Y-%m-%d")}
+        key = (row["model"], row["tool"], row["method"])
+        self.rows = [r for r in self.rows if (r["model"], r["tool"], r["method"]) != key] + [row]
+        self.rows.sort(key=lambda r: (r["model"], r["method"] != "-", r["method"], r["tool"]))
+        print(json.dumps(row), flush=True)
+        self.save()
+
+    def save(self) -> None:
+        RESULTS.mkdir(exist_ok=True)
+        tmp = RESULTS / f"{self.stem}.json.tmp"
+        tmp.write_text(json.dumps({"protocol": self.protocol, "rows": self.rows}, indent=2))
+        tmp.replace(RESULTS / f"{self.stem}.json")
+        md = (f"calibration: {self.protocol['calib_samples']} x {CALIB_128X512.seq_len} tokens of emma.txt; "
+              f"evaluation: ppl-512 ({self.protocol['windows']} windows) on pride_and_prejudice.txt\n\n"
+              f"{table(self.rows)}\n")
+        (RESULTS / f"{self.stem}.md").write_text(md)
+
+
+def run(models: list[str], methods: list[str], tools: list[str], calib_samples: int, windows: int, work: Path,
+        results: Table) -> None:
     for name in models:
         src, group = model_path(name), MODELS[name]
         tokenizer = loading.load_tokenizer(loading.resolve(src))
@@ -84,19 +129,19 @@ def run(models: list[str], methods: list[str], calib_samples: int, windows: int,
         eval_file = work / f"{name}-eval.safetensors"
         save_file({"input_ids": evaluation.contiguous()}, eval_file)
         float_ppl = perplexity(src, eval_file)
-        rows.append({"model": name, "tool": "float32", "method": "-", "bits_per_weight": 32.0, "ppl": float_ppl})
-        print(f"{name}: float ppl {float_ppl:.3f}", flush=True)
+        results.add({"model": name, "tool": "float32", "method": "-", "bits_per_weight": 32.0, "ppl": float_ppl})
         for m in methods:
             method, bits, symmetric, extra = METHODS[m]
             bpw = bits + (16 + (0 if symmetric else 8)) / group
             mp_out = work / f"{name}-{m}-modelpress"
             cmd = [str(ROOT / ".venv/bin/modelpress"), "compress", str(src), "--method", method, "--bits", str(bits),
-                   "--group-size", str(group), "--calib", str(SHARED_DATA / "emma.txt"), "--calib-samples",
-                   str(calib_samples), "-o", str(mp_out), *extra]
+                   "--group-size", str(group), "-o", str(mp_out), *extra]
+            if method != "rtn":
+                cmd += ["--calib", str(SHARED_DATA / "emma.txt"), "--calib-samples", str(calib_samples)]
             if not symmetric:
                 cmd.append("--asymmetric")
-            runs = [("modelpress", mp_out, cmd, ".venv")]
-            if not m.endswith("-mse"):  # llm-compressor has no MSE-inside-GPTQ option to match
+            runs = [("modelpress", mp_out, cmd, ".venv")] if "modelpress" in tools else []
+            if method != "rtn" and not m.endswith("-mse") and "llm-compressor" in tools:  # llm-compressor has no MSE-inside-GPTQ option to match
                 lc_out = work / f"{name}-{m}-llmcompressor"
                 runs.append(("llm-compressor", lc_out, [str(ROOT / ".venv-bench/bin/python"),
                              str(ROOT / "benchmarks/llmcompressor_side.py"), str(src), str(lc_out), method,
@@ -104,11 +149,9 @@ def run(models: list[str], methods: list[str], calib_samples: int, windows: int,
             for tool, out, cmd, venv in runs:
                 stats = timed(cmd)
                 ppl = perplexity(out, eval_file, venv)
-                row = {"model": name, "tool": tool, "method": f"{method} int{bits} g{group}" + (" mse" if "mse" in m else ""),
-                       "bits_per_weight": bpw, "ppl": ppl, **stats}
-                rows.append(row)
-                print(json.dumps(row), flush=True)
-    return rows
+                results.add({"model": name, "tool": tool, "method": f"{method} int{bits} g{group}" + (" mse" if "mse" in m else ""),
+                             "bits_per_weight": bpw, "ppl": ppl, **stats})
+                shutil.rmtree(out)
 
 
 def table(rows: list[dict]) -> str:
@@ -117,6 +160,8 @@ def table(rows: list[dict]) -> str:
     floats = {r["model"]: r["ppl"] for r in rows if r["tool"] == "float32"}
     for r in rows:
         delta = "" if r["tool"] == "float32" else f"{100 * (r['ppl'] / floats[r['model']] - 1):+.2f}%"
+        if r["model"] not in floats:
+            continue
         wall = f"{r['wall_s']:.0f}" if "wall_s" in r else ""
         rss = f"{r['peak_rss_mb']:.0f}" if "peak_rss_mb" in r else ""
         lines.append(f"| {r['model']} | {r['tool']} | {r['method']} | {r['bits_per_weight']:.3f} | {r['ppl']:.3f} | "
@@ -128,24 +173,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="smollm2,gemma3")
     parser.add_argument("--methods", default="gptq4,gptq3,awq4,gptq4-mse,gptq3-mse")
+    parser.add_argument("--tools", default="modelpress,llm-compressor")
     parser.add_argument("--calib-samples", type=int, default=CALIB_128X512.n_windows)
     parser.add_argument("--windows", type=int, default=PPL_512.n_windows)
     parser.add_argument("--work", default=str(ROOT / "runs" / "bench"))
+    parser.add_argument("--fresh", action="store_true", help="discard the saved rows of this protocol")
     args = parser.parse_args()
     work = Path(args.work)
     if work.exists():
-        import shutil
-
         shutil.rmtree(work)
     work.mkdir(parents=True)
-    rows = run(args.models.split(","), args.methods.split(","), args.calib_samples, args.windows, work)
-    out = ROOT / "benchmarks" / "results"
-    out.mkdir(exist_ok=True)
-    (out / "calibrated.json").write_text(json.dumps(rows, indent=2))
-    md = (f"calibration: {args.calib_samples} x {CALIB_128X512.seq_len} tokens of emma.txt; "
-          f"evaluation: ppl-512 ({args.windows} windows) on pride_and_prejudice.txt\n\n{table(rows)}\n")
-    (out / "calibrated.md").write_text(md)
-    print(md)
+    results = Table(args.calib_samples, args.windows, args.fresh)
+    run(args.models.split(","), args.methods.split(","), args.tools.split(","), args.calib_samples, args.windows, work, results)
+    print((RESULTS / f"{results.stem}.md").read_text())
 
 
 if __name__ == "__main__":
