@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from modelpress.algorithms.gptq import accumulate_hessian, gptq
+from modelpress.algorithms.gptq import _damped_inverse_cholesky, accumulate_hessian, gptq
 from modelpress.errors import UserError
 from modelpress.formats.integer import parse_int_format
 
@@ -139,3 +139,25 @@ def test_nvfp4_row_stacked_linears_share_one_global_scale():
     stacked = gptq(torch.cat(Ws), H, parse_format("nvfp4"), act_order=True).qt
     parts = [stacked.rows(0, 48), stacked.rows(48, 64)]
     assert parts[0].global_scale == parts[1].global_scale == pytest.approx(2688 / torch.cat(Ws).abs().max().item())
+
+
+@pytest.mark.parametrize("damp", [0.0, 0.01])
+def test_inverse_cholesky_factor_is_the_reference_one(damp):
+    """One Cholesky of the reversed matrix and a triangular inverse give the factor the reference
+    implementation gets from cholesky -> cholesky_inverse -> cholesky(upper)."""
+    torch.manual_seed(0)
+    X = torch.randn(96, 400, dtype=torch.float64) * torch.linspace(0.01, 5, 96, dtype=torch.float64)[:, None]
+    H = 2 * X @ X.T / 400
+    U, used = _damped_inverse_cholesky(H, damp)
+    damped = H + damp * torch.diag(H).mean() * torch.eye(96, dtype=torch.float64)
+    reference = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(damped)), upper=True)
+    assert used == damp
+    assert torch.allclose(U, reference, rtol=1e-8, atol=1e-10)
+    assert torch.equal(U, U.triu())
+
+
+def test_singular_hessian_is_damped_until_factorable():
+    H = torch.zeros(8, 8)
+    H[0, 0] = 1.0  # rank 1: not factorable without damping
+    U, used = _damped_inverse_cholesky(H, 0.0)  # no damping asked for: it is added, not refused
+    assert used > 0 and torch.isfinite(U).all()

@@ -34,6 +34,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -69,20 +70,54 @@ def _group_params(fmt: IntFormat, Wg: torch.Tensor) -> tuple[torch.Tensor, torch
 
 
 def _damped_inverse_cholesky(H: torch.Tensor, damp: float) -> tuple[torch.Tensor, float]:
-    """Upper Cholesky factor of ``(H + damp * mean(diag H) * I)^-1``, raising ``damp`` until it exists."""
+    """Upper Cholesky factor of ``(H + damp * mean(diag H) * I)^-1``, raising ``damp`` until it exists.
+
+    The reference implementation factors ``H``, inverts it and factors the inverse again. This
+    computes the same factor with one Cholesky and one triangular inverse: with ``J`` the
+    order-reversing permutation and ``J H J = L L^T``, ``H = R R^T`` for the upper triangular
+    ``R = J L J``, so ``H^-1 = U^T U`` with ``U = R^-1`` upper triangular, which is the factor sought
+    (a Cholesky factor with positive diagonal is unique). About 3x faster on CPU, and it cannot fail
+    where the reference's second factorization of a badly conditioned inverse can.
+    """
+    n = H.shape[0]
     mean_diag = torch.mean(torch.diag(H)).item()
-    eye = torch.eye(H.shape[0], dtype=H.dtype)
+    eye = torch.eye(n, dtype=H.dtype, device=H.device)
+    rev = torch.arange(n - 1, -1, -1, device=H.device)
     for attempt in range(6):
-        try:
-            L = torch.linalg.cholesky(H + damp * mean_diag * eye)
-            Hinv = torch.cholesky_inverse(L)
-            return torch.linalg.cholesky(Hinv, upper=True), damp
-        except torch.linalg.LinAlgError:
-            damp *= 10
+        damped = H + damp * mean_diag * eye
+        L, info = torch.linalg.cholesky_ex(damped[rev][:, rev])
+        if info.item() == 0:
+            R = L[rev][:, rev]
+            U = torch.linalg.solve_triangular(R, eye, upper=True)
+            if torch.isfinite(U).all():
+                return U, damp
+        damp = damp * 10 if damp > 0 else 1e-3
     raise UserError(
         "the Hessian is not positive definite even with strong damping; the calibration set is too "
         "small or degenerate for this layer; use more calibration samples or a larger --damp"
     )
+
+
+@contextlib.contextmanager
+def _one_cpu_thread(t: torch.Tensor):
+    """Run the column loop on one CPU thread.
+
+    Each column is a handful of small, memory-bound operations (a rounding, a rank-1 update of
+    the block's remaining columns), issued thousands of times per matrix. Splitting each over
+    threads saves little, and when the cores are shared with other work every operation waits
+    on a descheduled thread: measured on a loaded 2-core machine, a 4096x1024 matrix took 0.3 s
+    on one thread and 17 s on two. The between-block update (a real matrix product) keeps all
+    threads.
+    """
+    n = torch.get_num_threads()
+    if t.device.type != "cpu" or n == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
 
 
 def _block_size(fmt: IntFormat, block_size: int) -> int:
@@ -147,33 +182,36 @@ def gptq(
     Hinv, used_damp = _damped_inverse_cholesky(H, damp)
     del H
 
-    Q = torch.empty_like(W)  # the rounded weights, in processing order
-    losses = torch.zeros(out_features)
+    # Columns are rows here: the block is worked on transposed, so the column being rounded and
+    # the rank-1 update of the columns after it touch contiguous memory.
+    QT = W.new_empty(in_features, out_features)  # the rounded weights, transposed, in processing order
+    losses = W.new_zeros(out_features)
     bs = _block_size(fmt, block_size)
     for i1 in range(0, in_features, bs):
         i2 = min(i1 + bs, in_features)
-        W1 = W[:, i1:i2].clone()
+        W1 = W[:, i1:i2].T.contiguous()  # (columns, out)
         Err1 = torch.empty_like(W1)
         Hinv1 = Hinv[i1:i2, i1:i2]
         diag = torch.diag(Hinv1).tolist()
-        for i in range(i2 - i1):
-            col = i1 + i
-            if not static and col % g == 0:  # a new group: choose its scale from the updated weights
-                s, z = _group_params(fmt, W1[:, i : i + g].reshape(out_features, 1, g))
-                scale[:, col // g] = s.reshape(-1)
-                if z is not None:
-                    zero = torch.zeros_like(scale) if zero is None else zero
-                    zero[:, col // g] = z.reshape(-1)
-            grp = group_of[col]
-            w = W1[:, i]
-            q = fmt.fake_quantize_grouped(w, scale[:, grp], None if zero is None else zero[:, grp])
-            Q[:, col] = q
-            err = (w - q).div_(diag[i])
-            W1[:, i:].addr_(err, Hinv1[i, i:], alpha=-1)
-            Err1[:, i] = err
-        losses += Err1.pow(2).sum(dim=1) / 2
-        W[:, i2:].addmm_(Err1, Hinv[i1:i2, i2:], alpha=-1)
+        with _one_cpu_thread(W1):
+            for i in range(i2 - i1):
+                col = i1 + i
+                if not static and col % g == 0:  # a new group: choose its scale from the updated weights
+                    s, z = _group_params(fmt, W1[i : i + g].T.reshape(out_features, 1, g))
+                    scale[:, col // g] = s.reshape(-1)
+                    if z is not None:
+                        zero = torch.zeros_like(scale) if zero is None else zero
+                        zero[:, col // g] = z.reshape(-1)
+                grp = group_of[col]
+                w = W1[i]
+                q = fmt.fake_quantize_grouped(w, scale[:, grp], None if zero is None else zero[:, grp])
+                QT[col] = q
+                err = torch.sub(w, q, out=Err1[i]).div_(diag[i])
+                W1[i:].addr_(Hinv1[i, i:], err, alpha=-1)
+        losses += Err1.pow(2).sum(dim=0) / 2
+        W[:, i2:].addmm_(Err1.T, Hinv[i1:i2, i2:], alpha=-1)
 
+    Q = QT.T
     qt = fmt.encode(Q[:, torch.argsort(perm)], scale, zero)
     return GPTQResult(qt=qt, loss=losses.sum().item(), damp=used_damp)
 
@@ -191,5 +229,5 @@ def accumulate_hessian(H: torch.Tensor | None, n: int, X: torch.Tensor) -> tuple
         H = torch.zeros(X.shape[1], X.shape[1], dtype=torch.float64)
     H *= n / (n + m)
     n += m
-    H += (X.T @ X).to(torch.float64) * (2 / n)
+    H.add_(X.T @ X, alpha=2 / n)  # in place, promoting as it adds: no float64 temporaries of H's size
     return H, n

@@ -101,11 +101,12 @@ class HessianCollector:
                 return
             x = x.detach()
             flat = x.reshape(-1, x.shape[-1]).to(torch.float32)
-            absx = flat.abs()
-            total = absx.sum(0, dtype=torch.float64)
+            # reductions straight from the input: ``flat.abs()`` would copy it (the widest input,
+            # e.g. a down projection's, is the layer's largest activation)
+            total = torch.linalg.vector_norm(flat, ord=1, dim=0).to(torch.float64)
             self._abs[name] = total if self._abs[name] is None else self._abs[name] + total
-            if len(absx):  # NaN propagates through the max, so abs_max's callers see a bad activation
-                amax = absx.amax(0)
+            if len(flat):  # NaN propagates through the max, so abs_max's callers see a bad activation
+                amax = torch.linalg.vector_norm(flat, ord=float("inf"), dim=0)
                 self._amax[name] = amax if self._amax[name] is None else torch.maximum(self._amax[name], amax)
             self._H[name], self._n[name] = accumulate_hessian(self._H[name], self._n[name], x)
 
