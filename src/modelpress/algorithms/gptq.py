@@ -82,12 +82,11 @@ def _damped_inverse_cholesky(H: torch.Tensor, damp: float) -> tuple[torch.Tensor
     n = H.shape[0]
     mean_diag = torch.mean(torch.diag(H)).item()
     eye = torch.eye(n, dtype=H.dtype, device=H.device)
-    rev = torch.arange(n - 1, -1, -1, device=H.device)
     for attempt in range(6):
         damped = H + damp * mean_diag * eye
-        L, info = torch.linalg.cholesky_ex(damped[rev][:, rev])
+        L, info = torch.linalg.cholesky_ex(damped.flip(0, 1))  # J H J
         if info.item() == 0:
-            R = L[rev][:, rev]
+            R = L.flip(0, 1)
             U = torch.linalg.solve_triangular(R, eye, upper=True)
             if torch.isfinite(U).all():
                 return U, damp
