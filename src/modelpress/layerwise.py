@@ -68,6 +68,8 @@ def calibration_ids(tokenizer, calib: CalibrationConfig) -> torch.Tensor:
 class LayerStage(Protocol):
     """A calibrated method, as the runner sees it."""
 
+    activation_stats: bool  # whether it reads ``hc.mean_abs``/``hc.abs_max`` besides the Hessians
+
     def compress_layer(self, layer: nn.Module, prefix: str, modules: dict[str, nn.Linear], formats: dict,
                        hc: HessianCollector) -> dict[str, tuple]:
         """Compress ``modules`` (full name -> Linear) of ``layer`` in place, so that their weights
@@ -98,6 +100,8 @@ class GPTQStage:
     per expert projection. Only a Linear with no data at all (no tokens, no all-token Hessian) is
     rounded to nearest.
     """
+
+    activation_stats = False  # does it read mean/max |x| (besides H)?
 
     def __init__(self, config: GPTQConfig, arch):
         self.config = config
@@ -147,6 +151,8 @@ def _stackable(modules: dict[str, nn.Linear], formats: dict, hc) -> list[list[st
 class AWQStage:
     """AWQ: per-channel scales folded into the norms that feed the Linears, then clip search."""
 
+    activation_stats = True  # does it read mean/max |x| (besides H)?
+
     def __init__(self, config: AWQConfig, arch):
         self.config = config
         self.arch = arch
@@ -195,6 +201,8 @@ class SmoothQuantStage:
     already-compressed layers before it; within the layer, on its float forward (as GPTQ's
     Hessians are).
     """
+
+    activation_stats = True  # does it read mean/max |x| (besides H)?
 
     def __init__(self, config: SmoothQuantConfig, arch):
         self.config = config
@@ -344,7 +352,7 @@ def compress_layerwise(model: str, config: GPTQConfig, out_dir: str, resume: boo
                        for n in targets.formats if n.startswith(prefix + ".")}
             where = f"layer {i + 1}/{lm.n_layers}"
             try:
-                with HessianCollector(modules, owner=layer) as hc:
+                with HessianCollector(modules, owner=layer, activation_stats=stage.activation_stats) as hc:
                     run_layer(layer, hidden, capture.kwargs[i], where)
                 results = stage.compress_layer(layer, prefix + ".", modules, targets.formats, hc)
             except UserError as e:  # the input itself is refused: a resume would fail the same way

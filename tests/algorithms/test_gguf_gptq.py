@@ -52,6 +52,20 @@ def test_identity_hessian_gives_llama_cpp_bytes(name):
     assert torch.equal(gguf_gptq(W, torch.eye(256), fmt, act_order=False).data, fmt.quantize(W))
 
 
+@pytest.mark.parametrize("name", ["q4_0", "q5_0", "q4_k", "q6_k"])
+def test_dead_inputs_keep_llama_cpp_codes(name):
+    """An input channel calibration never activates keeps its nearest code on the given grid
+    (its weights are not zeroed as when GPTQ picks the grid): deployment text may use it."""
+    fmt = gguf_format(name)
+    X = _calibration()
+    X[40:48] = 0
+    W = torch.randn(32, 256, generator=torch.Generator().manual_seed(3))
+    ours = gguf_gptq(W, 2 * X @ X.T / X.shape[1], fmt).dequantize()
+    plain = fmt.dequantize(fmt.quantize(W), W.shape)
+    assert torch.equal(ours[:, 40:48], plain[:, 40:48])
+    assert not torch.equal(ours, plain)  # the live columns did move
+
+
 def test_bad_shapes_and_values():
     fmt = gguf_format("q4_k")
     with pytest.raises(UserError, match="multiple of 256"):

@@ -29,9 +29,10 @@ class HessianCollector:
         H, n_tokens = hc.hessian("q")
     """
 
-    def __init__(self, modules: dict[str, nn.Linear], owner: nn.Module):
+    def __init__(self, modules: dict[str, nn.Linear], owner: nn.Module, activation_stats: bool = True):
         self.modules = modules
         self.owner = owner  # the layer: its pre-hook marks the start of each forward
+        self.activation_stats = activation_stats  # mean and max |x|: two passes over each input, for AWQ/SmoothQuant
         self._H: dict[str, torch.Tensor | None] = dict.fromkeys(modules)
         self._n: dict[str, int] = dict.fromkeys(modules, 0)
         self._abs: dict[str, torch.Tensor | None] = dict.fromkeys(modules)  # running sum of |x|
@@ -100,17 +101,20 @@ class HessianCollector:
             elif name in self._alias:
                 return
             x = x.detach()
-            flat = x.reshape(-1, x.shape[-1]).to(torch.float32)
-            # reductions straight from the input: ``flat.abs()`` would copy it (the widest input,
-            # e.g. a down projection's, is the layer's largest activation)
-            total = torch.linalg.vector_norm(flat, ord=1, dim=0).to(torch.float64)
-            self._abs[name] = total if self._abs[name] is None else self._abs[name] + total
-            if len(flat):  # NaN propagates through the max, so abs_max's callers see a bad activation
-                amax = torch.linalg.vector_norm(flat, ord=float("inf"), dim=0)
-                self._amax[name] = amax if self._amax[name] is None else torch.maximum(self._amax[name], amax)
+            if self.activation_stats:
+                self._observe_abs(name, x.reshape(-1, x.shape[-1]).to(torch.float32))
             self._H[name], self._n[name] = accumulate_hessian(self._H[name], self._n[name], x)
 
         return hook
+
+    def _observe_abs(self, name: str, flat: torch.Tensor) -> None:
+        # reductions straight from the input: ``flat.abs()`` would copy it (the widest input,
+        # e.g. a down projection's, is the layer's largest activation)
+        total = torch.linalg.vector_norm(flat, ord=1, dim=0).to(torch.float64)
+        self._abs[name] = total if self._abs[name] is None else self._abs[name] + total
+        if len(flat):  # NaN propagates through the max, so abs_max's callers see a bad activation
+            amax = torch.linalg.vector_norm(flat, ord=float("inf"), dim=0)
+            self._amax[name] = amax if self._amax[name] is None else torch.maximum(self._amax[name], amax)
 
     def hessian(self, name: str) -> tuple[torch.Tensor | None, int]:
         """``(H, tokens)`` for ``name``; ``(None, 0)`` when it saw no input (an idle expert)."""
@@ -133,11 +137,17 @@ class HessianCollector:
 
     def mean_abs(self, name: str) -> torch.Tensor | None:
         """Mean ``|x|`` per input channel over all calibration tokens (AWQ's activation scale)."""
+        self._check_stats()
         owner = self._alias.get(name, name)
         n = self._n[owner]
         return None if n == 0 else (self._abs[owner] / n).to(torch.float32)
 
     def abs_max(self, name: str) -> torch.Tensor | None:
         """Max ``|x|`` per input channel over all calibration tokens (SmoothQuant's activation scale)."""
+        self._check_stats()
         owner = self._alias.get(name, name)
         return None if self._n[owner] == 0 else self._amax[owner]
+
+    def _check_stats(self) -> None:
+        if not self.activation_stats:
+            raise RuntimeError("this collector was made with activation_stats=False")

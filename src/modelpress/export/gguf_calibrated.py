@@ -68,7 +68,7 @@ def gptq_gguf_tensors(model: str, types: dict[str, str], calibration: Calibratio
         prefix = lm.layer_prefix(i) + "."
         modules = {n: layer.get_submodule(n.removeprefix(prefix)) for n in linears if n.startswith(prefix)}
         where = f"layer {i + 1}/{lm.n_layers}"
-        with HessianCollector(modules, owner=layer) as hc:
+        with HessianCollector(modules, owner=layer, activation_stats=False) as hc:
             run_layer(layer, hidden, capture.kwargs[i], where)
         groups: dict[tuple[str, str], list[str]] = {}
         for name in modules:
@@ -112,5 +112,5 @@ def _better_rows(W: torch.Tensor, H: torch.Tensor, fmt, rtn: torch.Tensor, gptq:
         D = fmt.dequantize(data, tuple(W.shape)) - W
         return ((D @ H) * D).sum(dim=1)
 
-    keep_gptq = row_err(gptq) <= row_err(rtn)
+    keep_gptq = row_err(gptq) < row_err(rtn)  # a tie keeps llama.cpp's codes
     return torch.where(keep_gptq[:, None], gptq, rtn)
