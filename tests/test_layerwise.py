@@ -84,6 +84,15 @@ def test_gptq_checkpoint_loads_and_beats_rtn(tiny_models, tiny_tokenizer, tmp_pa
     assert _logit_error(path, tmp_path / "gptq", ids) < _logit_error(path, tmp_path / "rtn", ids)
 
 
+def test_layer_loop_leaves_no_frozen_objects(tiny_models, tmp_path):
+    """The per-layer collections freeze their survivors for speed; the run must hand them back, so a
+    program that calls compress keeps its cyclic garbage collectable."""
+    import gc
+
+    compress(str(tiny_models["llama"]), _gptq(), str(tmp_path / "q"))
+    assert gc.get_freeze_count() == 0
+
+
 def test_resume_after_interrupt_equals_an_uninterrupted_run(tiny_models, tmp_path, monkeypatch):
     path = tiny_models["qwen2"]
     config = _gptq(bits=4)

@@ -20,7 +20,7 @@ The runner never names an algorithm or a model family: methods plug in as stages
 from __future__ import annotations
 
 import functools
-
+import gc
 import logging
 from dataclasses import dataclass, field
 from typing import Iterator
@@ -81,9 +81,8 @@ def release_memory() -> None:
     The survivors of each full collection are frozen (``gc.freeze``): they are the long-lived
     model skeleton and libraries, and the next collection need not walk them again (a full
     collection with transformers loaded takes about 0.2 s, once per layer).
+    :meth:`LayerwiseModel.free_layer` unfreezes them after the last layer.
     """
-    import gc
-
     gc.collect()
     gc.freeze()
     libc = _libc()
@@ -215,6 +214,8 @@ class LayerwiseModel:
     def free_layer(self, i: int) -> None:
         self.layer_list[i].to("meta")
         release_memory()
+        if i == self.n_layers - 1:  # the loop is over: hand the collector back what release_memory froze
+            gc.unfreeze()
 
     def free_outside_layers(self) -> None:
         """Drop the tensors outside the decoder layers (embeddings, head) once the layer inputs
