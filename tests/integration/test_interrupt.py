@@ -19,6 +19,9 @@ def test_signal_mid_compress_leaves_no_output(smollm2, tmp_path, sig):
         [sys.executable, "-m", "modelpress", "compress", str(smollm2), "--bits", "4", "--group-size", "64",
          "--observer", "mse", "-o", str(out)],
         stderr=subprocess.PIPE, text=True,
+        # A shell without job control starts background jobs with SIGINT ignored, children inherit
+        # that, and Python then installs no KeyboardInterrupt handler: give the child the default.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     lines = []
     for line in proc.stderr:  # wait until it is really working on tensors
