@@ -6,7 +6,7 @@ process timed by /usr/bin/time (wall seconds and peak resident memory); both out
 loaded with plain transformers and evaluated by the same code (ppl-512 on Pride and Prejudice).
 
 Usage (from the project root, after scripts/setup.sh and scripts/setup_bench.sh):
-    .venv/bin/python benchmarks/calibrated.py [--models smollm2,gemma3] [--methods gptq4,gptq3,awq4]
+    .venv/bin/python benchmarks/calibrated.py [--models smollm2,gemma3] [--methods gptq4,gptq3,awq4,rtn3,gptq4-minmax]
         [--tools modelpress,llm-compressor]
         [--calib-samples 128] [--windows 40] [--fresh]
 
