@@ -90,26 +90,34 @@ class Table:
 
     def __init__(self, calib_samples: int, windows: int, fresh: bool):
         self.protocol = {"calib_samples": calib_samples, "windows": windows}
-        self.rows: list[dict] = []
         default = (calib_samples, windows) == (CALIB_128X512.n_windows, PPL_512.n_windows)
         self.stem = "calibrated" if default else f"calibrated-{calib_samples}x{windows}"
+        self.fresh = fresh
+        self.mine: dict[tuple, dict] = {}  # the rows this invocation measured
+        self.rows: list[dict] = [] if fresh else self._saved()
+
+    def _saved(self) -> list[dict]:
         path = RESULTS / f"{self.stem}.json"
-        if path.exists() and not fresh:
+        if path.exists():
             saved = json.loads(path.read_text())
             if isinstance(saved, dict) and saved.get("protocol") == self.protocol:
-                self.rows = saved["rows"]
+                return saved["rows"]
+        return []
 
     def add(self, row: dict) -> None:
         row = {**row, "measured": time.strftime("%Y-%m-%d")}
         key = (row["model"], row["tool"], row["method"])
-        self.rows = [r for r in self.rows if (r["model"], r["tool"], r["method"]) != key] + [row]
+        self.mine[key] = row
+        # re-read the saved rows first: another invocation (the other tool, run beside this one) may have added some
+        rows = {(r["model"], r["tool"], r["method"]): r for r in ([] if self.fresh else self._saved())}
+        self.rows = list({**rows, **self.mine}.values())
         self.rows.sort(key=lambda r: (r["model"], r["method"] != "-", r["method"], r["tool"]))
         print(json.dumps(row), flush=True)
         self.save()
 
     def save(self) -> None:
         RESULTS.mkdir(exist_ok=True)
-        tmp = RESULTS / f"{self.stem}.json.tmp"
+        tmp = RESULTS / f"{self.stem}.json.{os.getpid()}.tmp"
         tmp.write_text(json.dumps({"protocol": self.protocol, "rows": self.rows}, indent=2))
         tmp.replace(RESULTS / f"{self.stem}.json")
         md = (f"calibration: {self.protocol['calib_samples']} x {CALIB_128X512.seq_len} tokens of emma.txt; "
@@ -180,7 +188,8 @@ def main() -> None:
     parser.add_argument("--tools", default="modelpress,llm-compressor")
     parser.add_argument("--calib-samples", type=int, default=CALIB_128X512.n_windows)
     parser.add_argument("--windows", type=int, default=PPL_512.n_windows)
-    parser.add_argument("--work", default=str(ROOT / "runs" / "bench"))
+    parser.add_argument("--work", default=str(ROOT / "runs" / f"bench-{os.getpid()}"),
+                        help="scratch folder (emptied first; one per invocation, so two can run side by side)")
     parser.add_argument("--fresh", action="store_true", help="discard the saved rows of this protocol")
     args = parser.parse_args()
     work = Path(args.work)

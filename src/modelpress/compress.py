@@ -164,12 +164,14 @@ class AWQConfig(QuantConfig):
         bits: 4
         group_size: 128
         n_grid: 20             # alpha grid of the scale search, and ratios of the clip search
+        scale_search: both     # s = x^a (activation), x^a / w^(1-a) (duo), or the best of both
         clip: true             # per-group clip search scored by output error
         calibration: {text: calib.txt, samples: 128, seq_len: 512}
     """
 
     method: Literal["awq"] = "awq"
     n_grid: int = Field(20, ge=2)
+    scale_search: Literal["activation", "duo", "both"] = "both"
     clip: bool = True
     calibration: CalibrationConfig = Field(default_factory=CalibrationConfig)
 

@@ -167,13 +167,14 @@ class AWQStage:
             H, n_tokens = hc.hessian(names[0])
             if n_tokens == 0:
                 continue
+            families = ("activation", "duo") if self.config.scale_search == "both" else (self.config.scale_search,)
             search = search_scale([modules[n].weight.data for n in names], H, hc.mean_abs(names[0]),
-                                  [formats[n] for n in names], n_grid=self.config.n_grid)
+                                  [formats[n] for n in names], n_grid=self.config.n_grid, families=families)
             fold_scale(layer.get_submodule(norm_name), [layer.get_submodule(n) for n in linear_names],
                        search.s, offset)
             for n in names:
                 scaled[n] = search.s
-                info[n] = {"awq_alpha": search.alpha, "awq_loss_gain": 1 - search.loss / max(search.loss_unscaled, 1e-30)}
+                info[n] = {"awq_alpha": search.alpha, "awq_duo": search.duo, "awq_loss_gain": 1 - search.loss / max(search.loss_unscaled, 1e-30)}
         out = {}
         for name, linear in modules.items():
             W, fmt = linear.weight.data, formats[name]

@@ -9,14 +9,20 @@ Two searches, both scored by the layer-output error they cause on calibration in
    activations. Multiplying column ``j`` of ``W`` by ``s_j > 1`` (and dividing the input by it,
    folded into the preceding norm) shrinks that channel's relative rounding error. With
    ``s = s_X^alpha`` (``s_X``: mean ``|x|`` per channel), ``alpha`` is chosen on a grid in [0, 1).
+   The grid also holds the "duo" candidates ``s = s_X^alpha / s_W^(1 - alpha)`` (``s_W``: mean
+   of ``|W|`` per input channel, each group normalised by its absmax), the form AutoAWQ and
+   llm-compressor default to: one search over both families keeps whichever scores lower, so
+   the result is never worse than either family alone.
 2. **Clip search** (the reference code's ``auto_clip``): each group's range is shrunk by the ratio
    that minimizes that group's contribution to the output error.
 
 Both errors are ``||(Q(W') - W) X||^2`` for the quantized, unscaled weight; written with the
 Hessian ``H = X X^T`` as ``tr(D H D^T)`` they need no stored activations, only the ``H`` the
 runner already collects (the reference code evaluates the same quantity on sampled tokens).
-Simplification: the scale search covers the Linears fed by a norm (q/k/v, gate/up, as the
-architecture table lists them); the reference also scales v->o and up->down pairs.
+Scales are searched for every producer -> consumers pair the architecture table lists: the
+norms feeding q/k/v and gate/up, and up_proj's rows into down_proj. Simplification: the
+reference also scales v -> o where v has as many rows as o has inputs; every grouped-query
+model skips that pair in the reference too, so it is left out here.
 
 Example:
     >>> import torch
@@ -42,9 +48,14 @@ MAX_SHRINK = 0.5  # the clip search tries ranges down to half of min/max
 
 
 def output_error(W: torch.Tensor, W_hat: torch.Tensor, H: torch.Tensor) -> torch.Tensor:
-    """``tr((W_hat - W) H (W_hat - W)^T)``: the layer-output error over the calibration set."""
-    D = (W_hat - W).to(torch.float64)
-    return torch.einsum("oi,ij,oj->", D, H.to(torch.float64), D)
+    """``tr((W_hat - W) H (W_hat - W)^T)``: the layer-output error over the calibration set.
+
+    One float32 matrix product, summed in float64: the searches compare candidates whose errors
+    differ far more than float32's rounding of a product over ``in`` terms (about 1e-6 relative),
+    and a float64 product costs twice as much on the searches' hot path.
+    """
+    D = (W_hat - W).to(torch.float32)
+    return ((D @ H.to(torch.float32)) * D).sum(dtype=torch.float64)
 
 
 @dataclass
@@ -53,34 +64,53 @@ class ScaleSearch:
 
     s: torch.Tensor  # (in,)
     alpha: float
+    duo: bool  # s = x^alpha / w^(1 - alpha) rather than x^alpha
     loss: float
     loss_unscaled: float
 
 
+def weight_magnitude(Ws: list[torch.Tensor], fmts: list[IntFormat]) -> torch.Tensor:
+    """Mean ``|W|`` per input channel over the rows of ``Ws``, each quantization group divided by
+    its absmax first (so that a channel's weight counts relative to what its group can hold)."""
+    total, rows = 0, 0
+    for W, fmt in zip(Ws, fmts):
+        Wg = fmt._grouped(W.to(torch.float32)).abs()  # (rows, n_groups, g)
+        Wg = Wg / (Wg.amax(dim=(-2, -1) if fmt.granularity == "tensor" else -1, keepdim=True) + 1e-6)
+        total = total + Wg.reshape(W.shape).sum(0, dtype=torch.float64)
+        rows += W.shape[0]
+    return (total / rows).to(torch.float32)
+
+
 def search_scale(
-    Ws: list[torch.Tensor], H: torch.Tensor, x_abs_mean: torch.Tensor, fmts: list[IntFormat], n_grid: int = N_GRID
+    Ws: list[torch.Tensor], H: torch.Tensor, x_abs_mean: torch.Tensor, fmts: list[IntFormat], n_grid: int = N_GRID,
+    families: tuple[str, ...] = ("activation", "duo"),
 ) -> ScaleSearch:
-    """Grid-search ``alpha`` for ``s = x_abs_mean^alpha`` over Linears sharing one input.
+    """Grid-search ``alpha`` for ``s = x_abs_mean^alpha`` (and ``/ w^(1 - alpha)``, the duo
+    family) over Linears sharing one input; ``alpha = 0`` (no scaling) is always a candidate.
 
     Args:
         Ws: weights ``(out_k, in)`` that read the same input.
         H: ``X X^T`` of that input, ``(in, in)``.
         x_abs_mean: mean ``|x|`` per input channel, ``(in,)``.
         fmts: each weight's format.
+        families: which forms of ``s`` to search: ``"activation"``, ``"duo"`` or both.
     """
     x = x_abs_mean.to(torch.float32).clamp(min=1e-6)
-    best = None
-    losses = []
-    for i in range(n_grid):
-        alpha = i / n_grid
-        s = x.pow(alpha)
+    w = weight_magnitude(Ws, fmts) if "duo" in families else None
+    H32 = H.to(torch.float32)
+    candidates = [(0.0, False)] + [(i / n_grid, duo) for duo in (False, True) if ("duo" if duo else "activation") in families
+                                   for i in range(1, n_grid)]
+    best, loss_unscaled = None, None
+    for alpha, duo in candidates:
+        s = x.pow(alpha) / (w.pow(1 - alpha) + 1e-4) if duo else x.pow(alpha)
+        s = s.clamp(min=1e-4)
         s = s / (s.max() * s.min()).sqrt()  # centre the scales around 1 (as the reference does)
-        loss = sum(output_error(W, fmt.quantize(W * s).dequantize() / s, H) for W, fmt in zip(Ws, fmts)).item()
-        losses.append(loss)
+        loss = sum(output_error(W, fmt.quantize(W * s).dequantize() / s, H32) for W, fmt in zip(Ws, fmts)).item()
+        loss_unscaled = loss if loss_unscaled is None else loss_unscaled
         if best is None or loss < best[0]:
-            best = (loss, alpha, s)
-    loss, alpha, s = best
-    return ScaleSearch(s=s, alpha=alpha, loss=loss, loss_unscaled=losses[0])
+            best = (loss, alpha, duo, s)
+    loss, alpha, duo, s = best
+    return ScaleSearch(s=s, alpha=alpha, duo=duo, loss=loss, loss_unscaled=loss_unscaled)
 
 
 def _diagonal_blocks(H: torch.Tensor, g: int) -> torch.Tensor:

@@ -57,6 +57,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     order.add_argument("--no-act-order", dest="act_order", action="store_false")
     g.add_argument("--damp", type=float, default=0.01, help="GPTQ: damping as a fraction of the mean Hessian diagonal (default 0.01)")
     g.add_argument("--block-size", type=options.positive_int, default=128, help="GPTQ: columns per lazy-update block (default 128)")
+    g.add_argument("--scale-search", choices=["activation", "duo", "both"], default="both",
+                   help="awq: per-channel scales x^a (activation), x^a / w^(1-a) (duo), or the better of both "
+                        "per layer (default)")
     g.add_argument("--resume", action="store_true", help="continue an interrupted run from OUT.partial")
     parser.add_argument("--eval", action="store_true", help="after compressing, evaluate against the original")
     options.add_eval_text(parser)
@@ -85,7 +88,7 @@ def build_config(args: argparse.Namespace):
     if args.method == "gptq":
         fields.update(act_order=args.act_order, damp=args.damp, block_size=args.block_size, calibration=calibration)
     elif args.method == "awq":
-        fields.update(calibration=calibration)
+        fields.update(scale_search=args.scale_search, calibration=calibration)
     elif args.method == "smoothquant":
         fields.update(alpha=args.alpha, weights=args.weights, act_order=args.act_order, damp=args.damp,
                       block_size=args.block_size, calibration=calibration)
