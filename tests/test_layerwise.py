@@ -155,12 +155,23 @@ def test_awq_scale_folding_is_exact_before_rounding(tiny_models, model_type):
     capture = lm.capture([torch.randint(3, 300, (2, 30))])
     layer = lm.load_layer(0)
     before = run_layer(layer, capture.hidden, capture.kwargs[0])[0]
-    for producer, linears, offset in lm.arch.scale_pairs():
+    for producer, linears, offset in lm.arch.scale_pairs(layer):
         first = layer.get_submodule(linears[0])
         s = torch.rand(first.in_features) * 3 + 0.2
         fold_scale(layer.get_submodule(producer), [layer.get_submodule(n) for n in linears], s, offset)
     after = run_layer(layer, capture.hidden, capture.kwargs[0])[0]
     torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-4)
+
+
+def test_v_to_o_scaling_only_where_each_v_channel_feeds_one_o_column(tiny_models):
+    """Multi-head attention (OPT) folds a scale through v_proj into o_proj; grouped-query (the tiny
+    llama: 2 kv heads for 4 query heads) cannot, so the pair is skipped there."""
+    pairs = {}
+    for model_type in ("llama", "opt"):
+        lm = LayerwiseModel(loading.resolve(tiny_models[model_type]))
+        pairs[model_type] = {p for p, _, _ in lm.arch.scale_pairs(lm.load_layer(0))}
+    assert "self_attn.v_proj" in pairs["opt"] and "fc1" in pairs["opt"]
+    assert "self_attn.v_proj" not in pairs["llama"] and "mlp.up_proj" in pairs["llama"]
 
 
 @pytest.mark.parametrize("model_type", ["llama", "gemma3_text", "qwen2", "opt"])

@@ -149,7 +149,8 @@ def _stackable(modules: dict[str, nn.Linear], formats: dict, hc) -> list[list[st
 
 
 class AWQStage:
-    """AWQ: per-channel scales folded into the norms that feed the Linears, then clip search."""
+    """AWQ: per-channel scales folded into the producers of the Linears' inputs (norms; up_proj
+    for down_proj; v_proj for o_proj where the widths match), then clip search."""
 
     activation_stats = True  # does it read mean/max |x| (besides H)?
 
@@ -160,7 +161,7 @@ class AWQStage:
     def compress_layer(self, layer: nn.Module, prefix: str, modules: dict[str, nn.Linear], formats: dict, hc) -> dict:
         scaled: dict[str, torch.Tensor] = {}  # module -> s: its input is now x / s
         info: dict[str, dict] = {}
-        for norm_name, linear_names, offset in self.arch.scale_pairs():
+        for norm_name, linear_names, offset in self.arch.scale_pairs(layer):
             names = [f"{prefix}{n}" for n in linear_names if f"{prefix}{n}" in modules]
             if not names:
                 continue
@@ -195,9 +196,9 @@ class AWQStage:
 class SmoothQuantStage:
     """SmoothQuant W8A8: smoothing folded into the norms, int8 weights (RTN or GPTQ), int8 inputs.
 
-    Per ``norm_to_linears`` group: ``s`` from the inputs' per-channel max and the weights (Eq. 4 of
-    arXiv:2211.10438), folded into the norm; Linears without a norm before them (o_proj,
-    down_proj) stay unsmoothed, as in the paper's code. Static input scales are the max ``|x|``
+    Per producer -> consumers pair of the architecture table (norm -> q/k/v and gate/up, up ->
+    down, v -> o where the widths match): ``s`` from the inputs' per-channel max and the weights
+    (Eq. 4 of arXiv:2211.10438), folded into the producer. Static input scales are the max ``|x|``
     over the calibration tokens of each Linear's (smoothed) input, measured on the outputs of the
     already-compressed layers before it; within the layer, on its float forward (as GPTQ's
     Hessians are).
@@ -219,7 +220,7 @@ class SmoothQuantStage:
         """Fold each norm group's ``s`` into the layer (exact in float); ``module -> Smoothing``
         for the target Linears that now read ``x / s``."""
         smoothing = {}
-        for norm_name, linear_names, offset in self.arch.scale_pairs():
+        for norm_name, linear_names, offset in self.arch.scale_pairs(layer):
             names = [f"{prefix}{n}" for n in linear_names if f"{prefix}{n}" in modules]
             amax = hc.abs_max(names[0]) if names else None
             if amax is None:

@@ -19,10 +19,10 @@ Two searches, both scored by the layer-output error they cause on calibration in
 Both errors are ``||(Q(W') - W) X||^2`` for the quantized, unscaled weight; written with the
 Hessian ``H = X X^T`` as ``tr(D H D^T)`` they need no stored activations, only the ``H`` the
 runner already collects (the reference code evaluates the same quantity on sampled tokens).
-Scales are searched for every producer -> consumers pair the architecture table lists: the
-norms feeding q/k/v and gate/up, and up_proj's rows into down_proj. Simplification: the
-reference also scales v -> o where v has as many rows as o has inputs; every grouped-query
-model skips that pair in the reference too, so it is left out here.
+Scales are searched for every producer -> consumers pair the architecture table lists, as in
+the reference: the norms feeding q/k/v and gate/up, up_proj's rows into down_proj, and v_proj's
+rows into o_proj where v has as many rows as o has inputs (grouped-query models skip that pair,
+as the reference does).
 
 Example:
     >>> import torch

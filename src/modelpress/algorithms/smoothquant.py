@@ -20,8 +20,9 @@ Which Linears are smoothed: those fed by a norm (the architecture table's ``norm
 q/k/v and gate/up in Llama-like models), as in the paper's released code (``smooth_lm``), and,
 beyond it, down_proj (OPT: fc2), whose input ``act(gate) * up`` is linear in up_proj's output
 channel by channel, so ``diag(s)^-1`` folds exactly into up_proj's rows (the table's
-``linear_to_linears``). o_proj stays unsmoothed: with grouped-query attention one v_proj channel
-feeds several o_proj columns.
+``linear_to_linears``), and o_proj through v_proj's rows where each v channel feeds one o
+column (multi-head attention: o reads a convex mix of v's rows). With grouped-query attention
+one v channel feeds several o columns, so o_proj stays unsmoothed there.
 
 Static vs dynamic inputs: a static per-tensor scale must cover the largest input ever seen.
 Unsmoothed, the down_proj inputs carry "massive activations" (a few channels of a few tokens,

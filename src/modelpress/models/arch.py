@@ -47,8 +47,11 @@ class ArchSpec:
         norm_to_linears: inside one layer, ``(norm, (linears it feeds...))`` pairs.
         linear_to_linears: ``(linear, (linears it feeds...))`` pairs where the consumers' input is
             the producer's output times something that does not depend on it, channel by channel
-            (``act(gate) * up`` feeding ``down``; a ReLU, which commutes with positive scales):
+            (``act(gate) * up`` feeding ``down``; a ReLU, which commutes with positive scales;
+            attention, whose output is a convex mix of v_proj's rows, feeding o_proj):
             a per-channel scale can move from the consumers' columns to the producer's rows exactly.
+            A pair whose widths differ in a given model (v -> o under grouped-query attention,
+            where one v channel feeds several o columns) is skipped for that model.
         moe: the mixture-of-experts blocks, or ``None`` for a dense model (see :class:`MoESpec`).
         norm_offset: the norms multiply by ``offset + weight`` (1 for Gemma's RMSNorm), which
             matters when a per-channel scale is folded into the norm.
@@ -60,13 +63,20 @@ class ArchSpec:
     moe: MoESpec | None = None
     norm_offset: float = 0.0
 
-    def scale_pairs(self) -> list[tuple[str, tuple[str, ...], float]]:
-        """Every ``(producer, consumers, offset)`` a per-channel scale can be folded through."""
-        return ([(n, c, self.norm_offset) for n, c in self.norm_to_linears]
-                + [(p, c, 0.0) for p, c in self.linear_to_linears])
+    def scale_pairs(self, layer=None) -> list[tuple[str, tuple[str, ...], float]]:
+        """Every ``(producer, consumers, offset)`` a per-channel scale can be folded through;
+        given a decoder ``layer``, only those whose producer's output width is every consumer's
+        input width in it."""
+        pairs = ([(n, c, self.norm_offset) for n, c in self.norm_to_linears]
+                 + [(p, c, 0.0) for p, c in self.linear_to_linears])
+        if layer is None:
+            return pairs
+        return [(p, cs, offset) for p, cs, offset in pairs
+                if all(layer.get_submodule(c).in_features == layer.get_submodule(p).weight.shape[0] for c in cs)]
 
 
-_GATED_MLP = (("mlp.up_proj", ("mlp.down_proj",)),)  # down reads act(gate) * up
+_ATTENTION_OUT = ("self_attn.v_proj", ("self_attn.o_proj",))  # o reads softmax(q k^T) v, per channel of v
+_GATED_MLP = (_ATTENTION_OUT, ("mlp.up_proj", ("mlp.down_proj",)))  # down reads act(gate) * up
 
 _LLAMA_LIKE = ArchSpec(
     layers="model.layers",
@@ -105,19 +115,19 @@ ARCHITECTURES: dict[str, ArchSpec] = {
         ),
     ),
     # MoE: the router (mlp.gate) is not an nn.Linear in transformers 5, so it is never a target;
-    # AWQ/SmoothQuant fold no scale into the experts (only into attention)
+    # AWQ/SmoothQuant fold no scale into the experts (only into attention: q/k/v and o)
     "mixtral": ArchSpec(
-        layers="model.layers", norm_to_linears=_LLAMA_ATTENTION,
+        layers="model.layers", norm_to_linears=_LLAMA_ATTENTION, linear_to_linears=(_ATTENTION_OUT,),
         moe=MoESpec(experts="mlp.experts", projections=("w1", "w3", "w2"),
                     checkpoint_prefix=("mlp.", "block_sparse_moe.")),
     ),
     "qwen2_moe": ArchSpec(
-        layers="model.layers", norm_to_linears=_LLAMA_ATTENTION,
+        layers="model.layers", norm_to_linears=_LLAMA_ATTENTION, linear_to_linears=(_ATTENTION_OUT,),
         moe=MoESpec(experts="mlp.experts", projections=("gate_proj", "up_proj", "down_proj"),
                     kept=("mlp.shared_expert_gate",)),
     ),
     "qwen3_moe": ArchSpec(
-        layers="model.layers", norm_to_linears=_LLAMA_ATTENTION,
+        layers="model.layers", norm_to_linears=_LLAMA_ATTENTION, linear_to_linears=(_ATTENTION_OUT,),
         moe=MoESpec(experts="mlp.experts", projections=("gate_proj", "up_proj", "down_proj")),
     ),
     "opt": ArchSpec(
@@ -126,7 +136,8 @@ ARCHITECTURES: dict[str, ArchSpec] = {
             ("self_attn_layer_norm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
             ("final_layer_norm", ("fc1",)),
         ),
-        linear_to_linears=(("fc1", ("fc2",)),),  # fc2 reads relu(fc1): relu(x / s) = relu(x) / s for s > 0
+        linear_to_linears=(("self_attn.v_proj", ("self_attn.out_proj",)),
+                           ("fc1", ("fc2",))),  # fc2 reads relu(fc1): relu(x / s) = relu(x) / s for s > 0
     ),
 }
 
