@@ -124,7 +124,9 @@ class Table:
               f"evaluation: ppl-512 ({self.protocol['windows']} windows) on pride_and_prejudice.txt. "
               "Each tool at its defaults beyond bits, group and symmetry: modelpress GPTQ with act-order and "
               "MSE-searched group scales (rows marked minmax: min/max scales), llm-compressor GPTQ with "
-              "act-order static and min/max scales\n\n"
+              "act-order static and min/max scales; modelpress AWQ with its scale search over both families and its "
+              "clip search, llm-compressor AWQ with duo scaling and min/max scales (it has no clip search). "
+              "Wall times of rows measured beside other work are not comparable: see the README\n\n"
               f"{table(self.rows)}\n")
         (RESULTS / f"{self.stem}.md").write_text(md)
 
@@ -167,8 +169,8 @@ def run(models: list[str], methods: list[str], tools: list[str], calib_samples: 
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| model | tool | method | bits/weight | ppl | Δ vs float | wall s | peak RSS MB |",
-             "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: |"]
+    lines = ["| model | tool | method | bits/weight | ppl | Δ vs float | wall s | peak RSS MB | measured |",
+             "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | --- |"]
     floats = {r["model"]: r["ppl"] for r in rows if r["tool"] == "float32"}
     for r in rows:
         delta = "" if r["tool"] == "float32" else f"{100 * (r['ppl'] / floats[r['model']] - 1):+.2f}%"
@@ -177,7 +179,7 @@ def table(rows: list[dict]) -> str:
         wall = f"{r['wall_s']:.0f}" if "wall_s" in r else ""
         rss = f"{r['peak_rss_mb']:.0f}" if "peak_rss_mb" in r else ""
         lines.append(f"| {r['model']} | {r['tool']} | {r['method']} | {r['bits_per_weight']:.3f} | {r['ppl']:.3f} | "
-                     f"{delta} | {wall} | {rss} |")
+                     f"{delta} | {wall} | {rss} | {r.get('measured', '')} |")
     return "\n".join(lines)
 
 
