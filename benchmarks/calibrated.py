@@ -94,7 +94,7 @@ class Table:
         self.stem = "calibrated" if default else f"calibrated-{calib_samples}x{windows}"
         self.fresh = fresh
         self.mine: dict[tuple, dict] = {}  # the rows this invocation measured
-        self.rows: list[dict] = [] if fresh else self._saved()
+        self.rows: list[dict] = []  # what save() writes: the saved rows merged with ours, set by add()
 
     def _saved(self) -> list[dict]:
         path = RESULTS / f"{self.stem}.json"

@@ -151,3 +151,20 @@ def checkpoint_tensors(folder: Path) -> dict[str, torch.Tensor]:
         with safe_open(str(path), framework="pt") as f:
             out.update({k: f.get_tensor(k) for k in f.keys()})
     return out
+
+
+def plain_transformers_ppl(path, eval_text: Path, windows: int) -> float:
+    """ppl-512 over the first ``windows`` windows of ``eval_text``, the checkpoint loaded by plain
+    transformers (no modelpress code on the loading path) and tokenized by its own tokenizer."""
+    from dataclasses import replace
+
+    from transformers import AutoModelForCausalLM
+
+    from modelpress.data import PPL_512, read_text, token_windows
+    from modelpress.eval.perplexity import evaluate
+    from modelpress.models import loading
+
+    ids = token_windows(loading.load_tokenizer(loading.resolve(path)), read_text(eval_text),
+                        replace(PPL_512, n_windows=windows))
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    return evaluate(model.eval(), ids).ppl

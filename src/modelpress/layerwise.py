@@ -168,9 +168,9 @@ class AWQStage:
             H, n_tokens = hc.hessian(names[0])
             if n_tokens == 0:
                 continue
-            families = ("activation", "duo") if self.config.scale_search == "both" else (self.config.scale_search,)
             search = search_scale([modules[n].weight.data for n in names], H, hc.mean_abs(names[0]),
-                                  [formats[n] for n in names], n_grid=self.config.n_grid, families=families)
+                                  [formats[n] for n in names], n_grid=self.config.n_grid,
+                                  family=self.config.scale_search)
             fold_scale(layer.get_submodule(norm_name), [layer.get_submodule(n) for n in linear_names],
                        search.s, offset)
             for n in names:

@@ -60,7 +60,7 @@ def test_searching_both_families_is_never_worse_than_either(spec):
     g = torch.Generator().manual_seed(3)
     Ws = [torch.randn(64, 128, generator=g) * torch.logspace(-1, 0.5, 128)]  # uneven weight columns too
     both = search_scale(Ws, H, X.abs().mean(1), [fmt])
-    alone = {f: search_scale(Ws, H, X.abs().mean(1), [fmt], families=(f,)) for f in ("activation", "duo")}
+    alone = {f: search_scale(Ws, H, X.abs().mean(1), [fmt], family=f) for f in ("activation", "duo")}
     assert both.loss <= min(a.loss for a in alone.values()) * (1 + 1e-9)
     assert not alone["activation"].duo and (alone["duo"].duo or alone["duo"].alpha == 0)
     assert all(a.loss_unscaled == both.loss_unscaled for a in alone.values())  # alpha = 0 scored first

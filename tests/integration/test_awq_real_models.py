@@ -2,15 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 import pytest
-import torch
+from conftest import plain_transformers_ppl
 
 from modelpress.compress import AWQConfig, RTNConfig, compress
-from modelpress.data import PPL_512, read_text, token_windows
-from modelpress.eval.perplexity import evaluate
-from modelpress.models import loading
 
 pytestmark = pytest.mark.slow
 WINDOWS = 8
@@ -22,12 +17,9 @@ def test_awq_int3_recovers_most_of_rtn_int3_loss(smollm2, eval_text, tmp_path):
     fmt = {"bits": 3, "group_size": 64, "symmetric": False}
     record = compress(str(smollm2), AWQConfig(**fmt, calibration=CALIB), str(tmp_path / "awq"))
     compress(str(smollm2), RTNConfig(**fmt), str(tmp_path / "rtn"))
-    ids = token_windows(loading.load_tokenizer(loading.resolve(smollm2)), read_text(eval_text),
-                        replace(PPL_512, n_windows=WINDOWS))
-    from transformers import AutoModelForCausalLM
 
     def ppl(path):  # plain transformers loads the compressed-tensors checkpoint
-        return evaluate(AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval(), ids).ppl
+        return plain_transformers_ppl(path, eval_text, WINDOWS)
 
     float_ppl, awq_ppl, rtn_ppl = ppl(smollm2), ppl(tmp_path / "awq"), ppl(tmp_path / "rtn")
     # the excess perplexity over float at least halves

@@ -7,16 +7,12 @@ import math
 import signal
 import subprocess
 import sys
-from dataclasses import replace
 
 import pytest
 import torch
-from conftest import checkpoint_tensors
+from conftest import checkpoint_tensors, plain_transformers_ppl
 
 from modelpress.compress import GPTQConfig, RTNConfig, compress
-from modelpress.data import PPL_512, read_text, token_windows
-from modelpress.eval.perplexity import evaluate
-from modelpress.models import loading
 
 pytestmark = pytest.mark.slow
 WINDOWS = 8
@@ -25,12 +21,7 @@ CALIB_SAMPLES = 32  # calib-128x512 is for benchmarks; 32 windows show the effec
 
 
 def _ppl(path, eval_text) -> float:
-    source = loading.resolve(path)
-    ids = token_windows(loading.load_tokenizer(source), read_text(eval_text), replace(PPL_512, n_windows=WINDOWS))
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)  # plain transformers
-    return evaluate(model.eval(), ids).ppl
+    return plain_transformers_ppl(path, eval_text, WINDOWS)
 
 
 def test_gptq_int3_is_far_better_than_rtn_int3_on_gemma(gemma3, eval_text, tmp_path):

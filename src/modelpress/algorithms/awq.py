@@ -83,7 +83,7 @@ def weight_magnitude(Ws: list[torch.Tensor], fmts: list[IntFormat]) -> torch.Ten
 
 def search_scale(
     Ws: list[torch.Tensor], H: torch.Tensor, x_abs_mean: torch.Tensor, fmts: list[IntFormat], n_grid: int = N_GRID,
-    families: tuple[str, ...] = ("activation", "duo"),
+    family: str = "both",
 ) -> ScaleSearch:
     """Grid-search ``alpha`` for ``s = x_abs_mean^alpha`` (and ``/ w^(1 - alpha)``, the duo
     family) over Linears sharing one input; ``alpha = 0`` (no scaling) is always a candidate.
@@ -93,13 +93,13 @@ def search_scale(
         H: ``X X^T`` of that input, ``(in, in)``.
         x_abs_mean: mean ``|x|`` per input channel, ``(in,)``.
         fmts: each weight's format.
-        families: which forms of ``s`` to search: ``"activation"``, ``"duo"`` or both.
+        family: which form of ``s`` to search: ``"activation"``, ``"duo"`` or ``"both"``.
     """
     x = x_abs_mean.to(torch.float32).clamp(min=1e-6)
-    w = weight_magnitude(Ws, fmts) if "duo" in families else None
+    duos = {"activation": (False,), "duo": (True,), "both": (False, True)}[family]
+    w = weight_magnitude(Ws, fmts) if True in duos else None
     H32 = H.to(torch.float32)
-    candidates = [(0.0, False)] + [(i / n_grid, duo) for duo in (False, True) if ("duo" if duo else "activation") in families
-                                   for i in range(1, n_grid)]
+    candidates = [(0.0, False)] + [(i / n_grid, duo) for duo in duos for i in range(1, n_grid)]
     best, loss_unscaled = None, None
     for alpha, duo in candidates:
         s = x.pow(alpha) / (w.pow(1 - alpha) + 1e-4) if duo else x.pow(alpha)

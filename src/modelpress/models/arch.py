@@ -63,20 +63,19 @@ class ArchSpec:
     moe: MoESpec | None = None
     norm_offset: float = 0.0
 
-    def scale_pairs(self, layer=None) -> list[tuple[str, tuple[str, ...], float]]:
-        """Every ``(producer, consumers, offset)`` a per-channel scale can be folded through;
-        given a decoder ``layer``, only those whose producer's output width is every consumer's
-        input width in it."""
+    def scale_pairs(self, layer) -> list[tuple[str, tuple[str, ...], float]]:
+        """Every ``(producer, consumers, offset)`` a per-channel scale can be folded through in the
+        decoder ``layer``: the table's pairs whose producer's output width is every consumer's
+        input width there."""
         pairs = ([(n, c, self.norm_offset) for n, c in self.norm_to_linears]
                  + [(p, c, 0.0) for p, c in self.linear_to_linears])
-        if layer is None:
-            return pairs
         return [(p, cs, offset) for p, cs, offset in pairs
                 if all(layer.get_submodule(c).in_features == layer.get_submodule(p).weight.shape[0] for c in cs)]
 
 
 _ATTENTION_OUT = ("self_attn.v_proj", ("self_attn.o_proj",))  # o reads softmax(q k^T) v, per channel of v
-_GATED_MLP = (_ATTENTION_OUT, ("mlp.up_proj", ("mlp.down_proj",)))  # down reads act(gate) * up
+_GATED_MLP_OUT = ("mlp.up_proj", ("mlp.down_proj",))  # down reads act(gate) * up
+_LINEAR_PAIRS = (_ATTENTION_OUT, _GATED_MLP_OUT)
 
 _LLAMA_LIKE = ArchSpec(
     layers="model.layers",
@@ -84,7 +83,7 @@ _LLAMA_LIKE = ArchSpec(
         ("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
         ("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
     ),
-    linear_to_linears=_GATED_MLP,
+    linear_to_linears=_LINEAR_PAIRS,
 )
 _GEMMA2_LIKE = ArchSpec(  # Gemma 2/3: sandwich norms; the MLP is fed by pre_feedforward_layernorm
     layers="model.layers",
@@ -92,7 +91,7 @@ _GEMMA2_LIKE = ArchSpec(  # Gemma 2/3: sandwich norms; the MLP is fed by pre_fee
         ("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
         ("pre_feedforward_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
     ),
-    linear_to_linears=_GATED_MLP,
+    linear_to_linears=_LINEAR_PAIRS,
     norm_offset=1.0,
 )
 
@@ -104,7 +103,7 @@ ARCHITECTURES: dict[str, ArchSpec] = {
     "qwen2": _LLAMA_LIKE,
     "qwen3": _LLAMA_LIKE,
     "gemma": ArchSpec(layers=_LLAMA_LIKE.layers, norm_to_linears=_LLAMA_LIKE.norm_to_linears,
-                      linear_to_linears=_GATED_MLP, norm_offset=1.0),
+                      linear_to_linears=_LINEAR_PAIRS, norm_offset=1.0),
     "gemma2": _GEMMA2_LIKE,
     "gemma3_text": _GEMMA2_LIKE,
     "phi3": ArchSpec(
