@@ -94,7 +94,6 @@ class Table:
         self.stem = "calibrated" if default else f"calibrated-{calib_samples}x{windows}"
         self.fresh = fresh
         self.mine: dict[tuple, dict] = {}  # the rows this invocation measured
-        self.rows: list[dict] = []  # what save() writes: the saved rows merged with ours, set by add()
 
     def _saved(self) -> list[dict]:
         path = RESULTS / f"{self.stem}.json"
@@ -110,15 +109,15 @@ class Table:
         self.mine[key] = row
         # re-read the saved rows first: another invocation (the other tool, run beside this one) may have added some
         rows = {(r["model"], r["tool"], r["method"]): r for r in ([] if self.fresh else self._saved())}
-        self.rows = list({**rows, **self.mine}.values())
-        self.rows.sort(key=lambda r: (r["model"], r["method"] != "-", r["method"], r["tool"]))
+        merged = sorted({**rows, **self.mine}.values(),
+                        key=lambda r: (r["model"], r["method"] != "-", r["method"], r["tool"]))
         print(json.dumps(row), flush=True)
-        self.save()
+        self.save(merged)
 
-    def save(self) -> None:
+    def save(self, rows: list[dict]) -> None:
         RESULTS.mkdir(exist_ok=True)
         tmp = RESULTS / f"{self.stem}.json.{os.getpid()}.tmp"
-        tmp.write_text(json.dumps({"protocol": self.protocol, "rows": self.rows}, indent=2))
+        tmp.write_text(json.dumps({"protocol": self.protocol, "rows": rows}, indent=2))
         tmp.replace(RESULTS / f"{self.stem}.json")
         md = (f"calibration: {self.protocol['calib_samples']} x {CALIB_128X512.seq_len} tokens of emma.txt; "
               f"evaluation: ppl-512 ({self.protocol['windows']} windows) on pride_and_prejudice.txt. "
@@ -127,7 +126,7 @@ class Table:
               "act-order static and min/max scales; modelpress AWQ with its scale search over both families and its "
               "clip search, llm-compressor AWQ with duo scaling and min/max scales (it has no clip search). "
               "Wall times of rows measured beside other work are not comparable: see the README\n\n"
-              f"{table(self.rows)}\n")
+              f"{table(rows)}\n")
         (RESULTS / f"{self.stem}.md").write_text(md)
 
 
