@@ -36,7 +36,7 @@ from safetensors.torch import save_file
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
-from conftest import CACHE, SHARED_DATA, _convert_gguf, _package_dir  # noqa: E402  (the test fixtures' model prep)
+from conftest import CACHE, _convert_gguf, _package_dir, austen  # noqa: E402  (the test fixtures' model prep)
 
 from modelpress.data import CALIB_128X512, PPL_512, read_text, token_windows  # noqa: E402
 from modelpress.models import loading  # noqa: E402
@@ -135,10 +135,10 @@ def run(models: list[str], methods: list[str], tools: list[str], calib_samples: 
     for name in models:
         src, group = model_path(name), MODELS[name]
         tokenizer = loading.load_tokenizer(loading.resolve(src))
-        calib = token_windows(tokenizer, read_text(SHARED_DATA / "emma.txt"), replace(CALIB_128X512, n_windows=calib_samples))
+        calib = token_windows(tokenizer, read_text(austen("emma.txt")), replace(CALIB_128X512, n_windows=calib_samples))
         ids_file = work / f"{name}-calib.safetensors"
         save_file({"input_ids": calib.contiguous()}, ids_file)
-        evaluation = token_windows(tokenizer, read_text(SHARED_DATA / "pride_and_prejudice.txt"), replace(PPL_512, n_windows=windows))
+        evaluation = token_windows(tokenizer, read_text(austen("pride_and_prejudice.txt")), replace(PPL_512, n_windows=windows))
         eval_file = work / f"{name}-eval.safetensors"
         save_file({"input_ids": evaluation.contiguous()}, eval_file)
         float_ppl = perplexity(src, eval_file)
@@ -150,7 +150,7 @@ def run(models: list[str], methods: list[str], tools: list[str], calib_samples: 
             cmd = [str(ROOT / ".venv/bin/modelpress"), "compress", str(src), "--method", method, "--bits", str(bits),
                    "--group-size", str(group), "-o", str(mp_out), *extra]
             if method != "rtn":
-                cmd += ["--calib", str(SHARED_DATA / "emma.txt"), "--calib-samples", str(calib_samples)]
+                cmd += ["--calib", str(austen("emma.txt")), "--calib-samples", str(calib_samples)]
             if not symmetric:
                 cmd.append("--asymmetric")
             runs = [("modelpress", mp_out, cmd, ".venv")] if "modelpress" in tools else []

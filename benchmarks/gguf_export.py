@@ -27,7 +27,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from calibrated import SHARED_DATA, model_path, timed  # noqa: E402  (same model prep and timing)
+from calibrated import austen, model_path, timed  # noqa: E402  (same model prep and timing)
 
 from modelpress.data import CALIB_128X512, PPL_512, read_text, token_windows  # noqa: E402
 from modelpress.eval.llamacpp import llama_cpp_ppl  # noqa: E402
@@ -49,7 +49,7 @@ def run(models: list[str], types: list[str], calib_samples: int, windows: int, w
     for name in models:
         src = model_path(name)
         tokenizer = loading.load_tokenizer(loading.resolve(src))
-        ids = token_windows(tokenizer, read_text(SHARED_DATA / "pride_and_prejudice.txt"), replace(PPL_512, n_windows=windows))
+        ids = token_windows(tokenizer, read_text(austen("pride_and_prejudice.txt")), replace(PPL_512, n_windows=windows))
         f32 = work / f"{name}-f32.gguf"
         stats = timed([MP, "export", str(src), "--format", "gguf", "--type", "f32", "-o", str(f32)])
         runs = [("modelpress", "f32", f32, stats)]
@@ -62,7 +62,7 @@ def run(models: list[str], types: list[str], calib_samples: int, windows: int, w
                                                         "-o", str(plain)])))
             cal = work / f"{name}-{t}-modelpress-gptq.gguf"
             runs.append(("modelpress gptq", t, cal, timed([MP, "export", str(src), "--format", "gguf", "--type", t,
-                                                           "--calibrate", "gptq", "--calib", str(SHARED_DATA / "emma.txt"),
+                                                           "--calibrate", "gptq", "--calib", str(austen("emma.txt")),
                                                            "--calib-samples", str(calib_samples), "-o", str(cal)])))
         for tool, t, path, stats in runs:
             nbytes, numel = _weights(path)

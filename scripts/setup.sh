@@ -15,4 +15,10 @@ PY=${PYTHON:-python3}
 # (about 5 minutes to build on 2 cores, once); skipped when already installed.
 .venv/bin/python -c "import llama_cpp" 2>/dev/null || \
     .venv/bin/pip install -q "llama-cpp-python==0.3.36" 2>&1 | grep -v "is ignored" || true
-.venv/bin/python -c "import modelpress, torch, transformers, compressed_tensors, llama_cpp" 
+.venv/bin/python -c "import modelpress, torch, transformers, compressed_tensors, llama_cpp"
+# Real text (Jane Austen's novels, sha256-pinned) into data/austen/ from Debian's r-cran-janeaustenr,
+# decoded by PyPI's rdata; fast when already there. Without apt the demo uses the built-in text.
+if ! .venv/bin/python scripts/texts.py --check; then
+    .venv/bin/python -c "import rdata" 2>/dev/null || .venv/bin/pip install -q "rdata>=1.0" 2>&1 | grep -v "is ignored" || true
+    .venv/bin/python scripts/texts.py || true
+fi

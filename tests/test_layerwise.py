@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import checkpoint_tensors
+from conftest import austen, checkpoint_tensors
 from transformers import AutoModelForCausalLM
 
 import modelpress.layerwise as layerwise
@@ -14,11 +14,11 @@ from modelpress.compress import GPTQConfig, RTNConfig, compress
 from modelpress.models import loading
 from modelpress.models.layers import LayerwiseModel, run_layer
 
-CALIB = "../shared/data/austen/emma.txt"
+
 
 
 def _gptq(**kw) -> GPTQConfig:
-    fields = dict(bits=3, group_size=32, calibration={"text": CALIB, "samples": 8, "seq_len": 64, "batch_size": 4})
+    fields = dict(bits=3, group_size=32, calibration={"text": str(austen("emma.txt")), "samples": 8, "seq_len": 64, "batch_size": 4})
     return GPTQConfig(**{**fields, **kw})
 
 
@@ -79,7 +79,7 @@ def test_gptq_checkpoint_loads_and_beats_rtn(tiny_models, tiny_tokenizer, tmp_pa
     compress(str(path), RTNConfig(bits=3, group_size=32), str(tmp_path / "rtn"))
     assert record["quantized"]["layers"] == len(record["layers"]) > 0
     assert all(layer["tokens"] == 8 * 65 for layer in record["layers"].values())  # 8 windows, 64 + BOS
-    text = open("../shared/data/austen/mansfield_park.txt").read()[:4000]
+    text = austen("mansfield_park.txt").read_text()[:4000]
     ids = tiny_tokenizer(text, return_tensors="pt").input_ids[:, :256]
     assert _logit_error(path, tmp_path / "gptq", ids) < _logit_error(path, tmp_path / "rtn", ids)
 
@@ -179,10 +179,10 @@ def test_awq_checkpoint_loads_and_beats_rtn(tiny_models, tiny_tokenizer, tmp_pat
     from modelpress.compress import AWQConfig
 
     path = tiny_models[model_type]
-    calib = {"text": CALIB, "samples": 8, "seq_len": 64, "batch_size": 4}
+    calib = {"text": str(austen("emma.txt")), "samples": 8, "seq_len": 64, "batch_size": 4}
     record = compress(str(path), AWQConfig(bits=3, group_size=32, calibration=calib), str(tmp_path / "awq"))
     compress(str(path), RTNConfig(bits=3, group_size=32), str(tmp_path / "rtn"))
     assert any("awq_alpha" in layer for layer in record["layers"].values())
-    text = open("../shared/data/austen/mansfield_park.txt").read()[:4000]
+    text = austen("mansfield_park.txt").read_text()[:4000]
     ids = tiny_tokenizer(text, return_tensors="pt").input_ids[:, :256]
     assert _logit_error(path, tmp_path / "awq", ids) < _logit_error(path, tmp_path / "rtn", ids)

@@ -8,18 +8,18 @@ import shutil
 
 import pytest
 import torch
-from conftest import checkpoint_tensors
+from conftest import austen, checkpoint_tensors
 from transformers import AutoModelForCausalLM
 
 from modelpress.compress import GPTQConfig, compress
 from modelpress.errors import UserError
 
-CALIB = "../shared/data/austen/emma.txt"
+
 TOP_K, N_EXPERTS, WINDOWS, TOKENS = 2, 4, 8, 65  # tiny fixtures: 4 experts, top-2; 8 windows of 64 + BOS
 
 
 def _gptq(**kw) -> GPTQConfig:
-    fields = dict(bits=4, group_size=32, calibration={"text": CALIB, "samples": WINDOWS, "seq_len": 64, "batch_size": 4})
+    fields = dict(bits=4, group_size=32, calibration={"text": str(austen("emma.txt")), "samples": WINDOWS, "seq_len": 64, "batch_size": 4})
     return GPTQConfig(**{**fields, **kw})
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from conftest import austen
 import torch
 from transformers import AutoModelForCausalLM
 
@@ -16,7 +17,9 @@ from modelpress.formats.integer import parse_int_format
 from modelpress.layerwise import SmoothQuantStage
 from modelpress.models.arch import arch_for
 
-CALIB = CalibrationConfig(text="../shared/data/austen/emma.txt", samples=8, seq_len=64, batch_size=4)
+def _calib():
+    return CalibrationConfig(text=str(austen("emma.txt")), samples=8, seq_len=64, batch_size=4)
+
 INT8 = parse_int_format("int8-channel")
 
 
@@ -113,10 +116,10 @@ def _w8a8_logit_error(src, out, ids) -> float:
 def test_smoothquant_checkpoint_beats_plain_w8a8_with_outliers(tiny_models, tiny_tokenizer, tmp_path):
     src = _with_outlier_channels(tiny_models["llama"], tmp_path / "spiky")
     tiny_tokenizer.save_pretrained(src)
-    compress(str(src), SmoothQuantConfig(calibration=CALIB), str(tmp_path / "sq"))
+    compress(str(src), SmoothQuantConfig(calibration=_calib()), str(tmp_path / "sq"))
     compress(str(src), RTNConfig(bits=8, granularity="channel", group_size=None, activations="dynamic"),
              str(tmp_path / "w8a8"))
-    text = open("../shared/data/austen/mansfield_park.txt").read()[:4000]
+    text = austen("mansfield_park.txt").read_text()[:4000]
     ids = tiny_tokenizer(text, return_tensors="pt").input_ids[:, :200]
     sq, plain = _w8a8_logit_error(src, tmp_path / "sq", ids), _w8a8_logit_error(src, tmp_path / "w8a8", ids)
     assert sq < 0.5 * plain, (sq, plain)  # measured: about 0.25
@@ -142,7 +145,7 @@ def test_overflowing_calibration_stops_the_run_without_output(tiny_models, tiny_
     tiny_tokenizer.save_pretrained(tmp_path / "bad")
     out = tmp_path / "o"
     with pytest.raises(UserError, match="NaN or inf"):
-        compress(str(tmp_path / "bad"), SmoothQuantConfig(calibration=CALIB), str(out))
+        compress(str(tmp_path / "bad"), SmoothQuantConfig(calibration=_calib()), str(out))
     assert not out.exists()
 
 
@@ -156,7 +159,7 @@ def test_static_scales_warn_about_massive_activations(tiny_models, tiny_tokenize
     model.save_pretrained(tmp_path / "massive")
     tiny_tokenizer.save_pretrained(tmp_path / "massive")
     with caplog.at_level("WARNING", logger="modelpress"):
-        record = compress(str(tmp_path / "massive"), SmoothQuantConfig(activations="static", calibration=CALIB),
+        record = compress(str(tmp_path / "massive"), SmoothQuantConfig(activations="static", calibration=_calib()),
                           str(tmp_path / "o"))
     warned = [r.getMessage() for r in caplog.records if "static int8 scale" in r.getMessage()]
     assert len(warned) == 1 and warned[0].startswith("model.layers.1.self_attn.o_proj"), warned

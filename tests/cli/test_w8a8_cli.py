@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from conftest import austen
 
 from modelpress.cli import main
 from modelpress.cli.evaluate import run_eval
@@ -20,7 +21,7 @@ def _fails(capsys, argv, message) -> None:
 def test_compress_smoothquant_then_eval_includes_activation_rounding(tiny_llama, tmp_path, eval_text, capsys):
     out = tmp_path / "sq"
     argv = ["compress", str(tiny_llama), "--method", "smoothquant", "--alpha", "0.6", "--activations", "static",
-            "--calib", "../shared/data/austen/emma.txt", "--calib-samples", "4", "--calib-seq-len", "64",
+            "--calib", str(austen("emma.txt")), "--calib-samples", "4", "--calib-seq-len", "64",
             "-o", str(out), "--json"]
     assert main(argv) == 0
     record = json.loads(capsys.readouterr().out)["record"]

@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from conftest import checkpoint_tensors
+from conftest import austen, checkpoint_tensors
 from transformers import AutoModelForCausalLM
 from transformers.utils.quantization_config import CompressedTensorsConfig
 
@@ -16,7 +16,9 @@ from modelpress.cli import main
 from modelpress.compress import GPTQConfig, RTNConfig, compress
 from modelpress.formats.floats import parse_format
 
-CALIB = {"text": "../shared/data/austen/emma.txt", "samples": 8, "seq_len": 64, "batch_size": 4}
+def _calib():
+    return {"text": str(austen("emma.txt")), "samples": 8, "seq_len": 64, "batch_size": 4}
+
 FP4 = ("nvfp4", "mxfp4")
 
 
@@ -120,10 +122,10 @@ def _logit_error(src, out, spec, ids) -> float:
 @pytest.mark.parametrize("spec", ["nvfp4", "nf4", "fp8"])  # fp8: one scale per tensor, not row-stacked
 def test_gptq_with_a_float_format_loads_and_beats_rtn(tiny_llama, tiny_tokenizer, tmp_path, spec):
     gptq_out, rtn_out = tmp_path / "gptq", tmp_path / "rtn"
-    record = compress(str(tiny_llama), GPTQConfig(format=spec, calibration=CALIB), str(gptq_out))
+    record = compress(str(tiny_llama), GPTQConfig(format=spec, calibration=_calib()), str(gptq_out))
     compress(str(tiny_llama), RTNConfig(format=spec), str(rtn_out))
     assert {layer["format"] for layer in record["layers"].values()} == {parse_format(spec).name}
-    text = open("../shared/data/austen/mansfield_park.txt").read()[:4000]
+    text = austen("mansfield_park.txt").read_text()[:4000]
     ids = tiny_tokenizer(text, return_tensors="pt").input_ids[:, :256]
     assert _logit_error(tiny_llama, gptq_out, spec, ids) < _logit_error(tiny_llama, rtn_out, spec, ids)
     if spec == "nvfp4":  # q/k/v and gate/up were quantized stacked: one global scale each, as vLLM fuses them

@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import checkpoint_tensors
+from conftest import austen, checkpoint_tensors
 from transformers import AutoModelForCausalLM
 
 from modelpress.compress import CalibrationConfig, RTNConfig, SmoothQuantConfig, compress
@@ -16,7 +16,9 @@ from modelpress.formats.activations import ActFormat, InputQuant
 from modelpress.layerwise import calibration_ids
 from modelpress.models import loading
 
-CALIB = CalibrationConfig(text="../shared/data/austen/emma.txt", samples=8, seq_len=64, batch_size=4)
+def _calib():
+    return CalibrationConfig(text=str(austen("emma.txt")), samples=8, seq_len=64, batch_size=4)
+
 
 
 def _reference(src, out, dynamic: bool) -> tuple[torch.nn.Module, dict[str, InputQuant]]:
@@ -48,7 +50,7 @@ def _reference(src, out, dynamic: bool) -> tuple[torch.nn.Module, dict[str, Inpu
 ])
 def test_smoothquant_checkpoint_loads_in_plain_transformers(tiny_models, tmp_path, model_type, activations):
     src, out = tiny_models[model_type], tmp_path / "q"
-    compress(str(src), SmoothQuantConfig(activations=activations, calibration=CALIB), str(out))
+    compress(str(src), SmoothQuantConfig(activations=activations, calibration=_calib()), str(out))
     qc = json.loads((out / "config.json").read_text())["quantization_config"]
     (group,) = qc["config_groups"].values()
     assert qc["format"] == "int-quantized" and group["format"] == "int-quantized"
@@ -85,14 +87,14 @@ def test_smoothquant_checkpoint_loads_in_plain_transformers(tiny_models, tmp_pat
 def test_static_scales_are_the_calibration_absmax(tiny_models, tiny_tokenizer, tmp_path):
     """q/k/v of layer 0 read the first norm of the embeddings: their stored scale is max |x| / 127."""
     src, out = tiny_models["llama"], tmp_path / "q"
-    record = compress(str(src), SmoothQuantConfig(activations="static", calibration=CALIB), str(out))
+    record = compress(str(src), SmoothQuantConfig(activations="static", calibration=_calib()), str(out))
     tensors = checkpoint_tensors(out)
     smoothed, _ = _reference(src, out, dynamic=False)  # holds the folded (smoothed) norms
     seen = []
     hook = smoothed.model.layers[0].self_attn.q_proj.register_forward_pre_hook(
         lambda m, args: seen.append(args[0].abs().amax()))
     with torch.no_grad():
-        for batch in torch.split(calibration_ids(loading.load_tokenizer(loading.resolve(src)), CALIB), 4):
+        for batch in torch.split(calibration_ids(loading.load_tokenizer(loading.resolve(src)), _calib()), 4):
             smoothed(batch)
     hook.remove()
     absmax = torch.stack(seen).max()
@@ -136,7 +138,7 @@ def test_smoothquant_with_gptq_weights_and_resume(tiny_models, tmp_path, monkeyp
     import modelpress.layerwise as layerwise
 
     src = tiny_models["llama"]
-    config = SmoothQuantConfig(activations="static", weights="gptq", calibration=CALIB)
+    config = SmoothQuantConfig(activations="static", weights="gptq", calibration=_calib())
     record = compress(str(src), config, str(tmp_path / "straight"))
     assert all("gptq_loss" in layer for layer in record["layers"].values())
     real_write = layerwise._write_layer

@@ -3,19 +3,21 @@
 from __future__ import annotations
 
 import pytest
-from conftest import plain_transformers_ppl
+from conftest import austen, plain_transformers_ppl
 
 from modelpress.compress import AWQConfig, RTNConfig, compress
 
 pytestmark = pytest.mark.slow
 WINDOWS = 8
-CALIB = {"text": "../shared/data/austen/emma.txt", "samples": 16, "seq_len": 512}
+def _calib():
+    return {"text": str(austen("emma.txt")), "samples": 16, "seq_len": 512}
+
 
 
 def test_awq_int3_recovers_most_of_rtn_int3_loss(smollm2, eval_text, tmp_path):
     # int3 with groups of 64: far off the Q4_1 (groups of 32) grid SmolLM2's float weights came from
     fmt = {"bits": 3, "group_size": 64, "symmetric": False}
-    record = compress(str(smollm2), AWQConfig(**fmt, calibration=CALIB), str(tmp_path / "awq"))
+    record = compress(str(smollm2), AWQConfig(**fmt, calibration=_calib()), str(tmp_path / "awq"))
     compress(str(smollm2), RTNConfig(**fmt), str(tmp_path / "rtn"))
 
     def ppl(path):  # plain transformers loads the compressed-tensors checkpoint

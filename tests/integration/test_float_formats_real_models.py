@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 import pytest
+from conftest import austen
 
 from modelpress.compress import GPTQConfig, RTNConfig, compress
 from modelpress.data import PPL_512, read_text, token_windows
@@ -17,7 +18,9 @@ from modelpress.models import loading
 
 pytestmark = pytest.mark.slow
 WINDOWS = 2  # two 512-token windows: enough to separate the methods, in CI time
-CALIB = {"text": "../shared/data/austen/emma.txt", "samples": 8, "seq_len": 256}
+def _calib():
+    return {"text": str(austen("emma.txt")), "samples": 8, "seq_len": 256}
+
 
 
 @pytest.fixture(scope="module")
@@ -37,6 +40,6 @@ def test_fp8_is_nearly_lossless(smollm2, ppl, tmp_path):
 
 def test_nvfp4_gptq_beats_nvfp4_rtn(smollm2, ppl, tmp_path):
     compress(str(smollm2), RTNConfig(format="nvfp4"), str(tmp_path / "rtn"))
-    compress(str(smollm2), GPTQConfig(format="nvfp4", calibration=CALIB), str(tmp_path / "gptq"))
+    compress(str(smollm2), GPTQConfig(format="nvfp4", calibration=_calib()), str(tmp_path / "gptq"))
     rtn_ppl, gptq_ppl = ppl(tmp_path / "rtn"), ppl(tmp_path / "gptq")
     assert gptq_ppl < rtn_ppl, (rtn_ppl, gptq_ppl)

@@ -10,13 +10,13 @@ import sys
 
 import pytest
 import torch
-from conftest import checkpoint_tensors, plain_transformers_ppl
+from conftest import austen, checkpoint_tensors, plain_transformers_ppl
 
 from modelpress.compress import GPTQConfig, RTNConfig, compress
 
 pytestmark = pytest.mark.slow
 WINDOWS = 8
-CALIB = "../shared/data/austen/emma.txt"
+
 CALIB_SAMPLES = 32  # calib-128x512 is for benchmarks; 32 windows show the effect in CI time
 
 
@@ -25,7 +25,7 @@ def _ppl(path, eval_text) -> float:
 
 
 def test_gptq_int3_is_far_better_than_rtn_int3_on_gemma(gemma3, eval_text, tmp_path):
-    calib = {"text": CALIB, "samples": CALIB_SAMPLES, "seq_len": 512}
+    calib = {"text": str(austen("emma.txt")), "samples": CALIB_SAMPLES, "seq_len": 512}
     record = compress(str(gemma3), GPTQConfig(bits=3, group_size=128, calibration=calib), str(tmp_path / "gptq"))
     compress(str(gemma3), RTNConfig(bits=3, group_size=128), str(tmp_path / "rtn"))
     float_ppl = _ppl(gemma3, eval_text)
@@ -38,7 +38,7 @@ def test_gptq_int3_is_far_better_than_rtn_int3_on_gemma(gemma3, eval_text, tmp_p
 
 def test_killed_run_resumes_to_the_same_checkpoint(smollm2, tmp_path):
     args = ["compress", str(smollm2), "--method", "gptq", "--bits", "4", "--group-size", "64",
-            "--calib", CALIB, "--calib-samples", "4", "--calib-seq-len", "256"]
+            "--calib", str(austen("emma.txt")), "--calib-samples", "4", "--calib-seq-len", "256"]
     straight = tmp_path / "straight"
     assert subprocess.run([sys.executable, "-m", "modelpress", *args, "-o", str(straight)],
                           capture_output=True).returncode == 0

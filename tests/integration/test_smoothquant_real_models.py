@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import pytest
+from conftest import austen
 
 from modelpress.cli.evaluate import run_eval
 from modelpress.compress import CalibrationConfig, SmoothQuantConfig, compress
 
 pytestmark = pytest.mark.slow
-CALIB = CalibrationConfig(text="../shared/data/austen/emma.txt", samples=4, seq_len=256)
+def _calib():
+    return CalibrationConfig(text=str(austen("emma.txt")), samples=4, seq_len=256)
+
 
 
 def test_smoothquant_w8a8_dynamic_is_within_5_percent_of_float(smollm2, eval_text, tmp_path):
     out = tmp_path / "sq"
-    record = compress(str(smollm2), SmoothQuantConfig(activations="dynamic", calibration=CALIB), str(out))
+    record = compress(str(smollm2), SmoothQuantConfig(activations="dynamic", calibration=_calib()), str(out))
     assert record["quantized"]["layers"] == 30 * 7
     result = run_eval(str(out), str(eval_text), windows=2, baseline=str(smollm2))  # plain transformers + our A8
     assert result["activations"] == "int8-dynamic"
