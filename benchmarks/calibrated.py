@@ -6,7 +6,7 @@ process timed by /usr/bin/time (wall seconds and peak resident memory); both out
 loaded with plain transformers and evaluated by the same code (ppl-512 on Pride and Prejudice).
 
 Usage (from the project root, after scripts/setup.sh and scripts/setup_bench.sh):
-    .venv/bin/python benchmarks/calibrated.py [--models smollm2,gemma3] [--methods gptq4,gptq3,awq4,rtn3,gptq4-minmax]
+    .venv/bin/python benchmarks/calibrated.py [--models smollm2,gemma3] [--methods gptq4,gptq3,awq4,rtn4,rtn3,gptq4-minmax]
         [--tools modelpress,llm-compressor]
         [--calib-samples 128] [--windows 40] [--fresh]
 
@@ -50,8 +50,16 @@ METHODS = {  # name -> (method, bits, symmetric, modelpress extra flags)
     "gptq4-minmax": ("gptq", 4, True, ["--observer", "minmax"]),
     "gptq3-minmax": ("gptq", 3, True, ["--observer", "minmax"]),
     "awq4": ("awq", 4, False, []),
-    "rtn3": ("rtn", 3, True, []),  # the baseline GPTQ's paper improves on; modelpress only
+    "rtn4": ("rtn", 4, True, []),
+    "rtn3": ("rtn", 3, True, []),  # also the baseline GPTQ's paper improves on
+    "rtn4-minmax": ("rtn", 4, True, ["--observer", "minmax"]),
+    "rtn3-minmax": ("rtn", 3, True, ["--observer", "minmax"]),
+    # modelpress's RTN defaults before the full signed range: min/max and max|w| / (2^(b-1) - 1)
+    "rtn4-restricted": ("rtn", 4, True, ["--observer", "minmax", "--symmetric-range", "restricted"]),
+    "rtn3-restricted": ("rtn", 3, True, ["--observer", "minmax", "--symmetric-range", "restricted"]),
 }
+
+LLMCOMPRESSOR_ROWS = {"gptq4", "gptq3", "awq4", "rtn4", "rtn3"}  # the others are modelpress-only variants
 
 
 def model_path(name: str) -> Path:
@@ -124,7 +132,10 @@ class Table:
               "Each tool at its defaults beyond bits, group and symmetry: modelpress GPTQ with act-order and "
               "MSE-searched group scales (rows marked minmax: min/max scales), llm-compressor GPTQ with "
               "act-order static and min/max scales; modelpress AWQ with its scale search over both families and its "
-              "clip search, llm-compressor AWQ with duo scaling and min/max scales (it has no clip search). "
+              "clip search, llm-compressor AWQ with duo scaling and min/max scales (it has no clip search); "
+              "RTN: modelpress at its defaults, llm-compressor's QuantizationModifier (min/max scales), both symmetric "
+              "(modelpress rows marked minmax: min/max scales; restricted: min/max and the max|w| / (2^(b-1) - 1) scale, "
+              "modelpress's RTN defaults before 2026-12). "
               "Wall times of rows measured beside other work are not comparable: see the README\n\n"
               f"{table(rows)}\n")
         (RESULTS / f"{self.stem}.md").write_text(md)
@@ -154,7 +165,7 @@ def run(models: list[str], methods: list[str], tools: list[str], calib_samples: 
             if not symmetric:
                 cmd.append("--asymmetric")
             runs = [("modelpress", mp_out, cmd, ".venv")] if "modelpress" in tools else []
-            if method != "rtn" and not m.endswith("-minmax") and "llm-compressor" in tools:  # its defaults: one row per setting
+            if m in LLMCOMPRESSOR_ROWS and "llm-compressor" in tools:  # its defaults: one row per setting
                 lc_out = work / f"{name}-{m}-llmcompressor"
                 runs.append(("llm-compressor", lc_out, [str(ROOT / ".venv-bench/bin/python"),
                              str(ROOT / "benchmarks/llmcompressor_side.py"), str(src), str(lc_out), method,
@@ -162,7 +173,8 @@ def run(models: list[str], methods: list[str], tools: list[str], calib_samples: 
             for tool, out, cmd, venv in runs:
                 stats = timed(cmd)
                 ppl = perplexity(out, eval_file, venv)
-                results.add({"model": name, "tool": tool, "method": f"{method} int{bits} g{group}" + (" minmax" if "minmax" in m else ""),
+                variant = next((v for v in ("minmax", "restricted") if m.endswith(v)), "")
+                results.add({"model": name, "tool": tool, "method": f"{method} int{bits} g{group} {variant}".strip(),
                              "bits_per_weight": bpw, "ppl": ppl, **stats})
                 shutil.rmtree(out)
 

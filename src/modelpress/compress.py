@@ -46,6 +46,7 @@ class QuantConfig(BaseModel):
     granularity: Literal["tensor", "channel", "group"] = "group"
     group_size: int | None = 128
     symmetric: bool = True
+    symmetric_range: Literal["full", "restricted"] = "full"  # restricted: max|w| / (2^(b-1) - 1)
     observer: Literal["minmax", "percentile", "mse"] = "minmax"
     scale_dtype: Literal["float16", "bfloat16", "float32"] = "float16"
     exclude: list[str] = Field(default_factory=lambda: ["lm_head"])
@@ -72,12 +73,14 @@ class QuantConfig(BaseModel):
         """The weight format: ``format`` when given (any spec, integer or float), else the
         integer format the other fields describe."""
         if self.format is not None:
-            return parse_format(self.format, observer=self.observer, scale_dtype=self.scale_dtype)
+            return parse_format(self.format, observer=self.observer, scale_dtype=self.scale_dtype,
+                                symmetric_range=self.symmetric_range)
         return IntFormat(
             bits=self.bits,
             granularity=self.granularity,
             group_size=self.group_size if self.granularity == "group" else None,
             symmetric=self.symmetric,
+            symmetric_range=self.symmetric_range,
             observer=self.observer,
             scale_dtype=self.scale_dtype,
         )
@@ -104,6 +107,8 @@ class RTNConfig(QuantConfig):
     """
 
     method: Literal["rtn"] = "rtn"
+    # MSE-searched group scales, as for GPTQ: lower ppl than min/max at int4 and int3 (README, RTN rows)
+    observer: Literal["minmax", "percentile", "mse"] = "mse"
     activations: Literal["none", "dynamic"] = "none"
 
     def act_format(self) -> ActFormat | None:

@@ -82,6 +82,8 @@ def test_stored_codes_are_b_bit_with_one_scale_per_group(tiny_llama, tmp_path, s
         q = tensors[f"{module}.weight"]
         assert tensors[f"{module}.weight_zero_point"].shape == (rows, n_groups)
     assert q.min() >= fmt.qmin and q.max() <= fmt.qmax
+    if fmt.symmetric:  # the whole signed range: groups whose extreme is negative store -2^(b-1)
+        assert q.min() == fmt.qmin and q.max() == fmt.qmax
     assert len(q.unique()) > 2 ** fmt.bits // 2  # codes use the grid, not a degenerate subset
     assert tensors[f"{module}.weight_scale"].shape == (rows, n_groups)
     assert tensors[f"{module}.weight_scale"].dtype == torch.float16

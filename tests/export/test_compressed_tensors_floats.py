@@ -26,7 +26,7 @@ def _fake_quant_reference(src, record, spec: str) -> AutoModelForCausalLM:
     """The float model with each quantized Linear replaced by our own dequantized weights; for the
     FP4 formats rounded to bfloat16, as compressed-tensors' FP4 decompressor returns them."""
     model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
-    fmt = parse_format(spec)
+    fmt = parse_format(spec, observer=record["config"]["observer"])
     with torch.no_grad():
         for module in record["layers"]:
             linear = model.get_submodule(module)
@@ -107,7 +107,7 @@ def test_nf4_is_written_dequantized_and_recorded_at_its_nf4_size(tiny_llama, tmp
     reference = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32)
     for module in record["layers"]:
         W = reference.get_submodule(module).weight.detach()
-        assert torch.equal(tensors[f"{module}.weight"], rtn(W, parse_format("nf4"))[0].dequantize())
+        assert torch.equal(tensors[f"{module}.weight"], rtn(W, parse_format("nf4", observer=record["config"]["observer"]))[0].dequantize())
     assert record["quantized"]["bits_per_weight"] == pytest.approx(4.25)
     assert all(layer["format"] == "nf4-g64" for layer in record["layers"].values())
 

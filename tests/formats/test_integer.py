@@ -110,3 +110,30 @@ def test_parse_round_trips_names():
 def test_zero_weights_do_not_divide_by_zero():
     qt = IntFormat(bits=4, group_size=32).quantize(torch.zeros(4, 64))
     assert torch.equal(qt.dequantize(), torch.zeros(4, 64))
+
+
+def test_symmetric_group_uses_all_16_codes_and_keeps_every_error_within_half_a_step():
+    W = torch.linspace(-1.0, 0.9, 64).reshape(1, 64)  # negative extreme: it takes the code -8
+    qt = IntFormat(bits=4, group_size=64).quantize(W)
+    assert sorted(qt.q.unique().tolist()) == list(range(-8, 8))
+    step = qt.scale.item()
+    assert (qt.dequantize() - W).abs().max() <= step / 2 * (1 + 16 * 2**-11)  # fp16 rounding of the scale
+    restricted = IntFormat(bits=4, group_size=64, symmetric_range="restricted").quantize(W)
+    assert restricted.q.min() == -7 and restricted.scale.item() > 1.15 * step  # max|w| / 7 against / 8.5
+
+
+@pytest.mark.parametrize("bits", [3, 4])
+def test_full_range_is_never_coarser_and_has_lower_error_than_the_restricted_rule(bits):
+    torch.manual_seed(0)
+    W = torch.randn(256, 512)
+    full, restricted = IntFormat(bits=bits, group_size=64), IntFormat(bits=bits, group_size=64, symmetric_range="restricted")
+    assert (full.quantize(W).scale <= restricted.quantize(W).scale).all()
+    assert rel_err(W, full) < 0.9 * rel_err(W, restricted)
+
+
+def test_restricted_rule_is_a_named_spec():
+    fmt = parse_int_format("int4-g128-restricted")
+    assert fmt.symmetric_range == "restricted" and parse_int_format(fmt.name) == fmt
+    assert parse_int_format("int4-g128").symmetric_range == "full"
+    with pytest.raises(UserError):
+        parse_int_format("int4-g128-asym-restricted")  # the rule is for symmetric formats

@@ -35,8 +35,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     sym = q.add_mutually_exclusive_group()
     sym.add_argument("--symmetric", dest="symmetric", action="store_true", default=True, help="zero point 0 (default)")
     sym.add_argument("--asymmetric", dest="symmetric", action="store_false", help="a zero point per group")
+    q.add_argument("--symmetric-range", choices=["full", "restricted"], default="full",
+                   help="symmetric scales: full uses every code, -2^(b-1) included (default); restricted is "
+                        "max|w| / (2^(b-1) - 1), which never uses -2^(b-1)")
     q.add_argument("--observer", choices=["minmax", "percentile", "mse"],
-                   help="how each group's range is chosen (default mse for gptq, minmax otherwise; mse searches clipping)")
+                   help="how each group's range is chosen (default mse for rtn and gptq, minmax otherwise; mse searches clipping)")
     q.add_argument("--scale-dtype", choices=["float16", "bfloat16", "float32"], default="float16")
     q.add_argument("--exclude", action="append", metavar="REGEX",
                    help="keep matching Linear modules unquantized (repeatable; default: lm_head)")
@@ -70,6 +73,7 @@ def build_config(args: argparse.Namespace):
     fields = {
         "format": args.weight_format,
         "symmetric": args.symmetric,
+        "symmetric_range": args.symmetric_range,
         "scale_dtype": args.scale_dtype,
         "group_fallback": args.group_fallback,
     }

@@ -43,6 +43,7 @@ Example:
 
 from __future__ import annotations
 
+
 import math
 import re
 from dataclasses import dataclass, replace
@@ -374,7 +375,8 @@ def parse_float_format(spec: str, observer: str = "minmax") -> FloatFormat:
     return (MXFP4Format if kind == "mxfp4" else NVFP4Format)(observer=observer)
 
 
-def parse_format(spec: str, observer: str | None = None, scale_dtype: str | None = None):
+def parse_format(spec: str, observer: str | None = None, scale_dtype: str | None = None,
+                 symmetric_range: str | None = None):
     """Any weight format by its spec: float/lookup ones here, integer ones via
     :func:`~modelpress.formats.integer.parse_int_format` (``int4-g128``...).
 
@@ -382,13 +384,17 @@ def parse_format(spec: str, observer: str | None = None, scale_dtype: str | None
         spec: the format name.
         observer: range observer to use instead of the default ``minmax``.
         scale_dtype: scale storage dtype, integer formats only (the others fix theirs).
+        symmetric_range: ``"full"`` or ``"restricted"`` symmetric scale rule, integer formats only.
     """
     from modelpress.formats.integer import parse_int_format
 
     key = spec.strip().lower()
     if key.startswith("int"):
         overrides = {k: v for k, v in (("observer", observer), ("scale_dtype", scale_dtype)) if v is not None}
-        return parse_int_format(key, **overrides)
+        fmt = parse_int_format(key, **overrides)
+        if symmetric_range == "restricted" and fmt.symmetric:  # the spec's own "-restricted" also sets it
+            fmt = replace(fmt, symmetric_range="restricted")
+        return fmt
     if _SPEC.match(key):
         return parse_float_format(key, observer=observer or "minmax")
     raise UserError(

@@ -4,6 +4,17 @@ Conventions follow compressed-tensors so that stored values need no translation:
 code ``q`` is signed, ``q in [-2^(b-1), 2^(b-1) - 1]``, and ``W ~ (q - z) * s``.
 Symmetric formats have ``z = 0``; asymmetric ones store ``z`` in the same signed range.
 
+Symmetric scales use the whole signed range by default (``symmetric_range="full"``): for a
+range ``[lo, hi]`` the scale is the finest step at which every value lies within half a step of
+a code in ``[-2^(b-1), 2^(b-1) - 1]``, ``s = max(-lo / (2^(b-1) + 1/2), hi / (2^(b-1) - 1/2))``,
+so every weight's error is at most ``s / 2``, as inside the range. At 4 bits a group whose
+largest magnitude is negative gets ``max|w| / 8.5`` and one whose largest is positive
+``max|w| / 7.5`` (compressed-tensors' ``max|w| / 7.5``; llama.cpp's Q4_0 also maps the
+extreme to -8), and all 16 codes are used. ``symmetric_range="restricted"`` is the textbook rule
+``s = max|w| / (2^(b-1) - 1)`` (``max|w| / 7`` at 4 bits), which never uses the code -2^(b-1):
+a 7% coarser step at 4 bits and one level in eight wasted at 3 bits (measured on SmolLM2 in
+the README); kept so that results quoted with that rule can be reproduced.
+
 Scales are rounded to their storage dtype (``scale_dtype``) *before* the weights are rounded,
 so ``dequantize`` here equals what an engine computes from the stored tensors, bit for bit.
 
@@ -32,6 +43,7 @@ from modelpress.errors import UserError
 from modelpress.formats import observers
 
 Granularity = Literal["tensor", "channel", "group"]
+SymmetricRange = Literal["full", "restricted"]
 
 SCALE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 SCALE_BITS = {"float16": 16, "bfloat16": 16, "float32": 32}
@@ -49,6 +61,8 @@ class IntFormat:
         group_size: columns per group; required for ``"group"``, forbidden otherwise.
         symmetric: ``z = 0`` and a range of ``[-max|W|, max|W|]``; else ``[min W, max W]`` with a zero point.
         observer: how each group's range is chosen: ``"minmax"``, ``"percentile"`` or ``"mse"``.
+        symmetric_range: symmetric scales from the ``"full"`` signed code range (default) or the
+            ``"restricted"`` one ``max|w| / (2^(b-1) - 1)`` (see the module docstring).
         scale_dtype: storage dtype of scales: ``"float16"``, ``"bfloat16"`` or ``"float32"``.
     """
 
@@ -58,6 +72,7 @@ class IntFormat:
     symmetric: bool = True
     observer: str = "minmax"
     scale_dtype: str = "float16"
+    symmetric_range: SymmetricRange = "full"
 
     def __post_init__(self) -> None:
         if not isinstance(self.bits, int) or not 2 <= self.bits <= 8:
@@ -71,6 +86,8 @@ class IntFormat:
             raise UserError(f"group_size is only meaningful with granularity='group', not {self.granularity!r}")
         if self.observer not in observers.OBSERVERS:
             raise UserError(f"observer must be one of {', '.join(observers.OBSERVERS)}, got {self.observer!r}")
+        if self.symmetric_range not in ("full", "restricted"):
+            raise UserError(f"symmetric_range must be full or restricted, got {self.symmetric_range!r}")
         if self.scale_dtype not in SCALE_DTYPES:
             raise UserError(f"scale_dtype must be one of {', '.join(SCALE_DTYPES)}, got {self.scale_dtype!r}")
 
@@ -88,7 +105,8 @@ class IntFormat:
     def name(self) -> str:
         """Short spec string, parseable by :func:`parse_int_format`: ``int4-g128``, ``int8-channel-asym``."""
         gran = f"g{self.group_size}" if self.granularity == "group" else self.granularity
-        return f"int{self.bits}-{gran}" + ("" if self.symmetric else "-asym")
+        restricted = self.symmetric and self.symmetric_range == "restricted"
+        return f"int{self.bits}-{gran}" + ("" if self.symmetric else "-asym") + ("-restricted" if restricted else "")
 
     def overhead_bits_per_group(self) -> int:
         return SCALE_BITS[self.scale_dtype] + (0 if self.symmetric else ZERO_POINT_BITS)
@@ -138,7 +156,10 @@ class IntFormat:
         """Scale (rounded to its storage dtype) and zero point for ranges ``[lo, hi]``."""
         lo = torch.clamp(lo, max=0.0)
         hi = torch.clamp(hi, min=0.0)
-        if self.symmetric:
+        if self.symmetric and self.symmetric_range == "full":
+            scale = torch.maximum(-lo / (-self.qmin + 0.5), hi / (self.qmax + 0.5))
+            zero = None
+        elif self.symmetric:
             scale = torch.maximum(-lo, hi) / self.qmax
             zero = None
         else:
@@ -239,15 +260,19 @@ class QuantizedTensor:
         return math.ceil(bits / 8)
 
 
-_SPEC = re.compile(r"^int(?P<bits>\d+)(?:-(?P<gran>tensor|channel|g(?P<group>\d+)))?(?P<asym>-asym)?$")
+_SPEC = re.compile(
+    r"^int(?P<bits>\d+)(?:-(?P<gran>tensor|channel|g(?P<group>\d+)))?(?:(?P<asym>-asym)|(?P<restricted>-restricted))?$"
+)
 
 
 def parse_int_format(spec: str, **overrides) -> IntFormat:
-    """Parse ``int4-g128``, ``int8-channel``, ``int4-tensor-asym`` (default granularity: channel)."""
+    """Parse ``int4-g128``, ``int8-channel``, ``int4-tensor-asym``, ``int4-g128-restricted``
+    (default granularity: channel; ``-restricted``: the ``max|w| / (2^(b-1) - 1)`` scale rule)."""
     m = _SPEC.match(spec.strip().lower())
     if not m:
         raise UserError(
-            f"unknown integer format {spec!r}; expected e.g. int4-g128, int8-channel, int4-tensor, int3-g64-asym"
+            f"unknown integer format {spec!r}; expected e.g. int4-g128, int8-channel, int4-tensor, int3-g64-asym, "
+            "int4-g128-restricted"
         )
     gran = m["gran"] or "channel"
     kwargs = dict(
@@ -256,5 +281,7 @@ def parse_int_format(spec: str, **overrides) -> IntFormat:
         group_size=int(m["group"]) if m["group"] else None,
         symmetric=m["asym"] is None,
     )
+    if m["restricted"]:
+        kwargs["symmetric_range"] = "restricted"
     kwargs.update(overrides)
     return IntFormat(**kwargs)
