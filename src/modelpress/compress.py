@@ -29,9 +29,10 @@ from modelpress.formats.floats import parse_format
 from modelpress.formats.integer import IntFormat
 from modelpress.models import loading
 from modelpress.models.arch import arch_for
-from modelpress.models.tensors import meta_model, plan_targets, tensor_stream
+from modelpress.models.loading import meta_model
+from modelpress.models.tensors import plan_targets, tensor_stream
 from modelpress.progress import track
-from modelpress.record import build_record
+from modelpress.record import build_record, to_json
 
 logger = logging.getLogger("modelpress")
 
@@ -214,17 +215,49 @@ METHODS: dict[str, type[QuantConfig]] = {"rtn": RTNConfig, "gptq": GPTQConfig, "
                                          "smoothquant": SmoothQuantConfig}
 
 
-def compress(model: str, config: QuantConfig, out_dir: str, resume: bool = False) -> dict:
+def compress(model: str, config: QuantConfig, out_dir: str, resume: bool = False, quality_guard: bool = True) -> dict:
     """Compress ``model`` with the method ``config`` names; see :func:`compress_rtn` and
-    :func:`modelpress.layerwise.compress_layerwise`."""
+    :func:`modelpress.layerwise.compress_layerwise`.
+
+    With ``quality_guard`` the written model is then scored against ``model`` on a little of the
+    calibration text (:mod:`modelpress.eval.guard`): an exploded perplexity fails the run and the
+    output is renamed ``OUT.rejected``; the two perplexities go into the record.
+    """
     config.act_format()  # W8A8's constraints on the weight format fail before any work
     if isinstance(config, RTNConfig):
         if resume:
             raise UserError("--resume applies to calibrated methods; an RTN run is quick to redo")
-        return compress_rtn(model, config, out_dir)
-    from modelpress.layerwise import compress_layerwise
+        record = compress_rtn(model, config, out_dir)
+    else:
+        from modelpress.layerwise import compress_layerwise
 
-    return compress_layerwise(model, config, out_dir, resume=resume)
+        record = compress_layerwise(model, config, out_dir, resume=resume)
+    if quality_guard:
+        record["quality_guard"] = _guard(model, config, out_dir)
+    return record
+
+
+def _guard(model: str, config: QuantConfig, out_dir: str) -> dict | None:
+    from pathlib import Path
+
+    from modelpress.data import builtin_text, read_calibration
+    from modelpress.eval.guard import check_output
+
+    source = loading.resolve(model)
+    calib = getattr(config, "calibration", None)
+    text = builtin_text() if calib is None or calib.text is None else read_calibration(calib.text, calib.text_field)
+    n_params = sum(p.numel() for p in meta_model(loading.load_config(source)).parameters())
+    result = check_output(source, out_dir, text, n_params)
+    if result is None:
+        return None
+    summary = {"source_ppl": result.source_ppl, "output_ppl": result.output_ppl,
+               "windows": result.windows, "seq_len": result.seq_len}
+    path = Path(out_dir) / "modelpress.json"  # the record in the checkpoint gets the guard's numbers
+    record = json.loads(path.read_text())
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(to_json({**record, "quality_guard": summary}, indent=2))
+    tmp.replace(path)
+    return summary
 
 
 def compress_rtn(model: str, config: RTNConfig, out_dir: str) -> dict:
@@ -292,6 +325,6 @@ def finish_checkpoint(writer, source, hf_config, model: nn.Module, targets, toke
         tokenizer=tokenizer,
         ignore=[checkpoint_name(n) for n, m in model.named_modules()
                 if isinstance(m, nn.Linear) and n not in targets.formats],
-        extra_files={"modelpress.json": json.dumps(record, indent=2)},
+        extra_files={"modelpress.json": to_json(record, indent=2)},
         copy_files_from=source.path if source.kind == "folder" else None,
     )

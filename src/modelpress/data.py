@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 
 import torch
@@ -58,6 +59,11 @@ def read_text(path: str | Path, field: str = "text") -> str:
         except (json.JSONDecodeError, KeyError, TypeError):
             raise UserError(f"{path}:{i}: expected a JSON object with a {field!r} field per line") from None
     return "\n\n".join(texts)
+
+
+def builtin_text() -> str:
+    """The small English text shipped with modelpress: the offline default for calibration."""
+    return resources.files("modelpress").joinpath("resources", "calibration.txt").read_text(encoding="utf-8")
 
 
 def read_calibration(source: str, text_field: str = "text") -> str:

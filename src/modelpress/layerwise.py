@@ -15,7 +15,6 @@ import hashlib
 import json
 import logging
 import time
-from importlib import resources
 from pathlib import Path
 from typing import Protocol
 
@@ -26,15 +25,9 @@ from modelpress.algorithms.awq import search_clip, search_scale
 from modelpress.algorithms.gptq import gptq
 from modelpress.algorithms.hessian import HessianCollector
 from modelpress.algorithms.rtn import LayerError, rtn
-from modelpress.algorithms.smoothquant import (
-    STATIC_RANGE_WARN,
-    check_finite,
-    input_range_ratio,
-    smoothing_scales,
-    static_input_absmax,
-)
+from modelpress.algorithms.smoothquant import STATIC_RANGE_WARN, check_finite, input_range_ratio, smoothing_scales, static_input_absmax
 from modelpress.compress import AWQConfig, CalibrationConfig, GPTQConfig, SmoothQuantConfig, finish_checkpoint
-from modelpress.data import WindowProtocol, read_calibration, token_windows
+from modelpress.data import WindowProtocol, builtin_text, read_calibration, token_windows
 from modelpress.errors import UserError
 from modelpress.eval.fake_quant import activation_fake_quant
 from modelpress.export.compressed_tensors import CompressedCheckpointWriter, storage_format
@@ -53,7 +46,7 @@ HIDDEN_FILE = "resume-hidden-{}.safetensors"  # the inputs of layer {} (outputs 
 def calibration_ids(tokenizer, calib: CalibrationConfig) -> torch.Tensor:
     """Token windows ``(n, seq_len [+ BOS])`` from the configured text, or the built-in one."""
     if calib.text is None:
-        text = resources.files("modelpress").joinpath("resources", "calibration.txt").read_text(encoding="utf-8")
+        text = builtin_text()
         logger.info("calibrating on modelpress's built-in text; pass your own for production runs")
     else:
         text = read_calibration(calib.text, calib.text_field)

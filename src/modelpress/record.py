@@ -6,12 +6,30 @@ lets two runs be diffed.
 
 from __future__ import annotations
 
+import json
+import math
 import platform
 from importlib import metadata
 
 import modelpress
 
 _PACKAGES = ("torch", "transformers", "compressed-tensors", "safetensors")
+
+
+def to_json(data, **kwargs) -> str:
+    """``data`` as strict JSON, the one writer for every JSON the tool prints or saves.
+
+    Raises:
+        ValueError: ``data`` holds NaN or an infinity, which strict JSON parsers refuse; the code
+            that produced it must say what such a value means (e.g. ``None`` for an exact SQNR).
+    """
+    return json.dumps(data, allow_nan=False, **kwargs)
+
+
+def mean_finite(values) -> float | None:
+    """Mean of the finite numbers among ``values`` (``None`` entries, exact layers, are skipped)."""
+    finite = [v for v in values if v is not None and math.isfinite(v)]
+    return sum(finite) / len(finite) if finite else None
 
 
 def versions() -> dict[str, str]:
@@ -47,7 +65,7 @@ def build_record(source, config, targets, layers: dict[str, dict], elapsed_s: fl
             "params": numel,
             "bytes": nbytes,
             "bits_per_weight": 8 * nbytes / numel if numel else None,
-            "mean_sqnr_db": sum(v["sqnr_db"] for v in layers.values()) / len(layers) if layers else None,
+            "mean_sqnr_db": mean_finite(v["sqnr_db"] for v in layers.values()),  # exact layers have None
         },
         "kept_unquantized": targets.kept,
         "layers": layers,

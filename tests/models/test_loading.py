@@ -37,7 +37,7 @@ def test_unusable_paths_are_one_line_user_errors(tmp_path, setup, message):
 def test_corrupt_config_is_a_user_error(tmp_path, tiny_llama):
     (tmp_path / "config.json").write_text("{not json")
     (tmp_path / "model.safetensors").write_bytes((tiny_llama / "model.safetensors").read_bytes())
-    with pytest.raises(UserError, match="could not load"):
+    with pytest.raises(UserError, match="config.json is not valid JSON"):
         loading.load_config(loading.resolve(tmp_path))
 
 
@@ -50,7 +50,7 @@ def test_unsupported_architecture_names_the_supported_ones(tmp_path):
 
 def test_every_table_row_names_real_modules(tiny_models):
     """Each architecture row's paths exist in a real (tiny) model of that type."""
-    from modelpress.models.tensors import meta_model
+    from modelpress.models.loading import meta_model
 
     for model_type, path in tiny_models.items():
         config = loading.load_config(loading.resolve(path))

@@ -6,7 +6,8 @@ import torch
 from modelpress.compress import RTNConfig
 from modelpress.errors import UserError
 from modelpress.models import loading
-from modelpress.models.tensors import meta_model, plan_targets, tensor_stream
+from modelpress.models.loading import meta_model
+from modelpress.models.tensors import plan_targets, tensor_stream
 
 
 @pytest.fixture

@@ -19,7 +19,7 @@ class LayerError:
     """How far a quantized weight is from the original (plain data for the record/report)."""
 
     rel_mse: float  # ||W - Q(W)||^2 / ||W||^2
-    sqnr_db: float  # -10 log10(rel_mse): signal-to-quantization-noise ratio
+    sqnr_db: float | None  # -10 log10(rel_mse): signal-to-quantization-noise ratio; None when exact
     max_abs: float  # max |W - Q(W)|
 
     @classmethod
@@ -27,7 +27,7 @@ class LayerError:
         W = W.to(torch.float32)
         err = W_hat.to(torch.float32) - W
         rel = (err.pow(2).sum() / W.pow(2).sum().clamp(min=1e-30)).item()
-        sqnr = float("inf") if rel == 0 else -10.0 * torch.log10(torch.tensor(rel)).item()
+        sqnr = None if rel == 0 else -10.0 * torch.log10(torch.tensor(rel)).item()  # JSON has no infinity
         return cls(rel_mse=rel, sqnr_db=sqnr, max_abs=err.abs().max().item())
 
 

@@ -28,8 +28,15 @@ SUBCOMMANDS = {
 }
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with its errors as one line (the usage block is what --help is for)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="modelpress", description=modelpress.__doc__.strip())
+    parser = _Parser(prog="modelpress", description=modelpress.__doc__.strip())
     parser.add_argument("--version", action="version", version=f"modelpress {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     subparsers = parser.add_subparsers(dest="command", required=True)
@@ -50,6 +57,8 @@ def _quiet_third_party() -> None:
 
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
+    for name in ("gguf", "datasets", "compressed_tensors"):  # their warnings repeat what our one line says
+        logging.getLogger(name).setLevel(logging.ERROR)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -69,6 +78,14 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"modelpress {args.command}: interrupted", file=sys.stderr)
         return 130
+    except OSError as e:  # the disk or the file system refused: full, read-only, not a folder
+        print(f"modelpress {args.command}: error: {_os_error(e)}", file=sys.stderr)
+        return 2
+
+
+def _os_error(e: OSError) -> str:
+    where = f" {e.filename}" if e.filename else ""
+    return f"cannot write or read{where}: {e.strerror or e}; check the path, its permissions and free space"
 
 
 if __name__ == "__main__":

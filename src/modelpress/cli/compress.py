@@ -8,7 +8,6 @@ Example:
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 from pydantic import ValidationError
@@ -17,6 +16,7 @@ from modelpress.cli import options
 from modelpress.cli.evaluate import print_table, run_eval
 from modelpress.compress import METHODS, compress
 from modelpress.errors import UserError
+from modelpress.record import to_json
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -64,6 +64,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="awq: per-channel scales x^a (activation), x^a / w^(1-a) (duo), or the better of both "
                         "per layer (default)")
     g.add_argument("--resume", action="store_true", help="continue an interrupted run from OUT.partial")
+    parser.add_argument("--no-quality-guard", dest="quality_guard", action="store_false",
+                        help="write the output even when its perplexity explodes (by default a model over 10x "
+                             "the source's perplexity on a little calibration text is refused)")
     parser.add_argument("--eval", action="store_true", help="after compressing, evaluate against the original")
     options.add_eval_text(parser)
     options.add_json(parser)
@@ -124,16 +127,17 @@ def main(args: argparse.Namespace) -> int:
     if args.eval and args.text is None:
         raise UserError("--eval needs --text FILE to evaluate on")
     options.check_calibration_source(args)
-    record = compress(args.model, config, args.output, resume=args.resume)
+    record = compress(args.model, config, args.output, resume=args.resume, quality_guard=args.quality_guard)
     result = run_eval(args.output, args.text, args.windows, baseline=args.model) if args.eval else None
     if args.json:
-        print(json.dumps({"record": record, "eval": result}, indent=2))
+        print(to_json({"record": record, "eval": result}, indent=2))
         return 0
     q = record["quantized"]
+    sqnr = "exact" if q["mean_sqnr_db"] is None else f"{q['mean_sqnr_db']:.1f} dB"
     print(
         f"wrote {args.output}: {q['layers']} layers quantized to {config.int_format().name}"
         f"{'' if act is None else f' with {act.name} inputs'} "
-        f"({q['bits_per_weight']:.3f} bits/weight, mean SQNR {q['mean_sqnr_db']:.1f} dB) in {record['wall_time_s']:.1f}s"
+        f"({q['bits_per_weight']:.3f} bits/weight, mean SQNR {sqnr}) in {record['wall_time_s']:.1f}s"
     )
     if result is not None:
         print_table(result)

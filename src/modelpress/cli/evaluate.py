@@ -7,7 +7,7 @@ Example:
 from __future__ import annotations
 
 import argparse
-import json
+import math
 from dataclasses import replace
 from pathlib import Path
 
@@ -21,6 +21,7 @@ from modelpress.eval.fake_quant import activation_fake_quant, checkpoint_input_q
 from modelpress.eval.kv_cache import KV_CACHE_FORMATS, check_kv_format
 from modelpress.eval.perplexity import evaluate
 from modelpress.models import loading
+from modelpress.record import to_json
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -72,6 +73,9 @@ def run_eval(model: str, text: str | None, windows: int, baseline: str | None = 
             protocol=protocol,
             kv_cache=kv_cache,
         )
+    if not math.isfinite(result.ppl):
+        raise UserError(f"perplexity of {model} is {result.ppl}: its outputs overflow or are NaN; "
+                        "evaluate it in float32, or check the weights")
     result.activations = ", ".join(sorted({q.fmt.name for q in inputs.values()})) or None
     out = {"text": str(text), "model": model, "size_bytes": size_on_disk(source), **result.to_dict()}
     if base_source is not None:
@@ -108,7 +112,7 @@ def print_table(result: dict, console: Console | None = None) -> None:
 def main(args: argparse.Namespace) -> int:
     result = run_eval(args.model, args.text, args.windows, args.baseline, kv_cache=args.kv_cache)
     if args.json:
-        print(json.dumps(result, indent=2))
+        print(to_json(result, indent=2))
     else:
         print_table(result)
     return 0

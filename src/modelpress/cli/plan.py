@@ -8,7 +8,6 @@ Example:
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 from modelpress.cli import options
@@ -27,7 +26,12 @@ from modelpress.plan.memory import (
     parse_size,
     weight_bytes,
 )
-from modelpress.plan.roofline import decode_roofline, flops_per_token, prefill_tokens_per_s
+from modelpress.plan.roofline import (
+    decode_roofline,
+    flops_per_token,
+    prefill_tokens_per_s,
+)
+from modelpress.record import to_json
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -48,18 +52,13 @@ def load_shape(spec: str) -> ModelShape:
     params = parse_size(spec)
     if params is not None:
         return ModelShape.from_param_count(params, name=spec.strip())
-    from transformers import AutoConfig
-
     from modelpress.models import loading
     from modelpress.models.shape import shape_from_config
 
     path = Path(spec).expanduser()
     if path.is_file() and path.suffix == ".json" or path.is_dir() and (path / "config.json").is_file():
         file = path if path.is_file() else path / "config.json"
-        try:
-            config = AutoConfig.from_pretrained(str(file))
-        except (OSError, ValueError, KeyError) as e:
-            raise UserError(f"cannot read {file} as a model config: {str(e).strip().splitlines()[0]}") from None
+        config = loading.load_config_file(file)
         name = path.parent.name if path.is_file() else path.name
     else:
         config = loading.load_config(loading.resolve(spec))
@@ -203,7 +202,7 @@ def main(args: argparse.Namespace) -> int:
     shape = load_shape(args.model)
     plan = build_plan(shape, args.hardware, formats, args.context, args.batch, args.kv_dtype)
     if args.json:
-        print(json.dumps(plan, indent=2))
+        print(to_json(plan, indent=2))
     else:
         print_plan(plan)
     return 0

@@ -23,6 +23,7 @@ import torch
 from safetensors.torch import save_file
 
 from modelpress.errors import UserError
+from modelpress.record import to_json
 
 logger = logging.getLogger("modelpress")
 
@@ -102,7 +103,7 @@ class CheckpointWriter:
         self._flush()
         state = {"shards": [list(names) for names in self._shards], "total_bytes": self.total_bytes, **extra}
         tmp = self.tmp_dir / (RESUME_STATE + ".tmp")
-        tmp.write_text(json.dumps(state))
+        tmp.write_text(to_json(state))
         tmp.replace(self.tmp_dir / RESUME_STATE)
 
     def load_state(self) -> dict:
@@ -134,7 +135,7 @@ class CheckpointWriter:
             weight_map.update(dict.fromkeys(names, final))
         if n > 1:
             index = {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map}
-            (self.tmp_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+            (self.tmp_dir / "model.safetensors.index.json").write_text(to_json(index, indent=2))
         return weight_map
 
     def finish(self, config: dict, extra_files: dict[str, str | bytes] | None = None,
@@ -156,7 +157,7 @@ class CheckpointWriter:
         self._name_shards()
         for leftover in self.tmp_dir.glob(RESUME_PREFIX + "*"):
             leftover.unlink()
-        (self.tmp_dir / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
+        (self.tmp_dir / "config.json").write_text(to_json(config, indent=2, sort_keys=True))
         if tokenizer is not None:
             tokenizer.save_pretrained(self.tmp_dir)
         for name, content in (extra_files or {}).items():

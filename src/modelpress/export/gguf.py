@@ -28,6 +28,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
+
 import numpy as np
 import torch
 
@@ -38,7 +39,7 @@ from modelpress.formats.gguf_blocks import gguf_format
 from modelpress.models import loading
 from modelpress.models.arch import arch_for, text_config
 from modelpress.models.layers import WeightReader
-from modelpress.models.tensors import meta_model
+from modelpress.models.loading import meta_model
 from modelpress.progress import track
 
 logger = logging.getLogger("modelpress")
@@ -198,7 +199,7 @@ def export_gguf(model: str, out_file: str, type_name: str = "f16", pure: bool = 
         from modelpress.export.gguf_calibrated import gptq_gguf_tensors
 
         encoded, summary = gptq_gguf_tensors(model, {e.name: e.type for e in layout.entries}, calibration, damp)
-    reader = WeightReader(source, {e.name for e in layout.entries})
+    reader = WeightReader(source, {e.name: e.shape for e in layout.entries})
     tmp = out.with_name(out.name + f".partial-{os.getpid()}")
     writer = gguf.GGUFWriter(tmp, layout.arch_name)
     types: dict[str, int] = {}

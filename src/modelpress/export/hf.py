@@ -12,7 +12,8 @@ import torch
 
 from modelpress.export.checkpoint import CheckpointWriter
 from modelpress.models import loading
-from modelpress.models.tensors import clean_config, meta_model, tensor_stream
+from modelpress.models.loading import clean_config, meta_model
+from modelpress.models.tensors import tensor_stream
 from modelpress.progress import track
 
 logger = logging.getLogger("modelpress")

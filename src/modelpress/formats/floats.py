@@ -43,7 +43,6 @@ Example:
 
 from __future__ import annotations
 
-
 import math
 import re
 from dataclasses import dataclass, replace

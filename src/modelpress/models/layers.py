@@ -31,8 +31,9 @@ from torch import nn
 from modelpress.errors import UserError
 from modelpress.models import loading
 from modelpress.models.arch import arch_for
+from modelpress.models.loading import clean_config, meta_model
 from modelpress.models.moe import unfuse_experts
-from modelpress.models.tensors import _checked, clean_config, meta_model, shard_index, unique_state_keys
+from modelpress.models.tensors import checked, meta_shapes, streamable, unique_state_keys
 
 logger = logging.getLogger("modelpress")
 
@@ -41,30 +42,37 @@ class WeightReader:
     """Tensors by checkpoint name, read on demand from the safetensors shards.
 
     A GGUF file (or a checkpoint whose names transformers remaps) is loaded whole once, since
-    its tensors cannot be read one at a time under the model's names.
+    its tensors cannot be read one at a time under the model's names. Either way a missing,
+    extra or misshapen tensor is refused before any work (:func:`~modelpress.models.tensors.streamable`).
+
+    Args:
+        source: the checkpoint.
+        expected: checkpoint name -> shape (``None``: not checked) of every tensor the model has.
+        moe: a mixture-of-experts model, readable only from shards under per-expert names.
     """
 
-    def __init__(self, source: loading.ModelSource, expected: set[str], moe: bool = False):
-        self._files = shard_index(source)
+    def __init__(self, source: loading.ModelSource, expected: dict[str, tuple[int, ...] | None], moe: bool = False):
         self._state: dict[str, torch.Tensor] | None = None
-        if set(self._files) != expected:
+        self._files = streamable(source, expected)
+        if self._files is None:
             if moe:
                 raise UserError(f"{source.path}: a mixture-of-experts model is read expert by expert from "
                                 "safetensors shards with the per-expert names transformers saves; this "
-                                "checkpoint (GGUF, or other tensor names) is not supported yet")
+                                "checkpoint (GGUF, other tensor names, or missing or extra tensors) is not "
+                                "supported")
             logger.info("loading %s whole (its tensor names are not the model's)", source.path)
             model = loading.load_model(source)
             self._state = {k: v for k, v in model.state_dict().items() if k in expected}
             self._files = {}
-        self.names = expected
+        self.names = set(expected)
 
     def get(self, name: str) -> torch.Tensor:
         if self._state is not None:
-            return _checked(name, self._state[name])
+            return checked(name, self._state[name])
         from safetensors import safe_open
 
         with safe_open(self._files[name], framework="pt") as f:
-            return _checked(name, f.get_tensor(name))
+            return checked(name, f.get_tensor(name))
 
     def release(self, names) -> None:
         """Drop tensors already consumed (only matters for a model loaded whole)."""
@@ -172,7 +180,9 @@ class LayerwiseModel:
             unfuse_experts(meta, self.arch.layers, self.arch.moe)
         self.names = unique_state_keys(meta)  # ties applied: a tied head is stored once
         self._source_dtypes: dict[str, torch.dtype] = {}
-        self.reader = WeightReader(source, {self.checkpoint_name(n) for n in self.names}, moe=self.arch.moe is not None)
+        shapes = meta_shapes(meta, self.names)
+        self.reader = WeightReader(source, {self.checkpoint_name(n): shapes[n] for n in self.names},
+                                   moe=self.arch.moe is not None)
         self.layer_list: nn.ModuleList = self.model.get_submodule(self.arch.layers)
         self._materialize([n for n in self.names if not n.startswith(self.prefix + ".")])
 

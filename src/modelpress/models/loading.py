@@ -6,6 +6,7 @@ network is touched only when the user names a hub id that is not a local path.
 
 from __future__ import annotations
 
+import copy
 import logging
 import re
 from dataclasses import dataclass
@@ -74,30 +75,92 @@ def resolve(spec: str | Path) -> ModelSource:
                 )
             raise UserError(f"{path} has config.json but no .safetensors weights")
         return ModelSource("folder", str(path))
-    if _HUB_ID.match(spec) and not spec.startswith((".", "/", "~")):
+    if _HUB_ID.match(spec) and not spec.startswith((".", "/", "~")) and not path.parent.is_dir():
         return ModelSource("hub", spec)
+    if path.parent.is_dir() and path.parent != Path("."):  # offline-first: a path under a real folder is local
+        raise UserError(f"model not found: {spec} (no such file or folder in {path.parent}/)")
     raise UserError(f"model not found: {spec} (no such file or folder)")
 
 
 def _wrap_load_error(source: ModelSource, e: Exception) -> UserError:
     first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    if source.kind == "gguf" and "json" in first.lower():  # transformers' fallback reader speaks of JSON
+        return UserError(f"could not read {source.path} as a GGUF file; it is corrupt, truncated or not GGUF")
     return UserError(f"could not load {source.path}: {first}")
 
 
-def load_config(source: ModelSource):
-    """The model's ``PretrainedConfig``, without loading weights."""
+# Config fields that must be positive integers wherever they appear (a text config's own names).
+_POSITIVE_FIELDS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+                    "intermediate_size", "vocab_size", "head_dim", "max_position_embeddings")
+
+
+def check_config(fields: dict, where: str) -> None:
+    """Refuse config fields (``config.json`` as a dict) whose sizes cannot describe a model,
+    before transformers or the planner divide by them; a nested ``text_config`` is checked too.
+
+    Raises:
+        UserError: a size that is not a positive integer, or heads that do not divide.
+    """
+    if isinstance(fields.get("text_config"), dict):
+        check_config(fields["text_config"], where)
+    values = {k: fields.get(k) for k in _POSITIVE_FIELDS}
+    for key, value in values.items():
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise UserError(f"{where}: {key} must be a positive integer, got {value!r}; fix config.json")
+    heads, kv_heads, hidden = values["num_attention_heads"], values["num_key_value_heads"], values["hidden_size"]
+    if heads and kv_heads and heads % kv_heads:
+        raise UserError(f"{where}: num_attention_heads {heads} is not a multiple of num_key_value_heads {kv_heads}")
+    if heads and hidden and values["head_dim"] is None and hidden % heads:
+        raise UserError(f"{where}: hidden_size {hidden} is not a multiple of num_attention_heads {heads} "
+                        "(and no head_dim is given)")
+
+
+def _config(name: str, where: str, **kwargs):
+    import json
+
     from transformers import AutoConfig
 
-    name, kwargs = source.pretrained_args
+    file = Path(name) if Path(name).is_file() else Path(name) / "config.json"
+    if "gguf_file" not in kwargs and file.is_file():  # our checks first: transformers' own divide by zero
+        try:
+            raw = json.loads(file.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise UserError(f"{file} is not valid JSON ({e}); fix or replace it") from None
+        if not isinstance(raw, dict):
+            raise UserError(f"{file} is not a model config (a JSON object with model_type)")
+        check_config(raw, where)
     try:
-        return AutoConfig.from_pretrained(name, trust_remote_code=False, **kwargs)
-    except (OSError, ValueError, KeyError) as e:
-        raise _wrap_load_error(source, e) from None
+        config = AutoConfig.from_pretrained(name, trust_remote_code=False, **kwargs)
+    except Exception as e:  # transformers' config validators raise many types; all mean "this config is bad"
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if "trust_remote_code" in str(e) or "custom code" in str(e):
+            raise UserError(f"{where} needs its own Python code (trust_remote_code), which modelpress does "
+                            "not run; use a model whose architecture transformers supports") from None
+        if "gguf_file" in kwargs:
+            raise UserError(f"could not read {where} as a GGUF model: {first}") from None
+        raise UserError(f"cannot read {where} as a model config: {first}") from None
+    check_config(config.to_dict(), where)
+    return config
+
+
+def load_config(source: ModelSource):
+    """The model's ``PretrainedConfig``, without loading weights; never runs remote code, and
+    refuses sizes that cannot describe a model (:func:`check_config`)."""
+    name, kwargs = source.pretrained_args
+    if source.kind == "gguf":
+        return _config(name, source.path, **kwargs)
+    return _config(name, source.path if source.kind == "hub" else str(Path(source.path) / "config.json"), **kwargs)
+
+
+def load_config_file(path: str | Path):
+    """A ``PretrainedConfig`` from a bare ``config.json`` (no weights needed), checked as :func:`load_config`."""
+    return _config(str(path), str(path))
 
 
 def load_tokenizer(source: ModelSource):
     from transformers import AutoTokenizer
 
+    load_config(source)  # transformers reads the config too, and its validators raise tracebacks
     name, kwargs = source.pretrained_args
     try:
         return AutoTokenizer.from_pretrained(name, trust_remote_code=False, **kwargs)
@@ -121,11 +184,106 @@ def _fp4_load_args(source: ModelSource) -> dict:
     return {"quantization_config": CompressedTensorsConfig(dequantize=True)}
 
 
+def clean_config(hf_config):
+    """A copy of the config without a GGUF ``quantization_config`` (the weights we write are ours)."""
+    hf_config = copy.deepcopy(hf_config)
+    if hasattr(hf_config, "quantization_config"):
+        del hf_config.quantization_config
+    return hf_config
+
+
+def meta_model(hf_config) -> torch.nn.Module:
+    """The model's module tree on the ``meta`` device: names and shapes, no weights."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(clean_config(hf_config))
+
+
+def shard_index(source: ModelSource) -> dict[str, str]:
+    """Tensor name -> the safetensors shard holding it (empty for a GGUF file or a hub id).
+
+    Raises:
+        UserError: a shard cannot be read (corrupt or truncated).
+    """
+    from safetensors import SafetensorError, safe_open
+
+    index: dict[str, str] = {}
+    for path in source.safetensors_files():
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                index.update(dict.fromkeys(f.keys(), str(path)))
+        except (SafetensorError, OSError) as e:
+            raise UserError(f"cannot read {path}: {e}; the file is corrupt or truncated") from None
+    return index
+
+
+def _listed(names, n: int = 3) -> str:
+    names = sorted(names)
+    return ", ".join(names[:n]) + (f" and {len(names) - n} more" if len(names) > n else "")
+
+
+def check_shapes(index: dict[str, str], shapes: dict[str, tuple[int, ...]]) -> None:
+    """Refuse tensors whose shape in the shards (read from the headers) is not ``shapes``'.
+
+    Raises:
+        UserError: naming the tensors, their shapes and the config's.
+    """
+    from safetensors import safe_open
+
+    wrong = []
+    for path in sorted(set(index.values())):
+        with safe_open(path, framework="pt") as f:
+            for name in f.keys():
+                want = shapes.get(name)
+                got = tuple(f.get_slice(name).get_shape())
+                if want is not None and got != tuple(want):
+                    wrong.append(f"{name} is {list(got)} where config.json implies {list(want)}")
+    if wrong:
+        more = f" (and {len(wrong) - 1} more)" if len(wrong) > 1 else ""
+        raise UserError(f"checkpoint does not match its config.json: {wrong[0]}{more}; "
+                        "fix the config (hidden_size, intermediate_size, heads...) or the weights")
+
+
+def _check_loading_info(source: ModelSource, info: dict) -> None:
+    """Refuse a load that left parameters randomly initialised or dropped checkpoint tensors."""
+    missing, unexpected = set(info.get("missing_keys") or ()), set(info.get("unexpected_keys") or ())
+    mismatched = [k if isinstance(k, str) else k[0] for k in info.get("mismatched_keys") or ()]
+    problems = []
+    if missing:
+        problems.append(f"missing {_listed(missing)} (they would be random)")
+    if unexpected:
+        problems.append(f"unexpected {_listed(unexpected)} (they would be dropped)")
+    if mismatched:
+        problems.append(f"misshapen {_listed(mismatched)}")
+    if problems:
+        raise UserError(f"{source.path}: tensors do not match config.json: {'; '.join(problems)}; "
+                        "fix the checkpoint or its config (num_hidden_layers, sizes)")
+
+
+def all_finite(tensor: torch.Tensor) -> bool:
+    """No NaN or inf in ``tensor`` (integer tensors trivially; FP8 ones checked in float32)."""
+    if not tensor.is_floating_point():
+        return True
+    return bool(torch.isfinite(tensor if tensor.element_size() > 1 else tensor.float()).all())
+
+
+def _check_finite(model) -> None:
+    for name, tensor in model.state_dict().items():
+        if not all_finite(tensor):
+            raise UserError(f"tensor {name} contains NaN or inf; the checkpoint is corrupt")
+
+
 def load_model(source: ModelSource, dtype: torch.dtype = torch.float32, device: str = "cpu"):
     """Load the whole model in ``dtype`` (evaluation; compression streams tensors instead).
 
     A GGUF file is dequantized to float by transformers; its quantizer is detached so the
-    result behaves (and saves) like any float checkpoint.
+    result behaves (and saves) like any float checkpoint. Checked before it is returned: every
+    shard readable, every tensor where the config puts it with the config's shape (nothing
+    randomly initialised, nothing dropped), no NaN or inf.
+
+    Raises:
+        UserError: any of those checks fails, or transformers cannot load the model.
     """
     from transformers import AutoModelForCausalLM
 
@@ -133,12 +291,16 @@ def load_model(source: ModelSource, dtype: torch.dtype = torch.float32, device: 
     if source.kind != "gguf":
         kwargs["use_safetensors"] = True
         kwargs.update(_fp4_load_args(source))
+        index = shard_index(source)
+        check_shapes(index, {k: tuple(v.shape) for k, v in meta_model(load_config(source)).state_dict().items()})
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            name, dtype=dtype, trust_remote_code=False, device_map=device, **kwargs
+        model, info = AutoModelForCausalLM.from_pretrained(
+            name, dtype=dtype, trust_remote_code=False, device_map=device, output_loading_info=True, **kwargs
         )
     except (OSError, ValueError, KeyError, RuntimeError) as e:
         raise _wrap_load_error(source, e) from None
+    _check_loading_info(source, info)
+    _check_finite(model)
     if source.kind == "gguf":
         model.hf_quantizer = None
         if hasattr(model.config, "quantization_config"):

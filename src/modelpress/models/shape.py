@@ -11,7 +11,7 @@ from torch import nn
 
 from modelpress.errors import UserError
 from modelpress.models.arch import text_config
-from modelpress.models.tensors import meta_model
+from modelpress.models.loading import meta_model
 from modelpress.plan.memory import ModelShape
 
 

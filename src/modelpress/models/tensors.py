@@ -7,7 +7,6 @@ memory is about one tensor whatever the model's size.
 
 from __future__ import annotations
 
-import copy
 import logging
 import math
 import re
@@ -25,22 +24,6 @@ from modelpress.models.arch import arch_for
 logger = logging.getLogger("modelpress")
 
 
-def clean_config(hf_config):
-    """A copy of the config without a GGUF ``quantization_config`` (the weights we write are ours)."""
-    hf_config = copy.deepcopy(hf_config)
-    if hasattr(hf_config, "quantization_config"):
-        del hf_config.quantization_config
-    return hf_config
-
-
-def meta_model(hf_config) -> nn.Module:
-    """The model's module tree on the ``meta`` device: names and shapes, no weights."""
-    from transformers import AutoModelForCausalLM
-
-    with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(clean_config(hf_config))
-
-
 @dataclass
 class Targets:
     """The quantization plan for each Linear: plain data, recorded with the run.
@@ -56,7 +39,7 @@ class Targets:
     in_features: dict[str, int] = field(default_factory=dict)
 
     def output_config(self, hf_config) -> dict:
-        return clean_config(hf_config).to_dict()
+        return loading.clean_config(hf_config).to_dict()
 
 
 def _fallback_format(fmt: IntFormat, in_features: int, fallback: str) -> IntFormat | None:
@@ -105,12 +88,16 @@ def plan_targets(meta: nn.Module, config) -> Targets:
     if misfits:
         logger.warning("%d layers use the group-size fallback %r", len(misfits), config.group_fallback)
     if not targets.formats:
+        if misfits:
+            raise UserError(f"no Linear layer is left to quantize: group size {fmt.group_size} divides none of "
+                            "the layers --group-fallback keep would keep; choose a group size that divides them")
         raise UserError("no Linear layer is left to quantize; check the exclude patterns")
     return targets
 
 
-def _checked(name: str, tensor: torch.Tensor) -> torch.Tensor:
-    if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+def checked(name: str, tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor``, after refusing NaN or inf in a floating one (the error names it)."""
+    if not loading.all_finite(tensor):
         raise UserError(f"tensor {name} contains NaN or inf; the checkpoint is corrupt")
     return tensor
 
@@ -121,7 +108,7 @@ def _stream_safetensors(files) -> Iterator[tuple[str, torch.Tensor]]:
     for path in files:
         with safe_open(str(path), framework="pt") as f:
             for name in f.keys():
-                yield name, _checked(name, f.get_tensor(name))
+                yield name, checked(name, f.get_tensor(name))
 
 
 def _stream_loaded(source) -> Iterator[tuple[str, torch.Tensor]]:
@@ -131,7 +118,7 @@ def _stream_loaded(source) -> Iterator[tuple[str, torch.Tensor]]:
         if tensor.data_ptr() in seen:  # a tied weight (lm_head = embed_tokens): stored once
             continue
         seen.add(tensor.data_ptr())
-        yield name, _checked(name, tensor)
+        yield name, checked(name, tensor)
 
 
 def unique_state_keys(model: nn.Module) -> set[str]:
@@ -145,35 +132,42 @@ def unique_state_keys(model: nn.Module) -> set[str]:
     return keys
 
 
-def shard_index(source) -> dict[str, str]:
-    """Tensor name -> the safetensors shard holding it (empty for a GGUF file or a hub id).
+def streamable(source, expected: dict[str, tuple[int, ...] | None]) -> dict[str, str] | None:
+    """The shard index (tensor name -> shard) when ``source``'s tensors can be read one at a time
+    under the model's names, or ``None`` when the model must be loaded whole.
+
+    Streaming needs the checkpoint's names to be exactly ``expected``'s; their shapes (where
+    ``expected`` gives one) are checked from the shard headers before any work. Otherwise (GGUF, or
+    names transformers remaps on load) :func:`~modelpress.models.loading.load_model` loads it and
+    refuses any tensor transformers could not place, so a missing or extra tensor is an error
+    on both paths.
 
     Raises:
-        UserError: a shard cannot be read (corrupt or truncated).
+        UserError: a shard is unreadable, or a tensor's shape is not the config's.
     """
-    from safetensors import SafetensorError, safe_open
-
-    index: dict[str, str] = {}
-    for path in source.safetensors_files():
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                index.update(dict.fromkeys(f.keys(), str(path)))
-        except (SafetensorError, OSError) as e:
-            raise UserError(f"cannot read {path}: {e}; the file is corrupt or truncated") from None
+    index = loading.shard_index(source)
+    if not index or set(index) != set(expected):
+        return None
+    loading.check_shapes(index, {k: v for k, v in expected.items() if v is not None})
     return index
+
+
+def meta_shapes(meta: nn.Module, names) -> dict[str, tuple[int, ...]]:
+    """``name -> shape`` of the named tensors of a (meta) model."""
+    state = meta.state_dict(keep_vars=True)
+    return {n: tuple(state[n].shape) for n in names}
 
 
 def tensor_stream(source, meta: nn.Module) -> tuple[Iterator[tuple[str, torch.Tensor]], int]:
     """``(iterator of (name, tensor), count)`` over the model's weights in checkpoint order.
 
     Streams straight from the shards when their tensor names are the model's own; otherwise
-    (GGUF, or a checkpoint whose names transformers remaps on load) loads the model once.
+    (GGUF, or a checkpoint whose names transformers remaps on load) loads the model once. Either
+    way a missing, extra or misshapen tensor is refused (see :func:`streamable`).
     """
     expected = unique_state_keys(meta)
-    index = shard_index(source)
-    if index and set(index) == expected:
+    index = streamable(source, meta_shapes(meta, expected))
+    if index is not None:
         return _stream_safetensors(source.safetensors_files()), len(index)
-    if index:
-        logger.info("checkpoint tensor names differ from the model's; loading it whole")
-    logger.info("loading %s", source.path)
+    logger.info("loading %s whole (its tensor names are not the model's)", source.path)
     return _stream_loaded(source), len(expected)

@@ -88,14 +88,24 @@ class ModelShape:
         return self.active_params or self.total_params
 
 
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmbt])\s*$", re.IGNORECASE)
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?(?:e[+-]?\d+)?)\s*([kmbt])\s*$", re.IGNORECASE)
+MAX_PARAMS = 1e15  # a thousand times today's largest models: beyond it a size is a typo
 _SCALE = {"k": 1e3, "m": 1e6, "b": 1e9, "t": 1e12}
 
 
 def parse_size(text: str) -> float | None:
-    """``"70B"`` -> 7e10, ``"135m"`` -> 1.35e8; ``None`` when ``text`` is not a size."""
+    """``"70B"`` -> 7e10, ``"135m"`` -> 1.35e8; ``None`` when ``text`` is not a size.
+
+    Raises:
+        UserError: a size of less than one parameter, or beyond :data:`MAX_PARAMS`.
+    """
     m = _SIZE.match(text)
-    return float(m[1]) * _SCALE[m[2].lower()] if m else None
+    if not m:
+        return None
+    params = float(m[1]) * _SCALE[m[2].lower()]
+    if not 1 <= params <= MAX_PARAMS:
+        raise UserError(f"model size {text.strip()} is {params:.3g} parameters; give a size from 1K to 1000T, e.g. 70B")
+    return params
 
 
 def human_count(n: float) -> str:
