@@ -77,7 +77,8 @@ def measure(hidden: int, layers: int, vocab: int, calib_samples: int) -> dict:
                 "m(torch.ones(1, 8, dtype=torch.long))", str(model)]
         compress = [str(ROOT / ".venv/bin/modelpress"), "compress", str(model), "--method", "gptq", "--bits", "4",
                     "--group-size", "128", "--calib", str(austen("emma.txt")), "--calib-samples",
-                    str(calib_samples), "-o", str(work / "out")]
+                    str(calib_samples), "-o", str(work / "out"),
+                    "--no-quality-guard"]  # the guard loads the model whole; this measures the layer loop
         result = {"hidden": hidden, "layers": layers, "params": n_params, "float32_mb": fp32_mb}
         for key, cmd in [("load", load), ("compress", compress)]:
             rss, wall = peak_rss(cmd)
