@@ -6,7 +6,7 @@ process timed by /usr/bin/time (wall seconds and peak resident memory); both out
 loaded with plain transformers and evaluated by the same code (ppl-512 on Pride and Prejudice).
 
 Usage (from the project root, after scripts/setup.sh and scripts/setup_bench.sh):
-    .venv/bin/python benchmarks/calibrated.py [--models smollm2,gemma3] [--methods gptq4,gptq3,awq4,rtn4,rtn3,gptq4-minmax]
+    .venv/bin/python benchmarks/calibrated.py [--models smollm2,gemma3] [--methods gptq4,gptq3,awq4,rtn4,rtn3,rtn4-mse,rtn4-restricted,gptq4-minmax]
         [--tools modelpress,llm-compressor]
         [--calib-samples 128] [--windows 40] [--fresh]
 
@@ -52,8 +52,8 @@ METHODS = {  # name -> (method, bits, symmetric, modelpress extra flags)
     "awq4": ("awq", 4, False, []),
     "rtn4": ("rtn", 4, True, []),
     "rtn3": ("rtn", 3, True, []),  # also the baseline GPTQ's paper improves on
-    "rtn4-minmax": ("rtn", 4, True, ["--observer", "minmax"]),
-    "rtn3-minmax": ("rtn", 3, True, ["--observer", "minmax"]),
+    "rtn4-mse": ("rtn", 4, True, ["--observer", "mse"]),
+    "rtn3-mse": ("rtn", 3, True, ["--observer", "mse"]),
     # modelpress's RTN defaults before the full signed range: min/max and max|w| / (2^(b-1) - 1)
     "rtn4-restricted": ("rtn", 4, True, ["--observer", "minmax", "--symmetric-range", "restricted"]),
     "rtn3-restricted": ("rtn", 3, True, ["--observer", "minmax", "--symmetric-range", "restricted"]),
@@ -134,8 +134,8 @@ class Table:
               "act-order static and min/max scales; modelpress AWQ with its scale search over both families and its "
               "clip search, llm-compressor AWQ with duo scaling and min/max scales (it has no clip search); "
               "RTN: modelpress at its defaults, llm-compressor's QuantizationModifier (min/max scales), both symmetric "
-              "(modelpress rows marked minmax: min/max scales; restricted: min/max and the max|w| / (2^(b-1) - 1) scale, "
-              "modelpress's RTN defaults before 2026-12). "
+              "(modelpress RTN rows: min/max scales with the full signed range; marked mse: MSE-searched scales; "
+              "restricted: min/max and the max|w| / (2^(b-1) - 1) scale, modelpress's RTN default before 2026-12). "
               "Wall times of rows measured beside other work are not comparable: see the README\n\n"
               f"{table(rows)}\n")
         (RESULTS / f"{self.stem}.md").write_text(md)
@@ -173,7 +173,7 @@ def run(models: list[str], methods: list[str], tools: list[str], calib_samples: 
             for tool, out, cmd, venv in runs:
                 stats = timed(cmd)
                 ppl = perplexity(out, eval_file, venv)
-                variant = next((v for v in ("minmax", "restricted") if m.endswith(v)), "")
+                variant = next((v for v in ("minmax", "mse", "restricted") if m.endswith(v)), "")
                 results.add({"model": name, "tool": tool, "method": f"{method} int{bits} g{group} {variant}".strip(),
                              "bits_per_weight": bpw, "ppl": ppl, **stats})
                 shutil.rmtree(out)

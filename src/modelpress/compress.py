@@ -108,8 +108,6 @@ class RTNConfig(QuantConfig):
     """
 
     method: Literal["rtn"] = "rtn"
-    # MSE-searched group scales, as for GPTQ: lower ppl than min/max at int4 and int3 (README, RTN rows)
-    observer: Literal["minmax", "percentile", "mse"] = "mse"
     activations: Literal["none", "dynamic"] = "none"
 
     def act_format(self) -> ActFormat | None:

@@ -39,7 +39,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="symmetric scales: full uses every code, -2^(b-1) included (default); restricted is "
                         "max|w| / (2^(b-1) - 1), which never uses -2^(b-1)")
     q.add_argument("--observer", choices=["minmax", "percentile", "mse"],
-                   help="how each group's range is chosen (default mse for rtn and gptq, minmax otherwise; mse searches clipping)")
+                   help="how each group's range is chosen (default mse for gptq, minmax otherwise; mse searches clipping)")
     q.add_argument("--scale-dtype", choices=["float16", "bfloat16", "float32"], default="float16")
     q.add_argument("--exclude", action="append", metavar="REGEX",
                    help="keep matching Linear modules unquantized (repeatable; default: lm_head)")
