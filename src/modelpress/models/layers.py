@@ -33,7 +33,7 @@ from modelpress.models import loading
 from modelpress.models.arch import arch_for
 from modelpress.models.loading import clean_config, meta_model
 from modelpress.models.moe import unfuse_experts
-from modelpress.models.tensors import checked, meta_shapes, streamable, unique_state_keys
+from modelpress.models.tensors import meta_shapes, streamable, unique_state_keys
 
 logger = logging.getLogger("modelpress")
 
@@ -68,11 +68,11 @@ class WeightReader:
 
     def get(self, name: str) -> torch.Tensor:
         if self._state is not None:
-            return checked(name, self._state[name])
+            return self._state[name]  # load_model checked every tensor
         from safetensors import safe_open
 
         with safe_open(self._files[name], framework="pt") as f:
-            return checked(name, f.get_tensor(name))
+            return loading.checked(name, f.get_tensor(name))
 
     def release(self, names) -> None:
         """Drop tensors already consumed (only matters for a model loaded whole)."""

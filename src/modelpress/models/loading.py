@@ -82,8 +82,12 @@ def resolve(spec: str | Path) -> ModelSource:
     raise UserError(f"model not found: {spec} (no such file or folder)")
 
 
+def _first_line(e: Exception) -> str:
+    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+
+
 def _wrap_load_error(source: ModelSource, e: Exception) -> UserError:
-    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    first = _first_line(e)
     if source.kind == "gguf" and "json" in first.lower():  # transformers' fallback reader speaks of JSON
         return UserError(f"could not read {source.path} as a GGUF file; it is corrupt, truncated or not GGUF")
     return UserError(f"could not load {source.path}: {first}")
@@ -132,7 +136,7 @@ def _config(name: str, where: str, **kwargs):
     try:
         config = AutoConfig.from_pretrained(name, trust_remote_code=False, **kwargs)
     except Exception as e:  # transformers' config validators raise many types; all mean "this config is bad"
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = _first_line(e)
         if "trust_remote_code" in str(e) or "custom code" in str(e):
             raise UserError(f"{where} needs its own Python code (trust_remote_code), which modelpress does "
                             "not run; use a model whose architecture transformers supports") from None
@@ -268,10 +272,11 @@ def all_finite(tensor: torch.Tensor) -> bool:
     return bool(torch.isfinite(tensor if tensor.element_size() > 1 else tensor.float()).all())
 
 
-def _check_finite(model) -> None:
-    for name, tensor in model.state_dict().items():
-        if not all_finite(tensor):
-            raise UserError(f"tensor {name} contains NaN or inf; the checkpoint is corrupt")
+def checked(name: str, tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor``, after refusing NaN or inf in a floating one (the error names it)."""
+    if not all_finite(tensor):
+        raise UserError(f"tensor {name} contains NaN or inf; the checkpoint is corrupt")
+    return tensor
 
 
 def load_model(source: ModelSource, dtype: torch.dtype = torch.float32, device: str = "cpu"):
@@ -300,7 +305,8 @@ def load_model(source: ModelSource, dtype: torch.dtype = torch.float32, device: 
     except (OSError, ValueError, KeyError, RuntimeError) as e:
         raise _wrap_load_error(source, e) from None
     _check_loading_info(source, info)
-    _check_finite(model)
+    for tensor_name, tensor in model.state_dict().items():
+        checked(tensor_name, tensor)
     if source.kind == "gguf":
         model.hf_quantizer = None
         if hasattr(model.config, "quantization_config"):

@@ -95,30 +95,23 @@ def plan_targets(meta: nn.Module, config) -> Targets:
     return targets
 
 
-def checked(name: str, tensor: torch.Tensor) -> torch.Tensor:
-    """``tensor``, after refusing NaN or inf in a floating one (the error names it)."""
-    if not loading.all_finite(tensor):
-        raise UserError(f"tensor {name} contains NaN or inf; the checkpoint is corrupt")
-    return tensor
-
-
 def _stream_safetensors(files) -> Iterator[tuple[str, torch.Tensor]]:
     from safetensors import safe_open
 
     for path in files:
         with safe_open(str(path), framework="pt") as f:
             for name in f.keys():
-                yield name, checked(name, f.get_tensor(name))
+                yield name, loading.checked(name, f.get_tensor(name))
 
 
 def _stream_loaded(source) -> Iterator[tuple[str, torch.Tensor]]:
-    model = loading.load_model(source)
+    model = loading.load_model(source)  # checks every tensor is finite
     seen: set[int] = set()
     for name, tensor in model.state_dict().items():
         if tensor.data_ptr() in seen:  # a tied weight (lm_head = embed_tokens): stored once
             continue
         seen.add(tensor.data_ptr())
-        yield name, checked(name, tensor)
+        yield name, tensor
 
 
 def unique_state_keys(model: nn.Module) -> set[str]:
