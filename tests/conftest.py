@@ -81,6 +81,13 @@ def train_tokenizer(vocab_size: int = 384):
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
 
 
+@pytest.fixture(autouse=True)
+def _seeded():
+    """Every test draws its random tensors from the same seed, whatever ran before it: a test's
+    result may not depend on the order or the subset of tests that pytest runs."""
+    torch.manual_seed(0)
+
+
 @pytest.fixture(scope="session")
 def tiny_tokenizer():
     return train_tokenizer()

@@ -57,8 +57,10 @@ def test_act_order_keeps_groups_in_original_order_with_static_scales():
 
 
 def test_mse_observer_inside_gptq_helps_at_3_bits():
+    """A statistical claim, so the draw is pinned: over 20 seeds of W the MSE scales lowered
+    GPTQ's output error in 18, by 4% on average (the other two: +0.8%, +2.4%)."""
     X = _calibration(seed=1)
-    W = torch.randn(96, 128)
+    W = torch.randn(96, 128, generator=torch.Generator().manual_seed(0))
     W[:, 5] *= 6  # outlier weights: min/max scales waste the grid on them
     H = _hessian(X)
     minmax = gptq(W, H, parse_int_format("int3-g32")).output_error(W, X)
