@@ -15,6 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from modelpress.pipeline.sinks import CompressedTensorsSink
+
 REPO = Path(__file__).resolve().parents[1]
 TEXTS = REPO / "data" / "austen"  # written by scripts/setup.sh (scripts/texts.py), git-ignored
 CACHE = REPO / ".cache" / "models"
@@ -79,6 +81,22 @@ def train_tokenizer(vocab_size: int = 384):
     )
     tok.train_from_iterator([text], trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
+
+
+class CrashingSink(CompressedTensorsSink):
+    """The compressed-tensors sink, interrupted while writing layer 1 (after layer 0 was saved)."""
+
+    def write_layer(self, lm, i, results):
+        super().write_layer(lm, i, results)
+        if i == 1:
+            raise KeyboardInterrupt
+
+
+class StatelessSink(CompressedTensorsSink):
+    """The compressed-tensors sink, interrupted before it could save its first resume point."""
+
+    def save_state(self, state):
+        raise KeyboardInterrupt
 
 
 @pytest.fixture(autouse=True)

@@ -6,11 +6,10 @@ import json
 
 import pytest
 import torch
-from conftest import austen, checkpoint_tensors
+from conftest import CrashingSink, StatelessSink, austen, checkpoint_tensors
 from transformers import AutoModelForCausalLM
 
-import modelpress.layerwise as layerwise
-from modelpress.compress import GPTQConfig, RTNConfig, compress
+from modelpress.compress import GPTQConfig, RTNConfig, compress, compress_calibrated
 from modelpress.models import loading
 from modelpress.models.layers import LayerwiseModel, run_layer
 
@@ -93,24 +92,15 @@ def test_layer_loop_leaves_no_frozen_objects(tiny_models, tmp_path):
     assert gc.get_freeze_count() == 0
 
 
-def test_resume_after_interrupt_equals_an_uninterrupted_run(tiny_models, tmp_path, monkeypatch):
+def test_resume_after_interrupt_equals_an_uninterrupted_run(tiny_models, tmp_path):
     path = tiny_models["qwen2"]
     config = _gptq(bits=4)
     compress(str(path), config, str(tmp_path / "straight"))
 
-    real_write = layerwise._write_layer
-
-    def write_then_crash(writer, lm, i, quantized):
-        real_write(writer, lm, i, quantized)
-        if i == 1:
-            raise KeyboardInterrupt  # after layer 0 was saved, while layer 1 is being written
-
-    monkeypatch.setattr(layerwise, "_write_layer", write_then_crash)
     out = tmp_path / "resumed"
-    with pytest.raises(KeyboardInterrupt):
-        compress(str(path), config, str(out))
+    with pytest.raises(KeyboardInterrupt):  # after layer 0 was saved, while layer 1 is being written
+        compress_calibrated(str(path), config, str(out), make_sink=CrashingSink)
     assert not out.exists() and (tmp_path / "resumed.partial").is_dir()
-    monkeypatch.setattr(layerwise, "_write_layer", real_write)
     with pytest.raises(Exception, match="add --resume"):
         compress(str(path), config, str(out))
     record = compress(str(path), config, str(out), resume=True)
@@ -121,16 +111,10 @@ def test_resume_after_interrupt_equals_an_uninterrupted_run(tiny_models, tmp_pat
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_resume_refuses_other_settings(tiny_models, tmp_path, monkeypatch):
+def test_resume_refuses_other_settings(tiny_models, tmp_path):
     path = tiny_models["llama"]
-
-    def crash(*args):
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(layerwise, "_save_hidden", crash)
     with pytest.raises(KeyboardInterrupt):
-        compress(str(path), _gptq(bits=4), str(tmp_path / "o"))
-    monkeypatch.undo()
+        compress_calibrated(str(path), _gptq(bits=4), str(tmp_path / "o"), make_sink=StatelessSink)
     # crashed before any layer was saved: nothing to resume, a fresh run starts
     record = compress(str(path), _gptq(bits=4), str(tmp_path / "o"), resume=True)
     assert "resumed_at_layer" not in record
@@ -149,7 +133,7 @@ def test_tied_head_is_stored_once_and_output_config_is_clean(tiny_models, tmp_pa
 def test_awq_scale_folding_is_exact_before_rounding(tiny_models, model_type):
     """Folding s into the norm (gemma: 1 + w) or the producing Linear (up_proj, OPT's fc1) and the
     consumers' columns leaves the layer's output unchanged."""
-    from modelpress.layerwise import fold_scale
+    from modelpress.pipeline.scale_stages import fold_scale
 
     lm = LayerwiseModel(loading.resolve(tiny_models[model_type]))
     capture = lm.capture([torch.randint(3, 300, (2, 30))])

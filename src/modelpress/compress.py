@@ -1,6 +1,7 @@
 """``compress``: the public verb that turns a float checkpoint into a quantized one.
 
-One typed config per method, dispatched from one visible table (:data:`METHODS`). The output is
+One typed config per method, dispatched from one visible table
+(:data:`modelpress.pipeline.recipe.METHODS`). The output is
 a compressed-tensors checkpoint that plain ``transformers`` (and vLLM) load, plus
 ``modelpress.json``: the config, versions, sizes, timings and per-layer error.
 
@@ -14,222 +15,53 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 import time
-from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+import torch
 from torch import nn
 
 from modelpress.algorithms.rtn import rtn
-from modelpress.data import CALIB_128X512
 from modelpress.errors import UserError
-from modelpress.formats.activations import ActFormat, InputQuant, check_w8a8
-from modelpress.formats.floats import parse_format
-from modelpress.formats.integer import IntFormat
+from modelpress.export.compressed_tensors import storage_format
+from modelpress.formats.activations import InputQuant
 from modelpress.models import loading
 from modelpress.models.arch import arch_for
+from modelpress.models.layers import LayerwiseModel
 from modelpress.models.loading import meta_model
 from modelpress.models.tensors import plan_targets, tensor_stream
+from modelpress.pipeline.recipe import (  # noqa: F401 (the configs, importable from here as before)
+    METHODS,
+    AWQConfig,
+    CalibrationConfig,
+    GPTQConfig,
+    QuantConfig,
+    RTNConfig,
+    SmoothQuantConfig,
+    stage_for,
+)
+from modelpress.pipeline.runner import calibration_ids, fingerprint, run_layers, warn_if_too_few_tokens
+from modelpress.pipeline.sinks import CompressedTensorsSink
 from modelpress.progress import track
 from modelpress.record import build_record, to_json
 
 logger = logging.getLogger("modelpress")
 
 
-class QuantConfig(BaseModel):
-    """Fields every weight-quantization method shares: the format and what it applies to."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    format: str | None = None  # a format spec (nvfp4, fp8, nf4, int4-g128...): overrides the fields below
-    bits: int = 4
-    granularity: Literal["tensor", "channel", "group"] = "group"
-    group_size: int | None = 128
-    symmetric: bool = True
-    symmetric_range: Literal["full", "restricted"] = "full"  # restricted: max|w| / (2^(b-1) - 1)
-    observer: Literal["minmax", "percentile", "mse"] = "minmax"
-    scale_dtype: Literal["float16", "bfloat16", "float32"] = "float16"
-    exclude: list[str] = Field(default_factory=lambda: ["lm_head"])
-    group_fallback: Literal["error", "keep", "shrink"] = "error"
-
-    @field_validator("exclude")
-    @classmethod
-    def _valid_patterns(cls, patterns: list[str]) -> list[str]:
-        for p in patterns:
-            try:
-                re.compile(p)
-            except re.error as e:
-                raise ValueError(f"exclude pattern {p!r} is not a valid regular expression: {e}") from None
-        return patterns
-
-    @field_validator("format")
-    @classmethod
-    def _valid_format(cls, spec: str | None) -> str | None:
-        if spec is not None:
-            parse_format(spec)
-        return spec
-
-    def int_format(self) -> IntFormat:
-        """The weight format: ``format`` when given (any spec, integer or float), else the
-        integer format the other fields describe."""
-        if self.format is not None:
-            return parse_format(self.format, observer=self.observer, scale_dtype=self.scale_dtype,
-                                symmetric_range=self.symmetric_range)
-        return IntFormat(
-            bits=self.bits,
-            granularity=self.granularity,
-            group_size=self.group_size if self.granularity == "group" else None,
-            symmetric=self.symmetric,
-            symmetric_range=self.symmetric_range,
-            observer=self.observer,
-            scale_dtype=self.scale_dtype,
-        )
-
-    def act_format(self) -> ActFormat | None:
-        """The Linear inputs' format (W8A8), or ``None``: weights only."""
-        return None
-
-
-class RTNConfig(QuantConfig):
-    """Round-to-nearest over every Linear of the decoder layers.
-
-    YAML:
-        method: rtn
-        # format: nvfp4       # or fp8, fp8-channel, nf4, mxfp4, int4-g128: instead of the fields below
-        bits: 4
-        granularity: group
-        group_size: 128
-        symmetric: true
-        observer: mse
-        exclude: ["lm_head"]
-        group_fallback: error   # or: keep (leave such layers unquantized), shrink (smaller group)
-        activations: none       # or: dynamic (W8A8: int8 per-token inputs; needs bits 8, no groups)
-    """
-
-    method: Literal["rtn"] = "rtn"
-    activations: Literal["none", "dynamic"] = "none"
-
-    def act_format(self) -> ActFormat | None:
-        """The input-activation format (plain W8A8 without smoothing), or ``None``."""
-        if self.activations == "none":
-            return None
-        check_w8a8(self.int_format())
-        return ActFormat(dynamic=True, scale_dtype=self.scale_dtype)
-
-
-class CalibrationConfig(BaseModel):
-    """Calibration text as token windows (protocol ``calib-128x512`` by default).
-
-    ``text`` is a UTF-8 .txt, a .jsonl file with a ``"text"`` field, a .parquet file or saved
-    ``datasets`` folder, or ``hf:NAME[:CONFIG][@SPLIT]`` (see :func:`modelpress.data.read_calibration`);
-    ``None`` uses the small calibration text built into modelpress (offline, a few windows: fine
-    for a first try, use your own domain text for production).
-    """
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    text: str | None = None
-    text_field: str = "text"
-    samples: int = Field(CALIB_128X512.n_windows, ge=1)
-    seq_len: int = Field(CALIB_128X512.seq_len, ge=8)
-    batch_size: int = Field(8, ge=1)
-
-
-class GPTQConfig(QuantConfig):
-    """GPTQ (arXiv:2210.17323), layer by layer over calibration data.
-
-    YAML:
-        method: gptq
-        bits: 4
-        group_size: 128
-        observer: mse          # MSE-searched group scales inside GPTQ
-        act_order: true        # columns by decreasing Hessian diagonal, static groups
-        damp: 0.01
-        block_size: 128
-        calibration: {text: calib.txt, samples: 128, seq_len: 512}
-    """
-
-    method: Literal["gptq"] = "gptq"
-    # Group scales by MSE search (clipping) rather than min/max: measured on SmolLM2-135M int4 g64,
-    # ppl-512 +10.7% over float against +17.0% with min/max, for about 8% more wall time.
-    observer: Literal["minmax", "percentile", "mse"] = "mse"
-    act_order: bool = True
-    damp: float = Field(0.01, gt=0, lt=1)
-    block_size: int = Field(128, ge=1)
-    calibration: CalibrationConfig = Field(default_factory=CalibrationConfig)
-
-
-class AWQConfig(QuantConfig):
-    """AWQ (arXiv:2306.00978), layer by layer over calibration data.
-
-    YAML:
-        method: awq
-        bits: 4
-        group_size: 128
-        n_grid: 20             # alpha grid of the scale search, and ratios of the clip search
-        scale_search: both     # s = x^a (activation), x^a / w^(1-a) (duo), or the best of both
-        clip: true             # per-group clip search scored by output error
-        calibration: {text: calib.txt, samples: 128, seq_len: 512}
-    """
-
-    method: Literal["awq"] = "awq"
-    n_grid: int = Field(20, ge=2)
-    scale_search: Literal["activation", "duo", "both"] = "both"
-    clip: bool = True
-    calibration: CalibrationConfig = Field(default_factory=CalibrationConfig)
-
-
-class SmoothQuantConfig(QuantConfig):
-    """SmoothQuant W8A8 (arXiv:2211.10438): smoothing folded into the norms, int8 weights and inputs.
-
-    YAML:
-        method: smoothquant
-        alpha: 0.5             # migration strength: s = max|X|^alpha / max|W|^(1 - alpha)
-        activations: dynamic   # int8 per-token scales at run time; or static: one calibrated scale per Linear
-        weights: rtn           # or gptq (then damp, block_size, act_order apply)
-        granularity: channel   # int8 symmetric weights, per channel (default) or tensor
-        calibration: {text: calib.txt, samples: 128, seq_len: 512}
-    """
-
-    method: Literal["smoothquant"] = "smoothquant"
-    bits: int = 8
-    granularity: Literal["tensor", "channel", "group"] = "channel"
-    group_size: int | None = None
-    alpha: float = Field(0.5, ge=0, le=1)
-    activations: Literal["dynamic", "static"] = "dynamic"
-    weights: Literal["rtn", "gptq"] = "rtn"
-    act_order: bool = True
-    damp: float = Field(0.01, gt=0, lt=1)
-    block_size: int = Field(128, ge=1)
-    calibration: CalibrationConfig = Field(default_factory=CalibrationConfig)
-
-    def act_format(self) -> ActFormat:
-        check_w8a8(self.int_format())
-        return ActFormat(dynamic=self.activations == "dynamic", scale_dtype=self.scale_dtype)
-
-
-METHODS: dict[str, type[QuantConfig]] = {"rtn": RTNConfig, "gptq": GPTQConfig, "awq": AWQConfig,
-                                         "smoothquant": SmoothQuantConfig}
-
-
 def compress(model: str, config: QuantConfig, out_dir: str, resume: bool = False, quality_guard: bool = True) -> dict:
     """Compress ``model`` with the method ``config`` names; see :func:`compress_rtn` and
-    :func:`modelpress.layerwise.compress_layerwise`.
+    :func:`compress_calibrated`.
 
     With ``quality_guard`` the written model is then scored against ``model`` on a little of the
     calibration text (:mod:`modelpress.eval.guard`): an exploded perplexity fails the run and the
     output is renamed ``OUT.rejected``; the two perplexities go into the record.
     """
     config.act_format()  # W8A8's constraints on the weight format fail before any work
-    if isinstance(config, RTNConfig):
+    if METHODS[config.method].calibrated:
+        record = compress_calibrated(model, config, out_dir, resume=resume)
+    else:
         if resume:
             raise UserError("--resume applies to calibrated methods; an RTN run is quick to redo")
         record = compress_rtn(model, config, out_dir)
-    else:
-        from modelpress.layerwise import compress_layerwise
-
-        record = compress_layerwise(model, config, out_dir, resume=resume)
     if quality_guard:
         record["quality_guard"] = _guard(model, config, out_dir)
     return record
@@ -311,6 +143,68 @@ def compress_rtn(model: str, config: RTNConfig, out_dir: str) -> dict:
         finish_checkpoint(writer, source, hf_config, meta, targets, tokenizer, record)
     logger.info("wrote %s in %.1fs", out_dir, time.monotonic() - t0)
     return record
+
+
+def compress_calibrated(model: str, config: QuantConfig, out_dir: str, resume: bool = False,
+                        make_sink=CompressedTensorsSink) -> dict:
+    """Compress ``model`` layer by layer with the calibrated method ``config`` names.
+
+    Peak memory is one decoder layer plus the calibration activations; each layer is written as
+    soon as it is done, and ``OUT.partial`` holds the resume point (see
+    :mod:`modelpress.pipeline.runner`).
+
+    Args:
+        model: checkpoint folder, .gguf file or hub id.
+        config: a calibrated method's config (e.g. :class:`~modelpress.pipeline.recipe.GPTQConfig`).
+        out_dir: output folder; must not exist.
+        resume: continue the interrupted run kept in ``OUT.partial``.
+        make_sink: ``(out_dir, resume=...) -> sink`` with a ``finish`` like
+            :class:`~modelpress.pipeline.sinks.CompressedTensorsSink`'s (tests pass one that fails).
+
+    Returns:
+        The run record (also written as ``out_dir/modelpress.json``).
+    """
+    t0 = time.monotonic()
+    source = loading.resolve(model)
+    lm = LayerwiseModel(source)
+    targets = plan_targets(lm.model, config)
+    tokenizer = loading.load_tokenizer(source)
+    ids = calibration_ids(tokenizer, config.calibration)
+    check_expert_formats(lm, targets, config)
+    warn_if_too_few_tokens(ids.numel(), max((targets.in_features[n] for n in targets.formats), default=0))
+    stage = stage_for(config, lm.arch)
+    with make_sink(out_dir, resume=resume) as sink:
+        run = run_layers(lm, [stage], targets.formats, sink, ids, config.calibration.batch_size,
+                         run_id=fingerprint(model, config))
+        record = build_record(source, config, targets, run.layers, run.elapsed_s)
+        record["kept_unquantized"] = {lm.checkpoint_name(n): why for n, why in targets.kept.items()}
+        record["calibration"] = {"windows": len(ids), "tokens_per_window": ids.shape[1],
+                                 "text": config.calibration.text or "built-in"}
+        if run.resumed_at is not None:
+            record["resumed_at_layer"] = run.resumed_at
+        finish_checkpoint(sink, source, lm.config, lm.model, targets, tokenizer, record, lm.checkpoint_name)
+    logger.info("wrote %s in %.1fs", out_dir, time.monotonic() - t0)
+    return record
+
+
+def check_expert_formats(lm: LayerwiseModel, targets, config) -> None:
+    """Refuse MoE expert formats that transformers cannot load.
+
+    transformers (5.x) loads a compressed-tensors checkpoint's experts by decompressing each
+    expert's ``weight_packed`` / ``weight_scale`` at load time and stacking them into its fused
+    3-D parameters; that path exists only for ``pack-quantized`` (symmetric int, weight-only) and
+    FP8 experts: an ``int-quantized`` expert (asymmetric int, W8A8) fails to load.
+    """
+    if lm.arch.moe is None:
+        return
+    act = config.act_format()
+    marker = f".{lm.arch.moe.experts}."
+    bad = sorted({targets.formats[n].name for n in targets.formats
+                  if marker in n and storage_format(targets.formats[n], act) != "pack-quantized"})
+    if bad:
+        raise UserError(f"mixture-of-experts experts in {', '.join(bad)}{' with quantized inputs' if act else ''} "
+                        "cannot be loaded by transformers (it reads quantized experts only as packed, symmetric "
+                        "int weights); use symmetric int weights (e.g. W4A16, W8A16) or --exclude the experts")
 
 
 def finish_checkpoint(writer, source, hf_config, model: nn.Module, targets, tokenizer, record: dict,

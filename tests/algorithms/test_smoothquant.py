@@ -14,7 +14,7 @@ from modelpress.errors import UserError
 from modelpress.eval.fake_quant import activation_fake_quant, checkpoint_input_quant
 from modelpress.formats.activations import ActFormat
 from modelpress.formats.integer import parse_int_format
-from modelpress.layerwise import SmoothQuantStage
+from modelpress.pipeline.scale_stages import SmoothQuantStage
 from modelpress.models.arch import arch_for
 
 def _calib():

@@ -95,7 +95,7 @@ def test_calibrated_gguf_same_size_lower_error(mix_model, eval_text, tmp_path, c
 
 def test_calibrated_rows_never_worse_than_llama_cpp_on_the_calibration_objective():
     """A weight already on its grid (RTN exact) keeps llama.cpp's bytes; elsewhere GPTQ's win."""
-    from modelpress.export.gguf_calibrated import _better_rows
+    from modelpress.pipeline.stages import better_rows
     from modelpress.formats.gguf_blocks import gguf_format
 
     fmt = gguf_format("q4_k")
@@ -107,7 +107,7 @@ def test_calibrated_rows_never_worse_than_llama_cpp_on_the_calibration_objective
     from modelpress.algorithms.gguf_gptq import gguf_gptq
 
     rtn, gptq = fmt.quantize(W), gguf_gptq(W, H, fmt).data
-    chosen = _better_rows(W, H, fmt, rtn, gptq)
+    chosen = better_rows(W, H, fmt, rtn, gptq)
     assert torch.equal(chosen[:4], rtn[:4])
     err = lambda d: (((fmt.dequantize(d, (8, 512)) - W) @ H) * (fmt.dequantize(d, (8, 512)) - W)).sum(1)  # noqa: E731
     assert (err(chosen) <= err(rtn) + 1e-6).all() and err(chosen)[4:].sum() < err(rtn)[4:].sum()

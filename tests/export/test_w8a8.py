@@ -6,14 +6,14 @@ import json
 
 import pytest
 import torch
-from conftest import austen, checkpoint_tensors
+from conftest import CrashingSink, austen, checkpoint_tensors
 from transformers import AutoModelForCausalLM
 
-from modelpress.compress import CalibrationConfig, RTNConfig, SmoothQuantConfig, compress
+from modelpress.compress import CalibrationConfig, RTNConfig, SmoothQuantConfig, compress, compress_calibrated
 from modelpress.errors import UserError
 from modelpress.eval.fake_quant import activation_fake_quant, checkpoint_input_quant
 from modelpress.formats.activations import ActFormat, InputQuant
-from modelpress.layerwise import calibration_ids
+from modelpress.pipeline.runner import calibration_ids
 from modelpress.models import loading
 
 def _calib():
@@ -133,25 +133,14 @@ def test_w8a8_needs_int8_symmetric_weights(tiny_models, tmp_path, fields, messag
     assert not (tmp_path / "q").exists()
 
 
-def test_smoothquant_with_gptq_weights_and_resume(tiny_models, tmp_path, monkeypatch):
+def test_smoothquant_with_gptq_weights_and_resume(tiny_models, tmp_path):
     """GPTQ-rounded smoothed weights; a run killed after layer 0 resumes to the same checkpoint."""
-    import modelpress.layerwise as layerwise
-
     src = tiny_models["llama"]
     config = SmoothQuantConfig(activations="static", weights="gptq", calibration=_calib())
     record = compress(str(src), config, str(tmp_path / "straight"))
     assert all("gptq_loss" in layer for layer in record["layers"].values())
-    real_write = layerwise._write_layer
-
-    def write_then_crash(writer, lm, i, quantized):
-        real_write(writer, lm, i, quantized)
-        if i == 1:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(layerwise, "_write_layer", write_then_crash)
     with pytest.raises(KeyboardInterrupt):
-        compress(str(src), config, str(tmp_path / "resumed"))
-    monkeypatch.setattr(layerwise, "_write_layer", real_write)
+        compress_calibrated(str(src), config, str(tmp_path / "resumed"), make_sink=CrashingSink)
     compress(str(src), config, str(tmp_path / "resumed"), resume=True)
     a, b = checkpoint_tensors(tmp_path / "straight"), checkpoint_tensors(tmp_path / "resumed")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -14,7 +14,8 @@ from pydantic import ValidationError
 
 from modelpress.cli import options
 from modelpress.cli.evaluate import print_table, run_eval
-from modelpress.compress import METHODS, compress
+from modelpress.compress import compress
+from modelpress.pipeline.recipe import METHODS
 from modelpress.errors import UserError
 from modelpress.record import to_json
 
@@ -91,17 +92,14 @@ def build_config(args: argparse.Namespace):
         fields["group_size"] = args.group_size
     if args.exclude is not None:
         fields["exclude"] = args.exclude
-    calibration = options.calibration_fields(args)
-    if args.method == "gptq":
-        fields.update(act_order=args.act_order, damp=args.damp, block_size=args.block_size, calibration=calibration)
-    elif args.method == "awq":
-        fields.update(scale_search=args.scale_search, calibration=calibration)
-    elif args.method == "smoothquant":
-        fields.update(alpha=args.alpha, weights=args.weights, act_order=args.act_order, damp=args.damp,
-                      block_size=args.block_size, calibration=calibration)
+    config_class = METHODS[args.method].config
+    method_options = {"act_order": args.act_order, "damp": args.damp, "block_size": args.block_size,
+                      "scale_search": args.scale_search, "alpha": args.alpha, "weights": args.weights,
+                      "calibration": options.calibration_fields(args)}
+    fields.update({k: v for k, v in method_options.items() if k in config_class.model_fields})  # the method's own
     fields.update(_activation_fields(args))
     try:
-        return METHODS[args.method](**fields)
+        return config_class(**fields)
     except ValidationError as e:
         err = e.errors()[0]
         raise UserError(f"{'.'.join(map(str, err['loc']))}: {err['msg']}") from None

@@ -10,7 +10,7 @@ import argparse
 from pathlib import Path
 
 from modelpress.cli import options
-from modelpress.compress import CalibrationConfig
+from modelpress.pipeline.recipe import CalibrationConfig
 from modelpress.errors import UserError
 from modelpress.export.hf import DTYPES, export_hf
 
@@ -46,18 +46,21 @@ def main(args: argparse.Namespace) -> int:
 
         if args.verify and args.text is None:
             raise UserError("--verify needs --text FILE to compute perplexity on")
-        calibration = None
         if args.calibrate:
+            from modelpress.calibrated_gguf import export_calibrated_gguf
+
             options.check_calibration_source(args)
             calibration = CalibrationConfig(**options.calibration_fields(args))
-        result = export_gguf(args.model, args.output, args.type, pure=args.pure, calibration=calibration,
-                             damp=args.damp)
+            result = export_calibrated_gguf(args.model, args.output, args.type, calibration, pure=args.pure,
+                                            damp=args.damp)
+        else:
+            result = export_gguf(args.model, args.output, args.type, pure=args.pure)
         types = ", ".join(f"{n} {t}" for t, n in sorted(result["types"].items()))
         print(f"wrote {args.output}: {result['tensors']} tensors ({types}), {result['bytes'] / 1e6:,.1f} MB")
         if "calibrated" in result:
             c = result["calibrated"]
             print(f"GPTQ on {c['linears']} Linears of {c['layers']} layers from {c['tokens']:,} calibration tokens; "
-                  f"mean relative output error {c['output_rel_mse']:.2e}")
+                  f"mean relative output error {c['output_rel_mse'] or 0:.2e}")
         if args.verify:
             _verify_gguf(args)
         return 0

@@ -1,6 +1,6 @@
 """Activation fake-quant: a float model computes what an int8-activation (W8A8) engine computes.
 
-:func:`activation_fake_quant` rounds each listed Linear's input to int8 and back (per-token
+:func:`~modelpress.formats.activations.activation_fake_quant` (kept beside the format it applies, so the runner needs nothing from ``eval/``) rounds each listed Linear's input to int8 and back (per-token
 dynamic, or per-tensor with the static scale) for the duration of a ``with`` block. It serves
 two callers:
 
@@ -28,46 +28,12 @@ Example::
 from __future__ import annotations
 
 import logging
-from contextlib import contextmanager
-from typing import Iterator
-
 import torch
 from torch import nn
 
-from modelpress.formats.activations import ActFormat, InputQuant
+from modelpress.formats.activations import ActFormat, InputQuant, activation_fake_quant  # noqa: F401 (re-exported)
 
 logger = logging.getLogger("modelpress")
-
-
-@contextmanager
-def activation_fake_quant(root: nn.Module, inputs: dict[str, InputQuant]) -> Iterator[None]:
-    """Fake-quantize the inputs of ``root``'s submodules named in ``inputs`` while inside.
-
-    Args:
-        root: the module the names are relative to (a model, or one decoder layer).
-        inputs: submodule name -> how its input is quantized.
-    """
-    handles, disabled = [], []
-    try:
-        for name, quant in inputs.items():
-            module = root.get_submodule(name)
-            if getattr(module, "quantization_scheme", None) is not None:  # compressed-tensors' own QDQ
-                disabled.append((module, getattr(module, "quantization_enabled", True)))
-                module.quantization_enabled = False
-            handles.append(module.register_forward_pre_hook(_input_hook(quant)))
-        yield
-    finally:
-        for h in handles:
-            h.remove()
-        for module, enabled in disabled:
-            module.quantization_enabled = enabled
-
-
-def _input_hook(quant: InputQuant):
-    def hook(module, args):
-        return (quant.fmt.fake_quantize(args[0], quant.scale), *args[1:])
-
-    return hook
 
 
 def checkpoint_input_quant(model: nn.Module) -> dict[str, InputQuant]:

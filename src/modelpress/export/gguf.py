@@ -32,7 +32,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from modelpress.compress import CalibrationConfig
 from modelpress.errors import UserError
 from modelpress.export.gguf_mix import FILE_TYPES, FLOAT_TYPES, file_type, tensor_types
 from modelpress.formats.gguf_blocks import gguf_format
@@ -164,8 +163,21 @@ def _file_position(gguf_name: str) -> tuple[int, str]:
     return (0 if gguf_name.startswith("token_embd") else 1 << 30), gguf_name
 
 
+def gguf_layout(model: str, out_file: str | Path, type_name: str, pure: bool = False) -> tuple[loading.ModelSource, GGUFLayout]:
+    """Check what an export needs before any work (a new output name, a checkpoint folder with a
+    ``tokenizer.json``, a supported architecture and type); return the source and the file's layout."""
+    ftype = file_type(type_name)
+    if Path(out_file).exists():
+        raise UserError(f"output {out_file} already exists; choose a new file or remove it")
+    source = loading.resolve(model)
+    if source.kind != "folder" or not (Path(source.path) / "tokenizer.json").is_file():
+        raise UserError("GGUF export reads a checkpoint folder with a tokenizer.json; "
+                        "convert first with `modelpress export MODEL --format hf -o DIR`")
+    return source, GGUFLayout(loading.load_config(source), ftype, pure)
+
+
 def export_gguf(model: str, out_file: str, type_name: str = "f16", pure: bool = False,
-                calibration: CalibrationConfig | None = None, damp: float = 0.01) -> dict:
+                encoded: dict[str, torch.Tensor] | None = None) -> dict:
     """Write ``model`` as a GGUF file of llama.cpp file type ``type_name`` (``f16``, ``q4_k_m``...).
 
     Args:
@@ -173,32 +185,18 @@ def export_gguf(model: str, out_file: str, type_name: str = "f16", pure: bool = 
         out_file: the ``.gguf`` file to write; must not exist.
         type_name: a llama.cpp file type (see :data:`~modelpress.export.gguf_mix.FILE_TYPES`).
         pure: one block type for every quantizable tensor (``llama-quantize --pure``).
-        calibration: calibration windows: GPTQ chooses the codes of the decoder Linears on the
-            block grids of their types (:mod:`modelpress.export.gguf_calibrated`); ``None``:
-            llama.cpp's plain round-to-nearest encoding everywhere.
-        damp: GPTQ damping (fraction of the mean Hessian diagonal).
+        encoded: checkpoint weight name -> GGUF bytes (rows in checkpoint order) chosen by a
+            calibrated method (:func:`modelpress.calibrated_gguf.export_calibrated_gguf`); every
+            other tensor gets llama.cpp's plain round-to-nearest encoding.
 
     Returns:
-        ``{"bytes": file size, "tensors": n, "types": {gguf type: count}}`` (and ``"calibrated"``:
-        layers, Linears, tokens, mean relative output error, when calibrated).
+        ``{"bytes": file size, "tensors": n, "types": {gguf type: count}}``.
     """
     import gguf
 
-    ftype = file_type(type_name)
     out = Path(out_file)
-    if out.exists():
-        raise UserError(f"output {out} already exists; choose a new file or remove it")
-    source = loading.resolve(model)
-    if source.kind != "folder" or not (Path(source.path) / "tokenizer.json").is_file():
-        raise UserError("GGUF export reads a checkpoint folder with a tokenizer.json; "
-                        "convert first with `modelpress export MODEL --format hf -o DIR`")
-    config = loading.load_config(source)
-    layout = GGUFLayout(config, ftype, pure)
-    encoded, summary = {}, None
-    if calibration is not None:
-        from modelpress.export.gguf_calibrated import gptq_gguf_tensors
-
-        encoded, summary = gptq_gguf_tensors(model, {e.name: e.type for e in layout.entries}, calibration, damp)
+    source, layout = gguf_layout(model, out, type_name, pure)
+    encoded = encoded or {}
     reader = WeightReader(source, {e.name: e.shape for e in layout.entries})
     tmp = out.with_name(out.name + f".partial-{os.getpid()}")
     writer = gguf.GGUFWriter(tmp, layout.arch_name)
@@ -229,8 +227,7 @@ def export_gguf(model: str, out_file: str, type_name: str = "f16", pure: bool = 
         writer.close()
         tmp.unlink(missing_ok=True)
         raise
-    result = {"bytes": out.stat().st_size, "tensors": len(layout.entries), "types": types}
-    return result if summary is None else {**result, "calibrated": summary}
+    return {"bytes": out.stat().st_size, "tensors": len(layout.entries), "types": types}
 
 
 def _encode(W: torch.Tensor, type_name: str) -> np.ndarray:

@@ -23,9 +23,12 @@ Example:
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Iterator
 
 import torch
+from torch import nn
 
 from modelpress.errors import UserError
 from modelpress.formats.integer import SCALE_DTYPES
@@ -113,3 +116,34 @@ def check_w8a8(weights) -> None:
     if weights.bits != 8 or not weights.symmetric or weights.granularity == "group":
         raise UserError(f"quantized activations need int8 symmetric per-channel or per-tensor weights "
                         f"(what W8A8 kernels run), got {weights.name}; use --bits 8 --granularity channel")
+
+
+@contextmanager
+def activation_fake_quant(root: nn.Module, inputs: dict[str, InputQuant]) -> Iterator[None]:
+    """Fake-quantize the inputs of ``root``'s submodules named in ``inputs`` while inside.
+
+    Args:
+        root: the module the names are relative to (a model, or one decoder layer).
+        inputs: submodule name -> how its input is quantized.
+    """
+    handles, disabled = [], []
+    try:
+        for name, quant in inputs.items():
+            module = root.get_submodule(name)
+            if getattr(module, "quantization_scheme", None) is not None:  # compressed-tensors' own QDQ
+                disabled.append((module, getattr(module, "quantization_enabled", True)))
+                module.quantization_enabled = False
+            handles.append(module.register_forward_pre_hook(_input_hook(quant)))
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+        for module, enabled in disabled:
+            module.quantization_enabled = enabled
+
+
+def _input_hook(quant: InputQuant):
+    def hook(module, args):
+        return (quant.fmt.fake_quantize(args[0], quant.scale), *args[1:])
+
+    return hook
