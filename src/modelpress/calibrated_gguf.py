@@ -59,7 +59,7 @@ def export_calibrated_gguf(model: str, out_file: str, type_name: str, calibratio
                if isinstance(m, nn.Linear) and n.startswith(lm.prefix + ".") and types.get(n + ".weight") in GGUF_FORMATS}
     ids = calibration_ids(loading.load_tokenizer(source), calibration)
     warn_if_too_few_tokens(ids.numel(), max((lm.model.get_submodule(n).in_features for n in formats), default=0))
-    with GGUFSink() as sink:
+    with GGUFSink(formats) as sink:
         run = run_layers(lm, [GGUFGPTQStage(damp, block_size)], formats, sink, ids, calibration.batch_size)
         encoded = sink.encoded
     result = export_gguf(model, out_file, type_name, pure=pure, encoded=encoded)

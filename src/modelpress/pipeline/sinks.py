@@ -158,16 +158,20 @@ def _artifacts(module: str, result: LinearResult) -> dict[str, torch.Tensor]:
 
 
 class GGUFSink:
-    """Keeps each calibrated Linear's GGUF bytes (by checkpoint weight name) for the GGUF writer.
+    """Keeps each Linear's GGUF bytes (by checkpoint weight name) for the GGUF writer.
 
-    In memory, about ``bits / 8`` bytes per weight of the calibrated Linears; not resumable (the
-    file is written in one go after the pass).
+    A result that stores GGUF bytes is kept as is; one that stores nothing (the layer's float
+    weight is the result, e.g. after pruning) is encoded here in the Linear's GGUF format
+    (``formats``: module name -> :class:`~modelpress.formats.gguf_blocks.GGUFBlockFormat`). In
+    memory, about ``bits / 8`` bytes per weight of those Linears; not resumable (the file is
+    written in one go after the pass).
     """
 
     resuming = False
     scratch = None
 
-    def __init__(self):
+    def __init__(self, formats: dict):
+        self.formats = formats
         self.encoded: dict[str, torch.Tensor] = {}
 
     def load_state(self) -> dict:
@@ -181,7 +185,10 @@ class GGUFSink:
 
     def write_layer(self, lm: LayerwiseModel, i: int, results: dict[str, LinearResult]) -> None:
         for module, result in results.items():
-            self.encoded[lm.checkpoint_name(module) + ".weight"] = result.stored
+            stored = result.stored
+            if stored is None:
+                stored = self.formats[module].quantize(lm.model.get_submodule(module).weight.data.to(torch.float32))
+            self.encoded[lm.checkpoint_name(module) + ".weight"] = stored
 
     def abort(self, keep: bool = True) -> None:
         self.encoded.clear()
