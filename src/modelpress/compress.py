@@ -17,7 +17,6 @@ import json
 import logging
 import time
 
-import torch
 from torch import nn
 
 from modelpress.algorithms.rtn import rtn

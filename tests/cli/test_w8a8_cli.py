@@ -8,7 +8,7 @@ import pytest
 from conftest import austen
 
 from modelpress.cli import main
-from modelpress.cli.evaluate import run_eval
+from modelpress.eval.compare import measure
 
 
 def _fails(capsys, argv, message) -> None:
@@ -28,10 +28,10 @@ def test_compress_smoothquant_then_eval_includes_activation_rounding(tiny_llama,
     assert record["config"]["alpha"] == 0.6 and record["config"]["activations"] == "static"
     assert record["config"]["bits"] == 8 and record["config"]["granularity"] == "channel"
     assert {layer["activations"] for layer in record["layers"].values()} == {"int8-static"}
-    result = run_eval(str(out), str(eval_text), windows=1, baseline=str(tiny_llama))
+    result = measure(str(out), str(eval_text), windows=1, baseline=str(tiny_llama))
     assert result["activations"] == "int8-static"
     assert result["kl"] > 0
-    kv = run_eval(str(out), str(eval_text), windows=1, kv_cache="int8")
+    kv = measure(str(out), str(eval_text), windows=1, kv_cache="int8")
     assert kv["kv_cache"] == "int8" and kv["ppl"] != result["ppl"]
 
 

@@ -13,10 +13,11 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from modelpress.cli import options
-from modelpress.cli.evaluate import print_table, run_eval
+from modelpress.cli.evaluate import print_table
 from modelpress.compress import compress
-from modelpress.pipeline.recipe import METHODS
 from modelpress.errors import UserError
+from modelpress.eval.compare import measure
+from modelpress.pipeline.recipe import METHODS
 from modelpress.record import to_json
 
 
@@ -126,7 +127,7 @@ def main(args: argparse.Namespace) -> int:
         raise UserError("--eval needs --text FILE to evaluate on")
     options.check_calibration_source(args)
     record = compress(args.model, config, args.output, resume=args.resume, quality_guard=args.quality_guard)
-    result = run_eval(args.output, args.text, args.windows, baseline=args.model) if args.eval else None
+    result = measure(args.output, args.text, args.windows, baseline=args.model) if args.eval else None
     if args.json:
         print(to_json({"record": record, "eval": result}, indent=2))
         return 0
