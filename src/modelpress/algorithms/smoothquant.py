@@ -14,7 +14,7 @@ matching weight column by it, ``Y = (X diag(s)^-1) (diag(s) W^T)``, which is exa
 ``alpha`` (the migration strength, 0.5 by default) moves difficulty from activations to
 weights; ``max_i |W_ij|`` is taken over every Linear that reads ``X`` (q/k/v share one ``s``).
 ``diag(s)^-1`` is folded into the norm that produces ``X`` (see
-:func:`modelpress.layerwise.fold_scale`), so the smoothed model has the same shape and cost.
+:func:`modelpress.pipeline.scale_stages.fold_scale`), so the smoothed model has the same shape and cost.
 
 Which Linears are smoothed: those fed by a norm (the architecture table's ``norm_to_linears``:
 q/k/v and gate/up in Llama-like models), as in the paper's released code (``smooth_lm``), and,
@@ -32,7 +32,7 @@ perplexity where dynamic cost +1.3%, and static inputs everywhere except down_pr
 stage warns about Linears whose input range is still that spiky (:data:`STATIC_RANGE_WARN`).
 
 The pure math lives here (tensors in, tensors out); the layer-by-layer stage that collects
-``max |X_j|``, folds, and quantizes is :class:`modelpress.layerwise.SmoothQuantStage`.
+``max |X_j|``, folds, and quantizes is :class:`modelpress.pipeline.scale_stages.SmoothQuantStage`.
 
 Example:
     >>> import torch

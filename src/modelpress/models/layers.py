@@ -14,7 +14,7 @@ the parts outside the decoder layers (embeddings, final norm) are loaded. Then:
    writer, and free it.
 
 The runner never names an algorithm or a model family: methods plug in as stages
-(:mod:`modelpress.layerwise`), and architecture knowledge comes from :mod:`modelpress.models.arch`.
+(:mod:`modelpress.pipeline.runner`), and architecture knowledge comes from :mod:`modelpress.models.arch`.
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ While :attr:`RoutedExperts.observe_all_tokens` is set, the block also reports wh
 expert's projections *would* read if every token of the batch were routed to it (the input
 of gate/up, and ``act(gate x) * up x`` for down), without calling the Linears (no hook fires).
 That is the fallback Hessian for experts that receive too few calibration tokens
-(see :class:`modelpress.layerwise.GPTQStage`).
+(see :class:`modelpress.pipeline.stages.GPTQStage`).
 """
 
 from __future__ import annotations
