@@ -111,3 +111,30 @@ def test_calibrated_rows_never_worse_than_llama_cpp_on_the_calibration_objective
     assert torch.equal(chosen[:4], rtn[:4])
     err = lambda d: (((fmt.dequantize(d, (8, 512)) - W) @ H) * (fmt.dequantize(d, (8, 512)) - W)).sum(1)  # noqa: E731
     assert (err(chosen) <= err(rtn) + 1e-6).all() and err(chosen)[4:].sum() < err(rtn)[4:].sum()
+
+
+@pytest.mark.parametrize("ftype", ["q4_k_m", "q3_k_s", "q5_k_m", "q4_0", "q6_k"])
+def test_plan_sizes_a_gguf_file_type_to_the_byte(mix_model, tmp_path, capsys, ftype):
+    """`plan` lays the file out with the exporter's per-tensor types: its weight bytes are the
+    tensor data `export` writes (the file adds only its header and metadata)."""
+    import json
+
+    from modelpress.cli import main
+
+    assert main(["plan", str(mix_model), "--formats", f"{ftype},int4-g128", "--json"]) == 0
+    rows = {r["name"]: r for r in json.loads(capsys.readouterr().out)["formats"]}
+    out = tmp_path / f"{ftype}.gguf"
+    export_gguf(str(mix_model), str(out), ftype)
+    written = sum(int(t.n_bytes) for t in GGUFReader(out).tensors)
+    assert rows[ftype]["weight_bytes_exact"] and rows[ftype]["weight_bytes"] == written
+    assert not rows["int4-g128"]["weight_bytes_exact"]
+
+
+def test_plan_of_a_bare_size_keeps_the_averaged_mix(capsys):
+    import json
+
+    from modelpress.cli import main
+
+    assert main(["plan", "7B", "--formats", "q4_k_m", "--json"]) == 0
+    row = json.loads(capsys.readouterr().out)["formats"][0]
+    assert not row["weight_bytes_exact"] and row["linear_bits_per_weight"] == 4.85

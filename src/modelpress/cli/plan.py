@@ -8,6 +8,7 @@ Example:
 from __future__ import annotations
 
 import argparse
+import math
 from pathlib import Path
 
 from modelpress.cli import options
@@ -18,6 +19,7 @@ from modelpress.plan.memory import (
     KV_BYTES,
     RUNTIME_RESERVE,
     ModelShape,
+    PlanFormat,
     activation_bytes,
     bits_per_weight,
     fit,
@@ -49,11 +51,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def load_shape(spec: str) -> ModelShape:
     """A :class:`ModelShape` from a size (``70B``), a config.json, a folder, a GGUF file or a hub id."""
+    return load_model(spec)[0]
+
+
+def load_model(spec: str) -> tuple[ModelShape, object | None]:
+    """``(shape, config)``; the config is ``None`` for a bare size."""
     params = parse_size(spec)
     if params is not None:
-        return ModelShape.from_param_count(params, name=spec.strip())
-    from modelpress.models import loading
+        return ModelShape.from_param_count(params, name=spec.strip()), None
     from modelpress.models.shape import shape_from_config
+
+    config, name = load_config(spec)
+    return shape_from_config(config, name), config
+
+
+def load_config(spec: str):
+    """``(config, name)`` of a config.json, a folder, a GGUF file or a hub id (not a bare size)."""
+    from modelpress.models import loading
 
     path = Path(spec).expanduser()
     if path.is_file() and path.suffix == ".json" or path.is_dir() and (path / "config.json").is_file():
@@ -63,13 +77,46 @@ def load_shape(spec: str) -> ModelShape:
     else:
         config = loading.load_config(loading.resolve(spec))
         name = path.name
-    return shape_from_config(config, name=name)
+    return config, name
 
 
-def build_plan(shape: ModelShape, hardware_name: str, formats: list[str], context: int, batch: int, kv_dtype: str) -> dict:
-    """The whole plan as plain data (what ``--json`` prints and the table shows)."""
+def plan_formats(names: list[str], config=None) -> list[PlanFormat]:
+    """The planner's formats; with a ``config``, GGUF file types are sized tensor by tensor."""
+    return [(_exact_gguf(name, config) if config is not None else None) or plan_format(name) for name in names]
+
+
+def _exact_gguf(name: str, config) -> PlanFormat | None:
+    """A GGUF file type sized with the exporter's own per-tensor types (llama.cpp's rules, over the
+    meta-device shapes): the plan's bytes are the tensor data ``export --format gguf`` writes.
+    ``None`` for a name that is not a quantized GGUF file type, or an architecture the GGUF
+    exporter does not support (the averaged estimate of :func:`plan_format` is used then)."""
+    from modelpress.export.gguf import GGUFLayout
+    from modelpress.export.gguf_mix import ALIASES, FILE_TYPES, FLOAT_TYPES
+
+    key = ALIASES.get(name.strip().lower(), name.strip().lower())
+    if key not in FILE_TYPES or key in FLOAT_TYPES:
+        return None
+    try:
+        entries = GGUFLayout(config, key).entries
+    except UserError:
+        return None
+    quantized = [e for e in entries if e.type not in FLOAT_TYPES]
+    rest = [e for e in entries if e.type in FLOAT_TYPES]
+
+    def bits(es) -> float:
+        numel = sum(math.prod(e.shape) for e in es)
+        return 8 * sum(e.nbytes for e in es) / numel if numel else 0.0
+
+    return PlanFormat(name.strip().lower(), bits(quantized), rest_bits=bits(rest),
+                      exact_bytes=sum(e.nbytes for e in entries))
+
+
+def build_plan(shape: ModelShape, hardware_name: str, formats: list[str], context: int, batch: int, kv_dtype: str,
+               config=None) -> dict:
+    """The whole plan as plain data (what ``--json`` prints and the table shows); ``config``
+    (when the model has one) sizes GGUF file types exactly."""
     chosen = hw_catalogue.find_hardware(hardware_name)
-    fmts = [plan_format(f) for f in formats]
+    fmts = plan_formats(formats, config)
     kv = kv_cache_bytes(shape, context, batch, kv_dtype)
     act = activation_bytes(shape, context, batch)
     rows = []
@@ -84,6 +131,7 @@ def build_plan(shape: ModelShape, hardware_name: str, formats: list[str], contex
             "bits_per_weight": round(bits_per_weight(shape, fmt), 4),
             "linear_bits_per_weight": fmt.bits,
             "weight_bytes": wb,
+            "weight_bytes_exact": fmt.exact_bytes is not None,
             "weight_gb": wb / 1e9,
             "weight_gib": wb / 2**30,
             "needed_bytes": needed,
@@ -199,8 +247,8 @@ def main(args: argparse.Namespace) -> int:
     if not formats:
         raise UserError("--formats is empty; name at least one format, e.g. fp16,int4-g128")
     hw_catalogue.find_hardware(args.hardware)  # an unknown name fails before any model is read
-    shape = load_shape(args.model)
-    plan = build_plan(shape, args.hardware, formats, args.context, args.batch, args.kv_dtype)
+    shape, config = load_model(args.model)
+    plan = build_plan(shape, args.hardware, formats, args.context, args.batch, args.kv_dtype, config=config)
     if args.json:
         print(to_json(plan, indent=2))
     else:

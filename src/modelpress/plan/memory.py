@@ -35,6 +35,9 @@ class PlanFormat:
         rest_bits: bits per parameter of everything that is not a quantized Linear (embeddings,
             norms, ``lm_head``), as the format's exporter leaves them.
         compute: the dtype matmuls run in (``fp16`` for weight-only formats).
+        exact_bytes: the model's weight bytes when known tensor by tensor (a GGUF file type
+            laid out by the exporter's own rules for a model whose config is known); ``None``:
+            computed from ``bits`` and ``rest_bits``.
     """
 
     name: str
@@ -42,6 +45,7 @@ class PlanFormat:
     per_row: Callable[[int], float] | None = None
     rest_bits: float = 16.0
     compute: str = "fp16"
+    exact_bytes: int | None = None
 
     def bits_for(self, in_features: int | None) -> float:
         if self.per_row is not None and in_features:
@@ -117,6 +121,8 @@ def human_count(n: float) -> str:
 
 def weight_bytes(shape: ModelShape, fmt: PlanFormat) -> float:
     """Bytes of all weights stored in ``fmt``: quantized Linears plus everything else."""
+    if fmt.exact_bytes is not None:
+        return float(fmt.exact_bytes)
     bits = sum(n * fmt.bits_for(in_f) for in_f, n in shape.linear_params.items())
     bits += shape.other_params * fmt.rest_bits
     return bits / 8
