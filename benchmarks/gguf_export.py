@@ -51,17 +51,17 @@ def run(models: list[str], types: list[str], calib_samples: int, windows: int, w
         tokenizer = loading.load_tokenizer(loading.resolve(src))
         ids = token_windows(tokenizer, read_text(austen("pride_and_prejudice.txt")), replace(PPL_512, n_windows=windows))
         f32 = work / f"{name}-f32.gguf"
-        stats = timed([MP, "export", str(src), "--format", "gguf", "--type", "f32", "-o", str(f32)])
+        stats = timed([MP, "export", str(src), "--to", "gguf", "--format", "f32", "-o", str(f32)])
         runs = [("modelpress", "f32", f32, stats)]
         for t in types:
             ref = work / f"{name}-{t}-llamacpp.gguf"
             code = f"from modelpress.eval.llamacpp import llama_cpp_quantize; llama_cpp_quantize({str(f32)!r}, {str(ref)!r}, {t!r})"
             runs.append(("llama.cpp", t, ref, timed([str(ROOT / ".venv/bin/python"), "-c", code])))
             plain = work / f"{name}-{t}-modelpress.gguf"
-            runs.append(("modelpress", t, plain, timed([MP, "export", str(src), "--format", "gguf", "--type", t,
+            runs.append(("modelpress", t, plain, timed([MP, "export", str(src), "--to", "gguf", "--format", t,
                                                         "-o", str(plain)])))
             cal = work / f"{name}-{t}-modelpress-gptq.gguf"
-            runs.append(("modelpress gptq", t, cal, timed([MP, "export", str(src), "--format", "gguf", "--type", t,
+            runs.append(("modelpress gptq", t, cal, timed([MP, "export", str(src), "--to", "gguf", "--format", t,
                                                            "--calibrate", "gptq", "--calib", str(austen("emma.txt")),
                                                            "--calib-samples", str(calib_samples), "-o", str(cal)])))
         for tool, t, path, stats in runs:

@@ -17,7 +17,7 @@ else
 fi
 BASE=runs/smollm2-135m
 OUT=${OUT:-runs/smollm2-135m-gptq-int4-g64}
-[ -d "$BASE" ] || $MP export "$SMOL" --format hf --dtype bfloat16 -o "$BASE"
+[ -d "$BASE" ] || $MP export "$SMOL" --to hf --dtype bfloat16 -o "$BASE"
 rm -rf "$OUT"
 $MP plan "$BASE" --hardware rtx4090 --formats bf16,int8,int4-g64,int3-g64
 $MP compress "$BASE" --method gptq --bits 4 --group-size 64 --observer mse \

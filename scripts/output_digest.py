@@ -46,8 +46,8 @@ def _runs() -> dict[str, list[str]]:
                               *calib],
         "smoothquant-static-gptq": ["compress", "--method", "smoothquant", "--activations", "static",
                                     "--weights", "gptq", *calib],
-        "gguf-q4_k_m": ["export", "--format", "gguf", "--type", "q4_k_m"],
-        "gguf-q4_k_m-gptq": ["export", "--format", "gguf", "--type", "q4_k_m", "--calibrate", "gptq", *calib],
+        "gguf-q4_k_m": ["export", "--to", "gguf", "--format", "q4_k_m"],
+        "gguf-q4_k_m-gptq": ["export", "--to", "gguf", "--format", "q4_k_m", "--calibrate", "gptq", *calib],
     }
 
 

@@ -54,8 +54,8 @@ def _verbs(src, tmp_path) -> dict[str, list[str]]:
         "compress rtn": ["compress", str(src), "--group-size", "32", "-o", str(tmp_path / "o")],
         "compress gptq": ["compress", str(src), "--method", "gptq", "--group-size", "32", "--calib-samples", "2",
                           "--calib-seq-len", "32", "-o", str(tmp_path / "o")],
-        "export hf": ["export", str(src), "--format", "hf", "-o", str(tmp_path / "o")],
-        "export gguf": ["export", str(src), "--format", "gguf", "--type", "f16", "-o", str(tmp_path / "o.gguf")],
+        "export hf": ["export", str(src), "--to", "hf", "-o", str(tmp_path / "o")],
+        "export gguf": ["export", str(src), "--to", "gguf", "--format", "f16", "-o", str(tmp_path / "o.gguf")],
         "eval": ["eval", str(src), "--text", text, "--windows", "1"],
     }
 

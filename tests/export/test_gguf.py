@@ -63,9 +63,9 @@ def test_block_types_decode_to_our_weights(tiny_llama, tmp_path):
 
 
 def test_bad_requests_write_nothing(tiny_models, tmp_path, capsys):
-    assert main(["export", str(tiny_models["llama"]), "--format", "gguf", "--type", "q9_9", "-o", str(tmp_path / "a.gguf")]) == 2
+    assert main(["export", str(tiny_models["llama"]), "--to", "gguf", "--format", "q9_9", "-o", str(tmp_path / "a.gguf")]) == 2
     assert "unknown GGUF type" in capsys.readouterr().err
-    assert main(["export", str(tiny_models["opt"]), "--format", "gguf", "-o", str(tmp_path / "b.gguf")]) == 2
+    assert main(["export", str(tiny_models["opt"]), "--to", "gguf", "-o", str(tmp_path / "b.gguf")]) == 2
     assert "does not support 'opt'" in capsys.readouterr().err
     assert not list(tmp_path.iterdir())
 
@@ -81,7 +81,7 @@ def test_real_model_round_trip(name, request, eval_text, tmp_path, capsys):
 
     path = request.getfixturevalue(name)
     out = tmp_path / "m.gguf"
-    assert main(["export", str(path), "--format", "gguf", "--type", "q4_k_m", "-o", str(out),
+    assert main(["export", str(path), "--to", "gguf", "--format", "q4_k_m", "-o", str(out),
                  "--verify", "--text", str(eval_text), "--windows", "2"]) == 0
     assert "differ by" in capsys.readouterr().out
     if name == "gemma3":
@@ -101,7 +101,7 @@ def test_real_model_round_trip(name, request, eval_text, tmp_path, capsys):
 def test_verify_loads_the_file_back_and_agrees(tiny_llama, eval_text, tmp_path, capsys):
     """--verify: llama.cpp's perplexity of the written file equals ours for the same weights (1%)."""
     out = tmp_path / "m.gguf"
-    assert main(["export", str(tiny_llama), "--format", "gguf", "--type", "q8_0", "-o", str(out),
+    assert main(["export", str(tiny_llama), "--to", "gguf", "--format", "q8_0", "-o", str(out),
                  "--verify", "--text", str(eval_text), "--windows", "2"]) == 0
     line = capsys.readouterr().out.splitlines()[-1]
     assert line.startswith("ppl-512 (2 windows): llama.cpp") and out.is_file()
@@ -118,9 +118,25 @@ def test_nan_weight_or_odd_rows(tiny_llama, tmp_path, capsys, caplog):
     state = load_file(bad / "model.safetensors")
     state["model.layers.1.mlp.down_proj.weight"][0, 3] = float("nan")
     save_file(state, bad / "model.safetensors", metadata={"format": "pt"})
-    assert main(["export", str(bad), "--format", "gguf", "--type", "q8_0", "-o", str(tmp_path / "a.gguf")]) == 2
+    assert main(["export", str(bad), "--to", "gguf", "--format", "q8_0", "-o", str(tmp_path / "a.gguf")]) == 2
     assert "model.layers.1.mlp.down_proj.weight contains NaN" in capsys.readouterr().err
     assert not (tmp_path / "a.gguf").exists() and not list(tmp_path.glob("a.gguf.partial*"))
     with caplog.at_level("WARNING", logger="modelpress"):
         export_gguf(str(tiny_llama), str(tmp_path / "b.gguf"), "q4_k_m")  # rows of 64 and 128: no 256-blocks
     assert "fall back as llama.cpp does (q4_k->q5_0" in caplog.text
+
+
+def test_export_spellings_before_to_still_work_and_say_what_to_write(tiny_llama, tmp_path, capsys, caplog):
+    """`--format gguf --type T` (container, then type) gives the same file as `--to gguf --format T`."""
+    old, new = tmp_path / "old.gguf", tmp_path / "new.gguf"
+    assert main(["export", str(tiny_llama), "--format", "gguf", "--type", "q8_0", "-o", str(old)]) == 0
+    said = caplog.text
+    assert "--format gguf is deprecated" in said and "write --to gguf" in said and "write --format q8_0" in said
+    caplog.clear()
+    assert main(["export", str(tiny_llama), "--to", "gguf", "--format", "q8_0", "-o", str(new)]) == 0
+    assert "deprecated" not in caplog.text
+    assert old.read_bytes() == new.read_bytes()
+    assert main(["export", str(tiny_llama), "--format", "q8_0", "-o", str(tmp_path / "implied.gguf")]) == 0
+    assert (tmp_path / "implied.gguf").read_bytes() == new.read_bytes()  # a GGUF type implies --to gguf
+    assert main(["export", str(tiny_llama), "--to", "hf", "--format", "q8_0", "-o", str(tmp_path / "x")]) == 2
+    assert "--dtype" in capsys.readouterr().err and not (tmp_path / "x").exists()

@@ -78,7 +78,7 @@ def test_calibrated_gguf_same_size_lower_error(mix_model, eval_text, tmp_path, c
 
     plain, calibrated = tmp_path / "plain.gguf", tmp_path / "cal.gguf"
     export_gguf(str(mix_model), str(plain), "q3_k_m")
-    assert main(["export", str(mix_model), "--format", "gguf", "--type", "q3_k_m", "--calibrate", "gptq",
+    assert main(["export", str(mix_model), "--to", "gguf", "--format", "q3_k_m", "--calibrate", "gptq",
                  "--calib-samples", "8", "--calib-seq-len", "128", "-o", str(calibrated)]) == 0
     assert "GPTQ on 56 Linears of 8 layers" in capsys.readouterr().out
     assert plain.stat().st_size == calibrated.stat().st_size

@@ -8,7 +8,6 @@ Example:
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 from pydantic import ValidationError
 
@@ -22,8 +21,7 @@ from modelpress.record import to_json
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("model", help="checkpoint folder, .gguf file or hub id")
-    parser.add_argument("-o", "--output", required=True, metavar="OUT", help="output folder (must not exist)")
+    options.add_model_and_output(parser)
     parser.add_argument("--method", choices=sorted(METHODS), default="rtn")
     q = parser.add_argument_group("format")
     q.add_argument("--format", metavar="SPEC", dest="weight_format",
@@ -60,7 +58,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     order.add_argument("--act-order", dest="act_order", action="store_true", default=True,
                        help="GPTQ: columns by decreasing Hessian diagonal, static groups (default)")
     order.add_argument("--no-act-order", dest="act_order", action="store_false")
-    g.add_argument("--damp", type=float, default=0.01, help="GPTQ: damping as a fraction of the mean Hessian diagonal (default 0.01)")
+    options.add_damp(g)
     g.add_argument("--block-size", type=options.positive_int, default=128, help="GPTQ: columns per lazy-update block (default 128)")
     g.add_argument("--scale-search", choices=["activation", "duo", "both"], default="both",
                    help="awq: per-channel scales x^a (activation), x^a / w^(1-a) (duo), or the better of both "
@@ -121,8 +119,7 @@ def main(args: argparse.Namespace) -> int:
     config = build_config(args)
     config.int_format()  # validate bits / group size before any work
     act = config.act_format()  # W8A8 needs int8 per-channel or per-tensor weights
-    if Path(args.output).exists():
-        raise UserError(f"output {args.output} already exists; choose a new folder or remove it")
+    options.check_new_output(args.output)
     if args.eval and args.text is None:
         raise UserError("--eval needs --text FILE to evaluate on")
     options.check_calibration_source(args)

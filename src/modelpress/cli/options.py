@@ -19,6 +19,23 @@ def positive_int(text: str) -> int:
     return value
 
 
+def add_model_and_output(parser: argparse.ArgumentParser, output: str = "output folder (must not exist)") -> None:
+    """The model every verb reads, and the output it writes (``-o``)."""
+    parser.add_argument("model", help="checkpoint folder, .gguf file or hub id")
+    parser.add_argument("-o", "--output", required=True, metavar="OUT", help=output)
+
+
+def check_new_output(path: str) -> None:
+    """Refuse an existing output before any work: nothing a user has is ever overwritten."""
+    if Path(path).exists():
+        raise UserError(f"output {path} already exists; choose a new name or remove it")
+
+
+def add_damp(group) -> None:
+    group.add_argument("--damp", type=float, default=0.01,
+                       help="GPTQ: damping as a fraction of the mean Hessian diagonal (default 0.01)")
+
+
 def add_eval_text(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("evaluation (protocol ppl-512)")
     group.add_argument("--text", metavar="FILE", help="UTF-8 text (.txt) or JSONL with a 'text' field to evaluate on")

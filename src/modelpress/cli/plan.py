@@ -87,7 +87,7 @@ def plan_formats(names: list[str], config=None) -> list[PlanFormat]:
 
 def _exact_gguf(name: str, config) -> PlanFormat | None:
     """A GGUF file type sized with the exporter's own per-tensor types (llama.cpp's rules, over the
-    meta-device shapes): the plan's bytes are the tensor data ``export --format gguf`` writes.
+    meta-device shapes): the plan's bytes are the tensor data ``export --to gguf`` writes.
     ``None`` for a name that is not a quantized GGUF file type, or an architecture the GGUF
     exporter does not support (the averaged estimate of :func:`plan_format` is used then)."""
     from modelpress.export.gguf import GGUFLayout

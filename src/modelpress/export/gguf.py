@@ -172,7 +172,7 @@ def gguf_layout(model: str, out_file: str | Path, type_name: str, pure: bool = F
     source = loading.resolve(model)
     if source.kind != "folder" or not (Path(source.path) / "tokenizer.json").is_file():
         raise UserError("GGUF export reads a checkpoint folder with a tokenizer.json; "
-                        "convert first with `modelpress export MODEL --format hf -o DIR`")
+                        "convert first with `modelpress export MODEL --to hf -o DIR`")
     return source, GGUFLayout(loading.load_config(source), ftype, pure)
 
 

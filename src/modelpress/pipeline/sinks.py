@@ -7,7 +7,7 @@
   safetensors): the hand-off from one stage of a pipeline to the next, and what any engine or a
   later whole-model stage (distillation, QAT) can read.
 - :class:`GGUFSink`: the GGUF block bytes of each Linear, kept for the GGUF writer
-  (``export --format gguf --calibrate gptq``), which writes the file in llama.cpp's tensor order.
+  (``export --to gguf --calibrate gptq``), which writes the file in llama.cpp's tensor order.
 
 A sink is a context manager: an exception inside the ``with`` block aborts it, so nothing
 half-written is left looking finished (a resumable sink keeps its ``OUT.partial`` for ``--resume``).

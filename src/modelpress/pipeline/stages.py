@@ -187,7 +187,7 @@ def _hessian_or_fallback(stats: HessianCollector, name: str, in_features: int) -
 
 
 class GGUFGPTQStage:
-    """GPTQ onto the block grids of llama.cpp's types (``export --format gguf --calibrate gptq``).
+    """GPTQ onto the block grids of llama.cpp's types (``export --to gguf --calibrate gptq``).
 
     Each Linear's format is a :class:`~modelpress.formats.gguf_blocks.GGUFBlockFormat`;
     :func:`~modelpress.algorithms.gguf_gptq.gguf_gptq` picks the codes on llama.cpp's own block
