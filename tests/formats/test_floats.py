@@ -159,9 +159,9 @@ def test_compressed_tensors_reader_gets_our_values(spec):
 def test_one_column_with_its_scales_rounds_like_the_whole_tensor(spec):
     """GPTQ rounds one column at a time: ``fake_quantize_grouped(w_col, s_col, None)``."""
     fmt = parse_format(spec).for_tensor(W := torch.randn(24, 64))
-    scale, zero = fmt.qparams_from_range(*(lambda Wg: (Wg.amin(-1, keepdim=True), Wg.amax(-1, keepdim=True)))(fmt._grouped(W)))
+    scale, zero = fmt.qparams_from_range(*(lambda Wg: (Wg.amin(-1, keepdim=True), Wg.amax(-1, keepdim=True)))(fmt.grouped(W)))
     assert zero is None
-    full = fmt.fake_quantize_grouped(fmt._grouped(W), scale, None).reshape(W.shape)
+    full = fmt.fake_quantize_grouped(fmt.grouped(W), scale, None).reshape(W.shape)
     s = scale.squeeze(-1)
     g = fmt.group_size_for(64)
     for col in (0, 17, 63):

@@ -41,7 +41,8 @@ from dataclasses import dataclass
 import torch
 
 from modelpress.formats import observers
-from modelpress.formats.integer import IntFormat, QuantizedTensor
+from modelpress.formats.base import WeightFormat
+from modelpress.formats.integer import QuantizedTensor
 
 N_GRID = 20
 MAX_SHRINK = 0.5  # the clip search tries ranges down to half of min/max
@@ -69,12 +70,12 @@ class ScaleSearch:
     loss_unscaled: float
 
 
-def weight_magnitude(Ws: list[torch.Tensor], fmts: list[IntFormat]) -> torch.Tensor:
+def weight_magnitude(Ws: list[torch.Tensor], fmts: list[WeightFormat]) -> torch.Tensor:
     """Mean ``|W|`` per input channel over the rows of ``Ws``, each quantization group divided by
     its absmax first (so that a channel's weight counts relative to what its group can hold)."""
     total, rows = 0, 0
     for W, fmt in zip(Ws, fmts):
-        Wg = fmt._grouped(W.to(torch.float32)).abs()  # (rows, n_groups, g)
+        Wg = fmt.grouped(W.to(torch.float32)).abs()  # (rows, n_groups, g)
         Wg = Wg / (Wg.amax(dim=(-2, -1) if fmt.granularity == "tensor" else -1, keepdim=True) + 1e-6)
         total = total + Wg.reshape(W.shape).sum(0, dtype=torch.float64)
         rows += W.shape[0]
@@ -82,7 +83,7 @@ def weight_magnitude(Ws: list[torch.Tensor], fmts: list[IntFormat]) -> torch.Ten
 
 
 def search_scale(
-    Ws: list[torch.Tensor], H: torch.Tensor, x_abs_mean: torch.Tensor, fmts: list[IntFormat], n_grid: int = N_GRID,
+    Ws: list[torch.Tensor], H: torch.Tensor, x_abs_mean: torch.Tensor, fmts: list[WeightFormat], n_grid: int = N_GRID,
     family: str = "both",
 ) -> ScaleSearch:
     """Grid-search ``alpha`` for ``s = x_abs_mean^alpha`` (and ``/ w^(1 - alpha)``, the duo
@@ -119,7 +120,7 @@ def _diagonal_blocks(H: torch.Tensor, g: int) -> torch.Tensor:
     return torch.stack([H[i * g:(i + 1) * g, i * g:(i + 1) * g] for i in range(n)])
 
 
-def search_clip(W: torch.Tensor, H: torch.Tensor, fmt: IntFormat, n_grid: int = N_GRID,
+def search_clip(W: torch.Tensor, H: torch.Tensor, fmt: WeightFormat, n_grid: int = N_GRID,
                 max_shrink: float = MAX_SHRINK) -> QuantizedTensor:
     """Quantize ``W`` with each group's range shrunk by the ratio that minimizes its output error.
 
@@ -127,7 +128,7 @@ def search_clip(W: torch.Tensor, H: torch.Tensor, fmt: IntFormat, n_grid: int = 
     scores each group's partial output separately). Per-tensor formats score the whole tensor.
     """
     W = W.to(torch.float32)
-    Wg = fmt._grouped(W)  # (rows, n_groups, g)
+    Wg = fmt.grouped(W)  # (rows, n_groups, g)
     lo0, hi0 = observers.minmax_range(Wg)
     per_tensor = fmt.granularity == "tensor"
     Hb = None if per_tensor else _diagonal_blocks(H.to(torch.float32), Wg.shape[-1])
@@ -138,7 +139,7 @@ def search_clip(W: torch.Tensor, H: torch.Tensor, fmt: IntFormat, n_grid: int = 
         if per_tensor:
             err = output_error(W, qt.dequantize(), H).reshape(1, 1, 1)
         else:
-            D = fmt._grouped(qt.dequantize() - W)
+            D = fmt.grouped(qt.dequantize() - W)
             err = torch.einsum("rng,ngh,rnh->rn", D, Hb, D).unsqueeze(-1)
         if best_err is None:
             best_err, best_lo, best_hi = err, lo0 * r, hi0 * r

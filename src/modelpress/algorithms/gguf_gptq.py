@@ -49,8 +49,9 @@ class GGUFTensor:
 
 
 @dataclass(frozen=True)
-class _MatrixGrid:
-    """One matrix's GGUF grid, in the interface GPTQ rounds with (see :class:`~modelpress.formats.IntFormat`)."""
+class MatrixGrid:
+    """One matrix's GGUF grid as a :class:`~modelpress.formats.base.WeightFormat`: the block parameters
+    llama.cpp chose for this matrix, fixed, so that GPTQ only picks the codes."""
 
     fmt: GGUFBlockFormat
     params: BlockParams
@@ -66,10 +67,10 @@ class _MatrixGrid:
     def divides(self, in_features: int) -> bool:
         return in_features % self.fmt.block_size == 0
 
-    def for_tensor(self, W: torch.Tensor) -> _MatrixGrid:
+    def for_tensor(self, W: torch.Tensor) -> MatrixGrid:
         return self  # the block parameters were chosen for this very matrix
 
-    def _grouped(self, W: torch.Tensor) -> torch.Tensor:
+    def grouped(self, W: torch.Tensor) -> torch.Tensor:
         rows, cols = W.shape
         return W.reshape(rows, cols // self.group_size, self.group_size)
 
@@ -115,5 +116,5 @@ def gguf_gptq_result(
         raise UserError(f"{fmt.name} needs rows of a multiple of {fmt.block_size} weights, not {W.shape[1]}")
     params = fmt.choose_params(W)
     step, offset = fmt.grid(params)
-    return gptq(W, H, _MatrixGrid(fmt, params), block_size=block_size, damp=damp, act_order=act_order,
+    return gptq(W, H, MatrixGrid(fmt, params), block_size=block_size, damp=damp, act_order=act_order,
                 grid=(step, offset))

@@ -41,7 +41,8 @@ import torch
 
 from modelpress.errors import UserError
 from modelpress.formats import observers
-from modelpress.formats.integer import IntFormat, QuantizedTensor
+from modelpress.formats.base import GridFormat, WeightFormat
+from modelpress.formats.integer import QuantizedTensor
 
 
 @dataclass
@@ -63,7 +64,7 @@ class GPTQResult:
         return ((W.to(torch.float32) - self.qt.dequantize()) @ X.to(torch.float32)).pow(2).sum()
 
 
-def _group_params(fmt: IntFormat, Wg: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+def _group_params(fmt: WeightFormat, Wg: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Scale and zero point for ``Wg: (rows, n_groups, group)`` from the format's observer."""
     lo, hi = observers.observe(Wg, fmt)
     return fmt.qparams_from_range(lo, hi)
@@ -119,7 +120,7 @@ def _one_cpu_thread(t: torch.Tensor):
         torch.set_num_threads(n)
 
 
-def _block_size(fmt: IntFormat, block_size: int) -> int:
+def _block_size(fmt: GridFormat, block_size: int) -> int:
     """A block holding whole groups, so a group's scale sees all feedback applied so far."""
     if fmt.granularity != "group":
         return block_size
@@ -130,7 +131,7 @@ def _block_size(fmt: IntFormat, block_size: int) -> int:
 def gptq(
     W: torch.Tensor,
     H: torch.Tensor,
-    fmt: IntFormat,
+    fmt: GridFormat,
     block_size: int = 128,
     damp: float = 0.01,
     act_order: bool = False,
@@ -176,7 +177,7 @@ def gptq(
     if grid is not None:
         scale, zero = grid
     elif static:  # every group's parameters from the original weights, before any feedback
-        scale, zero = (t.squeeze(-1) if t is not None else None for t in _group_params(fmt, fmt._grouped(W)))
+        scale, zero = (t.squeeze(-1) if t is not None else None for t in _group_params(fmt, fmt.grouped(W)))
     else:  # filled in as each group is reached
         scale, zero = torch.zeros(out_features, in_features // g), None
 

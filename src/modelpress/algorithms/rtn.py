@@ -11,7 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
-from modelpress.formats.integer import IntFormat, QuantizedTensor
+from modelpress.formats.base import WeightFormat
+from modelpress.formats.integer import IntFormat, QuantizedTensor  # noqa: F401 (IntFormat: the doctest)
 
 
 @dataclass(frozen=True)
@@ -31,7 +32,7 @@ class LayerError:
         return cls(rel_mse=rel, sqnr_db=sqnr, max_abs=err.abs().max().item())
 
 
-def rtn(W: torch.Tensor, fmt: IntFormat) -> tuple[QuantizedTensor, LayerError]:
+def rtn(W: torch.Tensor, fmt: WeightFormat) -> tuple[QuantizedTensor, LayerError]:
     """Quantize ``W: (out, in)`` by round-to-nearest.
 
     Returns:

@@ -117,7 +117,7 @@ def _activation_fields(args: argparse.Namespace) -> dict:
 
 def main(args: argparse.Namespace) -> int:
     config = build_config(args)
-    config.int_format()  # validate bits / group size before any work
+    config.weight_format()  # validate bits / group size before any work
     act = config.act_format()  # W8A8 needs int8 per-channel or per-tensor weights
     options.check_new_output(args.output)
     if args.eval and args.text is None:
@@ -131,7 +131,7 @@ def main(args: argparse.Namespace) -> int:
     q = record["quantized"]
     sqnr = "exact" if q["mean_sqnr_db"] is None else f"{q['mean_sqnr_db']:.1f} dB"
     print(
-        f"wrote {args.output}: {q['layers']} layers quantized to {config.int_format().name}"
+        f"wrote {args.output}: {q['layers']} layers quantized to {config.weight_format().name}"
         f"{'' if act is None else f' with {act.name} inputs'} "
         f"({q['bits_per_weight']:.3f} bits/weight, mean SQNR {sqnr}) in {record['wall_time_s']:.1f}s"
     )

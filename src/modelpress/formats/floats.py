@@ -2,7 +2,7 @@
 
 Each is a scaled codebook: a weight ``w`` in a group with scale ``s`` is stored as the element
 ``e = round(w / s)`` of a fixed grid (see :mod:`modelpress.formats.grids`), and read back as
-``e * s``. They share :class:`~modelpress.formats.integer.IntFormat`'s interface (``_grouped``,
+``e * s``. They implement :class:`~modelpress.formats.base.WeightFormat` as :class:`~modelpress.formats.integer.IntFormat` does (``grouped``,
 ``qparams_from_range``, ``fake_quantize_grouped``, ``encode``, ``quantize``, ...), so RTN,
 GPTQ, AWQ and the range observers use them unchanged; the ``zero`` of that interface is always
 ``None`` (all four are symmetric).
@@ -111,7 +111,7 @@ class _ScaledGridFormat:
 
     # -- quantization -----------------------------------------------------------------------
 
-    def _grouped(self, W: torch.Tensor) -> torch.Tensor:
+    def grouped(self, W: torch.Tensor) -> torch.Tensor:
         """``W: (out, in)`` viewed as ``(rows, n_groups, group)``."""
         out_features, in_features = W.shape
         if self.granularity == "tensor":
@@ -149,7 +149,7 @@ class _ScaledGridFormat:
         if not torch.isfinite(Wf).all():
             raise UserError("weight contains NaN or inf values; the checkpoint is corrupt or was trained badly")
         fmt = self.for_tensor(Wf)
-        lo, hi = observers.observe(fmt._grouped(Wf), fmt)
+        lo, hi = observers.observe(fmt.grouped(Wf), fmt)
         return fmt.quantize_range(Wf, lo, hi)
 
     def quantize_range(self, W: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> FloatQuantizedTensor:
@@ -157,13 +157,13 @@ class _ScaledGridFormat:
         W = W.detach().to(torch.float32)
         fmt = self.for_tensor(W)
         scale, _ = fmt.qparams_from_range(lo, hi)
-        q = fmt.quantize_grouped(fmt._grouped(W), scale)
+        q = fmt.quantize_grouped(fmt.grouped(W), scale)
         return fmt._result(q.reshape(W.shape), scale.squeeze(-1))
 
     def encode(self, W_hat: torch.Tensor, scale: torch.Tensor, zero: None = None) -> FloatQuantizedTensor:
         """The stored form of ``W_hat: (out, in)``, values already on the grid of ``scale``
         (``(rows, n_groups)``), as an algorithm that rounds column by column produces them."""
-        q = self.quantize_grouped(self._grouped(W_hat.to(torch.float32)), scale.unsqueeze(-1))
+        q = self.quantize_grouped(self.grouped(W_hat.to(torch.float32)), scale.unsqueeze(-1))
         return self._result(q.reshape(W_hat.shape), scale)
 
     def _result(self, q: torch.Tensor, scale: torch.Tensor) -> FloatQuantizedTensor:
@@ -335,7 +335,7 @@ class FloatQuantizedTensor:
 
     def dequantize(self) -> torch.Tensor:
         out_features, in_features = self.q.shape
-        Wg = self.fmt._grouped(self.q.to(torch.float32)) * self.scale.unsqueeze(-1)
+        Wg = self.fmt.grouped(self.q.to(torch.float32)) * self.scale.unsqueeze(-1)
         return Wg.reshape(out_features, in_features)
 
     def rows(self, start: int, stop: int) -> FloatQuantizedTensor:

@@ -139,7 +139,7 @@ class IntFormat:
 
     # -- quantization -----------------------------------------------------------------------
 
-    def _grouped(self, W: torch.Tensor) -> torch.Tensor:
+    def grouped(self, W: torch.Tensor) -> torch.Tensor:
         """``W: (out, in)`` viewed as ``(rows, n_groups, group)``."""
         out_features, in_features = W.shape
         if self.granularity == "tensor":
@@ -191,12 +191,12 @@ class IntFormat:
         Wf = W.detach().to(torch.float32)
         if not torch.isfinite(Wf).all():
             raise UserError("weight contains NaN or inf values; the checkpoint is corrupt or was trained badly")
-        lo, hi = observers.observe(self._grouped(Wf), self)
+        lo, hi = observers.observe(self.grouped(Wf), self)
         return self.quantize_range(Wf, lo, hi)
 
     def quantize_range(self, W: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> QuantizedTensor:
         """Round ``W: (out, in)`` with given per-group ranges ``lo, hi: (rows, n_groups, 1)``."""
-        Wg = self._grouped(W.detach().to(torch.float32))
+        Wg = self.grouped(W.detach().to(torch.float32))
         scale, zero = self.qparams_from_range(lo, hi)
         q = self.quantize_grouped(Wg, scale, zero)
         return QuantizedTensor(
@@ -210,7 +210,7 @@ class IntFormat:
         """The stored form of ``W_hat: (out, in)``, values already on the grid of ``scale``/``zero``
         (``(rows, n_groups)`` each), as an algorithm that rounds column by column produces them."""
         z = None if zero is None else zero.unsqueeze(-1)
-        q = self.quantize_grouped(self._grouped(W_hat.to(torch.float32)), scale.unsqueeze(-1), z)
+        q = self.quantize_grouped(self.grouped(W_hat.to(torch.float32)), scale.unsqueeze(-1), z)
         return QuantizedTensor(
             q=q.reshape(W_hat.shape).to(torch.int8),
             scale=scale,
@@ -239,7 +239,7 @@ class QuantizedTensor:
 
     def dequantize(self) -> torch.Tensor:
         out_features, in_features = self.q.shape
-        Wg = self.fmt._grouped(self.q.to(torch.float32))
+        Wg = self.fmt.grouped(self.q.to(torch.float32))
         zero = None if self.zero_point is None else self.zero_point.to(torch.float32).unsqueeze(-1)
         Wg = (Wg - zero if zero is not None else Wg) * self.scale.unsqueeze(-1)
         return Wg.reshape(out_features, in_features)

@@ -58,7 +58,7 @@ def plan_targets(meta: nn.Module, config) -> Targets:
             ``"error"`` (the message names the layers and the options).
     """
     arch = arch_for(meta.config)
-    fmt = config.int_format()
+    fmt = config.weight_format()
     targets = Targets()
     misfits = []
     for name, module in meta.named_modules():

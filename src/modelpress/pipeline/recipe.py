@@ -7,7 +7,7 @@ Every config is a pydantic model with ``extra="forbid"``: a misspelt field is an
 names it, never a silent default.
 
 Example:
-    >>> METHODS["gptq"].config(bits=3, group_size=64).int_format().name
+    >>> METHODS["gptq"].config(bits=3, group_size=64).weight_format().name
     'int3-g64'
     >>> METHODS["gptq"].calibrated, METHODS["rtn"].calibrated
     (True, False)
@@ -62,7 +62,7 @@ class QuantConfig(BaseModel):
             parse_format(spec)
         return spec
 
-    def int_format(self) -> IntFormat:
+    def weight_format(self) -> IntFormat:
         """The weight format: ``format`` when given (any spec, integer or float), else the
         integer format the other fields describe."""
         if self.format is not None:
@@ -106,7 +106,7 @@ class RTNConfig(QuantConfig):
         """The input-activation format (plain W8A8 without smoothing), or ``None``."""
         if self.activations == "none":
             return None
-        check_w8a8(self.int_format())
+        check_w8a8(self.weight_format())
         return ActFormat(dynamic=True, scale_dtype=self.scale_dtype)
 
 
@@ -197,7 +197,7 @@ class SmoothQuantConfig(QuantConfig):
     calibration: CalibrationConfig = Field(default_factory=CalibrationConfig)
 
     def act_format(self) -> ActFormat:
-        check_w8a8(self.int_format())
+        check_w8a8(self.weight_format())
         return ActFormat(dynamic=self.activations == "dynamic", scale_dtype=self.scale_dtype)
 
 
