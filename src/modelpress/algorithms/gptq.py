@@ -136,6 +136,7 @@ def gptq(
     damp: float = 0.01,
     act_order: bool = False,
     grid: tuple[torch.Tensor, torch.Tensor | None] | None = None,
+    mask: torch.Tensor | None = None,
 ) -> GPTQResult:
     """Quantize ``W: (out, in)`` onto ``fmt`` with GPTQ, given ``H: (in, in) = 2 X X^T / n``.
 
@@ -148,6 +149,10 @@ def gptq(
         act_order: process columns by decreasing ``diag(H)`` (with static groups).
         grid: fixed per-group ``(scale, zero)``, each ``(out, n_groups)``, instead of the
             format's observer: for formats whose block parameters are chosen jointly (GGUF k-quants).
+        mask: ``(out, in)``, ``False`` where a weight is pruned: those stay exactly zero (their
+            rounding error, like any other, is compensated by the columns after them), so a
+            pruned model keeps its sparsity. Needs a grid holding an exact zero (symmetric
+            formats; asymmetric ones where the zero point is in range).
 
     Returns:
         A :class:`GPTQResult`; ``result.qt`` stores like RTN's output.
@@ -183,42 +188,67 @@ def gptq(
 
     perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(in_features)
     W, H = W[:, perm], H[perm][:, perm]
+    keep = None if mask is None else mask[:, perm].T.to(W.dtype)  # (in, out), processing order
     group_of = (perm // g).tolist() if fmt.granularity == "group" else [0] * in_features
     Hinv, used_damp = _damped_inverse_cholesky(H, damp)
     del H
 
+    def round_column(col: int, W1: torch.Tensor, i: int, diag: list[float]) -> torch.Tensor:
+        nonlocal zero
+        if not static and col % g == 0:  # a new group: choose its scale from the updated weights
+            s, z = _group_params(fmt, W1[i : i + g].T.reshape(out_features, 1, g))
+            scale[:, col // g] = s.reshape(-1)
+            if z is not None:
+                zero = torch.zeros_like(scale) if zero is None else zero
+                zero[:, col // g] = z.reshape(-1)
+        grp = group_of[col]
+        q = fmt.fake_quantize_grouped(W1[i], scale[:, grp], None if zero is None else zero[:, grp])
+        return q if keep is None else q.mul_(keep[col])
+
+    QT, losses = column_sweep(W, Hinv, _block_size(fmt, block_size), round_column)
+    Q = QT.T
+    qt = fmt.encode(Q[:, torch.argsort(perm)], scale, zero)
+    return GPTQResult(qt=qt, loss=losses.sum().item(), damp=used_damp)
+
+
+def column_sweep(W: torch.Tensor, Hinv: torch.Tensor, block_size: int, round_column) -> tuple[torch.Tensor, torch.Tensor]:
+    """The OBS column loop GPTQ and SparseGPT share (Algorithm 1 of arXiv:2210.17323, with lazy
+    block updates): each column is replaced by ``round_column(col, W1, i, diag)``, and its error,
+    divided by the Cholesky factor's diagonal, is pushed onto the columns after it.
+
+    Args:
+        W: ``(out, in)`` in processing order; updated in place by the feedback.
+        Hinv: upper Cholesky factor of the damped inverse Hessian, same order.
+        block_size: columns per lazy-update block.
+        round_column: given the column index, the block transposed ``W1: (block columns, out)``
+            as updated so far, the column's position ``i`` in it and the factor's diagonal over the
+            block, the new values of column ``W1[i]`` (it may look ahead in ``W1[i:]``: SparseGPT
+            chooses a block's mask there, GPTQ a group's scale).
+
+    Returns:
+        ``(QT, losses)``: the new columns as rows ``(in, out)``, and per output row
+        ``sum (w - q)^2 / d^2 / 2``.
+    """
+    out_features, in_features = W.shape
     # Columns are rows here: the block is worked on transposed, so the column being rounded and
     # the rank-1 update of the columns after it touch contiguous memory.
-    QT = W.new_empty(in_features, out_features)  # the rounded weights, transposed, in processing order
+    QT = W.new_empty(in_features, out_features)
     losses = W.new_zeros(out_features)
-    bs = _block_size(fmt, block_size)
-    for i1 in range(0, in_features, bs):
-        i2 = min(i1 + bs, in_features)
+    for i1 in range(0, in_features, block_size):
+        i2 = min(i1 + block_size, in_features)
         W1 = W[:, i1:i2].T.contiguous()  # (columns, out)
         Err1 = torch.empty_like(W1)
         Hinv1 = Hinv[i1:i2, i1:i2]
         diag = torch.diag(Hinv1).tolist()
         with _one_cpu_thread(W1):
             for i in range(i2 - i1):
-                col = i1 + i
-                if not static and col % g == 0:  # a new group: choose its scale from the updated weights
-                    s, z = _group_params(fmt, W1[i : i + g].T.reshape(out_features, 1, g))
-                    scale[:, col // g] = s.reshape(-1)
-                    if z is not None:
-                        zero = torch.zeros_like(scale) if zero is None else zero
-                        zero[:, col // g] = z.reshape(-1)
-                grp = group_of[col]
-                w = W1[i]
-                q = fmt.fake_quantize_grouped(w, scale[:, grp], None if zero is None else zero[:, grp])
-                QT[col] = q
-                err = torch.sub(w, q, out=Err1[i]).div_(diag[i])
+                q = round_column(i1 + i, W1, i, diag)
+                QT[i1 + i] = q
+                err = torch.sub(W1[i], q, out=Err1[i]).div_(diag[i])
                 W1[i:].addr_(Hinv1[i, i:], err, alpha=-1)
         losses += Err1.pow(2).sum(dim=0) / 2
         W[:, i2:].addmm_(Err1.T, Hinv[i1:i2, i2:], alpha=-1)
-
-    Q = QT.T
-    qt = fmt.encode(Q[:, torch.argsort(perm)], scale, zero)
-    return GPTQResult(qt=qt, loss=losses.sum().item(), damp=used_damp)
+    return QT, losses
 
 
 def accumulate_hessian(H: torch.Tensor | None, n: int, X: torch.Tensor) -> tuple[torch.Tensor, int]:
