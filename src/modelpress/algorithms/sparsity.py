@@ -1,0 +1,105 @@
+"""Sparsity patterns, the masks they allow, and magnitude pruning (the baseline).
+
+A :class:`Pattern` is either unstructured (a fraction of the weights, compared within each output
+row or over the whole matrix) or N:M (``n`` zeros in every group of ``m`` consecutive weights
+along the input dimension; 2:4 is what sparse tensor cores run). Masks are ``True`` where a
+weight is kept. Pruned weights are exact zeros in a dense tensor: since 2026 neither
+compressed-tensors nor transformers nor vLLM store sparse formats, so sparsity saves no bytes,
+and time only with 2:4 on an engine with sparse-tensor-core kernels.
+
+Example:
+    >>> import torch
+    >>> W = torch.tensor([[4.0, -1.0, 0.5, 3.0], [0.1, 0.2, -5.0, 1.0]])
+    >>> magnitude(W, Pattern.parse("2:4")).mask.int().tolist()
+    [[1, 0, 0, 1], [0, 0, 1, 1]]
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+
+from modelpress.errors import UserError
+
+
+@dataclass(frozen=True)
+class Pattern:
+    """Which weights may be zeroed: ``sparsity`` of them, or ``n`` of every ``m`` along a row."""
+
+    sparsity: float | None = None
+    n: int | None = None
+    m: int | None = None
+
+    def __post_init__(self) -> None:
+        if (self.sparsity is None) == (self.n is None):
+            raise UserError("give either a sparsity fraction or an N:M pattern, not both")
+        if self.sparsity is not None and not 0 <= self.sparsity < 1:
+            raise UserError(f"sparsity must be in [0, 1), got {self.sparsity}")
+        if self.n is not None and not (isinstance(self.n, int) and isinstance(self.m, int) and 0 < self.n < self.m):
+            raise UserError(f"an N:M pattern needs 0 < N < M, got {self.n}:{self.m}")
+
+    @classmethod
+    def parse(cls, spec: str) -> Pattern:
+        """``"2:4"`` -> N:M; ``"0.5"`` or ``"50%"`` -> unstructured."""
+        text = spec.strip()
+        if m := re.fullmatch(r"(\d+):(\d+)", text):
+            return cls(n=int(m[1]), m=int(m[2]))
+        try:
+            value = float(text[:-1]) / 100 if text.endswith("%") else float(text)
+        except ValueError:
+            raise UserError(f"sparsity pattern {spec!r} is neither a fraction (0.5, 50%) nor N:M (2:4)") from None
+        return cls(sparsity=value)
+
+    @property
+    def name(self) -> str:
+        return f"{self.n}:{self.m}" if self.n is not None else f"{100 * self.sparsity:g}%"
+
+    @property
+    def fraction(self) -> float:
+        return self.sparsity if self.n is None else self.n / self.m
+
+    def check_width(self, in_features: int) -> None:
+        if self.m is not None and in_features % self.m:
+            raise UserError(f"the {self.name} pattern needs rows of a multiple of {self.m} weights, not {in_features}")
+
+
+@dataclass
+class PruneResult:
+    """A pruned weight (dense, pruned entries exactly zero) and its mask (``True``: kept)."""
+
+    W: torch.Tensor
+    mask: torch.Tensor
+
+    @property
+    def sparsity(self) -> float:
+        return 1 - self.mask.float().mean().item()
+
+
+def lowest(score: torch.Tensor, pattern: Pattern, per_row: bool = True) -> torch.Tensor:
+    """The mask that drops the lowest ``score``s the pattern allows; ``score: (rows, cols)``.
+
+    Unstructured: the ``sparsity`` fraction of each row (or of the whole matrix, ``per_row=False``);
+    N:M: the ``n`` lowest of every ``m`` consecutive columns of each row. Ties go to the lower index.
+    """
+    rows, cols = score.shape
+    if pattern.n is not None:
+        pattern.check_width(cols)
+        groups = score.reshape(rows, cols // pattern.m, pattern.m)
+        drop = torch.topk(groups, pattern.n, dim=-1, largest=False).indices
+        mask = torch.ones_like(groups, dtype=torch.bool).scatter_(-1, drop, False)
+        return mask.reshape(rows, cols)
+    flat = score if per_row else score.reshape(1, -1)
+    k = int(flat.shape[1] * pattern.sparsity)
+    mask = torch.ones_like(flat, dtype=torch.bool)
+    if k:
+        mask.scatter_(1, torch.topk(flat, k, dim=1, largest=False).indices, False)
+    return mask.reshape(rows, cols)
+
+
+def magnitude(W: torch.Tensor, pattern: Pattern, per_row: bool = False) -> PruneResult:
+    """Zero the smallest ``|W|``, over the whole matrix (the classic baseline) or per output row."""
+    W = W.detach().to(torch.float32)
+    mask = lowest(W.abs(), pattern, per_row=per_row)
+    return PruneResult(W.masked_fill(~mask, 0), mask)
