@@ -16,11 +16,13 @@ from __future__ import annotations
 import json
 import logging
 import time
+from pathlib import Path
 
 from torch import nn
 
 from modelpress.algorithms.rtn import rtn
 from modelpress.errors import UserError
+from modelpress.eval.guard import guard_output
 from modelpress.export.compressed_tensors import storage_format
 from modelpress.formats.activations import InputQuant
 from modelpress.models import loading
@@ -62,31 +64,8 @@ def compress(model: str, config: QuantConfig, out_dir: str, resume: bool = False
             raise UserError("--resume applies to calibrated methods; an RTN run is quick to redo")
         record = compress_rtn(model, config, out_dir)
     if quality_guard:
-        record["quality_guard"] = _guard(model, config, out_dir)
+        record["quality_guard"] = guard_output(model, getattr(config, "calibration", None), out_dir)
     return record
-
-
-def _guard(model: str, config: QuantConfig, out_dir: str) -> dict | None:
-    from pathlib import Path
-
-    from modelpress.data import builtin_text, read_calibration
-    from modelpress.eval.guard import check_output
-
-    source = loading.resolve(model)
-    calib = getattr(config, "calibration", None)
-    text = builtin_text() if calib is None or calib.text is None else read_calibration(calib.text, calib.text_field)
-    n_params = sum(p.numel() for p in meta_model(loading.load_config(source)).parameters())
-    result = check_output(source, out_dir, text, n_params)
-    if result is None:
-        return None
-    summary = {"source_ppl": result.source_ppl, "output_ppl": result.output_ppl,
-               "windows": result.windows, "seq_len": result.seq_len}
-    path = Path(out_dir) / "modelpress.json"  # the record in the checkpoint gets the guard's numbers
-    record = json.loads(path.read_text())
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(to_json({**record, "quality_guard": summary}, indent=2))
-    tmp.replace(path)
-    return summary
 
 
 def compress_rtn(model: str, config: RTNConfig, out_dir: str) -> dict:
@@ -165,6 +144,8 @@ def compress_calibrated(model: str, config: QuantConfig, out_dir: str, resume: b
     """
     t0 = time.monotonic()
     source = loading.resolve(model)
+    if "keep_zeros" in type(config).model_fields and config.keep_zeros is None:
+        config = config.model_copy(update={"keep_zeros": written_by_prune(source)})
     lm = LayerwiseModel(source)
     targets = plan_targets(lm.model, config)
     tokenizer = loading.load_tokenizer(source)
@@ -184,6 +165,22 @@ def compress_calibrated(model: str, config: QuantConfig, out_dir: str, resume: b
         finish_checkpoint(sink, source, lm.config, lm.model, targets, tokenizer, record, lm.checkpoint_name)
     logger.info("wrote %s in %.1fs", out_dir, time.monotonic() - t0)
     return record
+
+
+def written_by_prune(source) -> bool:
+    """Whether ``source`` is a checkpoint ``modelpress prune`` wrote (its record says so): then
+    GPTQ keeps its zeros unless told otherwise."""
+    if source.kind != "folder":
+        return False
+    path = Path(source.path) / "modelpress.json"
+    try:
+        pruned = "pruned" in json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    if pruned:
+        logger.info("%s was pruned by modelpress: GPTQ keeps its zeros (keep_zeros: false to let it fill them)",
+                    source.path)
+    return pruned
 
 
 def check_expert_formats(lm: LayerwiseModel, targets, config) -> None:

@@ -54,6 +54,8 @@ def _verbs(src, tmp_path) -> dict[str, list[str]]:
         "compress rtn": ["compress", str(src), "--group-size", "32", "-o", str(tmp_path / "o")],
         "compress gptq": ["compress", str(src), "--method", "gptq", "--group-size", "32", "--calib-samples", "2",
                           "--calib-seq-len", "32", "-o", str(tmp_path / "o")],
+        "prune wanda": ["prune", str(src), "--method", "wanda", "--pattern", "2:4", "--calib-samples", "2",
+                        "--calib-seq-len", "32", "-o", str(tmp_path / "o")],
         "export hf": ["export", str(src), "--to", "hf", "-o", str(tmp_path / "o")],
         "export gguf": ["export", str(src), "--to", "gguf", "--format", "f16", "-o", str(tmp_path / "o.gguf")],
         "eval": ["eval", str(src), "--text", text, "--windows", "1"],
@@ -72,7 +74,7 @@ MISMATCHES = {  # defect -> (how to break the checkpoint, words the error must h
 
 
 @pytest.mark.parametrize("defect", sorted(MISMATCHES))
-@pytest.mark.parametrize("verb", ["compress rtn", "compress gptq", "export hf", "export gguf", "eval"])
+@pytest.mark.parametrize("verb", ["compress rtn", "compress gptq", "prune wanda", "export hf", "export gguf", "eval"])
 def test_a_checkpoint_that_does_not_match_its_config_is_refused_by_every_verb(tiny_llama, tmp_path, capsys, defect, verb):
     how, words = MISMATCHES[defect]
     src = _broken(tiny_llama, tmp_path / "bad", **how)

@@ -29,10 +29,14 @@ class HessianCollector:
         H, n_tokens = hc.hessian("q")
     """
 
-    def __init__(self, modules: dict[str, nn.Linear], owner: nn.Module, activation_stats: bool = True):
+    def __init__(self, modules: dict[str, nn.Linear], owner: nn.Module, activation_stats: bool = True,
+                 hessian: bool = True, sq_norm: bool = False):
         self.modules = modules
         self.owner = owner  # the layer: its pre-hook marks the start of each forward
         self.activation_stats = activation_stats  # mean and max |x|: two passes over each input, for AWQ/SmoothQuant
+        self.want_hessian = hessian  # False: count tokens only (a stage that reads no H, e.g. Wanda)
+        self.want_sq_norm = sq_norm  # sum of x^2 per input channel (Wanda's ||X_j||^2): one pass
+        self._sq: dict[str, torch.Tensor | None] = dict.fromkeys(modules)
         self._H: dict[str, torch.Tensor | None] = dict.fromkeys(modules)
         self._n: dict[str, int] = dict.fromkeys(modules, 0)
         self._abs: dict[str, torch.Tensor | None] = dict.fromkeys(modules)  # running sum of |x|
@@ -101,9 +105,16 @@ class HessianCollector:
             elif name in self._alias:
                 return
             x = x.detach()
+            flat = x.reshape(-1, x.shape[-1])
             if self.activation_stats:
-                self._observe_abs(name, x.reshape(-1, x.shape[-1]).to(torch.float32))
-            self._H[name], self._n[name] = accumulate_hessian(self._H[name], self._n[name], x)
+                self._observe_abs(name, flat.to(torch.float32))
+            if self.want_sq_norm:
+                sq = torch.linalg.vector_norm(flat.to(torch.float32), ord=2, dim=0).to(torch.float64).pow_(2)
+                self._sq[name] = sq if self._sq[name] is None else self._sq[name] + sq
+            if self.want_hessian:
+                self._H[name], self._n[name] = accumulate_hessian(self._H[name], self._n[name], x)
+            else:
+                self._n[name] += flat.shape[0]
 
         return hook
 
@@ -126,6 +137,13 @@ class HessianCollector:
         ``(None, 0)`` for a Linear outside an expert."""
         owner = self._alias_all.get(name, name)
         return self._H_all.get(owner), self._n_all.get(owner, 0)
+
+    def sq_norm(self, name: str) -> torch.Tensor | None:
+        """``sum_t x_tj^2`` per input channel over all calibration tokens (Wanda's ``||X_j||^2``)."""
+        if not self.want_sq_norm:
+            raise RuntimeError("this collector was made with sq_norm=False")
+        owner = self._alias.get(name, name)
+        return None if self._n[owner] == 0 else self._sq[owner].to(torch.float32)
 
     def owner_of(self, name: str) -> str:
         """The Linear whose accumulator ``name`` uses (itself unless it shares another's input)."""

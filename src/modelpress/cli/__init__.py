@@ -17,12 +17,13 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 
 import modelpress
 from modelpress import __version__
-from modelpress.cli import compress, evaluate, export, plan
+from modelpress.cli import compress, evaluate, export, plan, prune
 from modelpress.errors import UserError
 
 SUBCOMMANDS = {
     "plan": plan,
     "compress": compress,
+    "prune": prune,
     "eval": evaluate,
     "export": export,
 }

@@ -16,13 +16,13 @@ from modelpress.cli.evaluate import print_table
 from modelpress.compress import compress
 from modelpress.errors import UserError
 from modelpress.eval.compare import measure
-from modelpress.pipeline.recipe import METHODS
+from modelpress.pipeline.recipe import METHODS, methods
 from modelpress.record import to_json
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     options.add_model_and_output(parser)
-    parser.add_argument("--method", choices=sorted(METHODS), default="rtn")
+    parser.add_argument("--method", choices=methods("quantize"), default="rtn")
     q = parser.add_argument_group("format")
     q.add_argument("--format", metavar="SPEC", dest="weight_format",
                    help="weight format by name, overriding --bits/--granularity/--group-size: fp8, fp8-channel, "

@@ -13,6 +13,7 @@ take more than half of this machine's memory; ``--no-quality-guard`` skips it al
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -21,9 +22,11 @@ from pathlib import Path
 
 import torch
 
-from modelpress.data import WindowProtocol, token_windows
+from modelpress.data import WindowProtocol, builtin_text, read_calibration, token_windows
 from modelpress.errors import UserError
 from modelpress.models import loading
+from modelpress.models.loading import meta_model
+from modelpress.record import to_json
 
 logger = logging.getLogger("modelpress")
 
@@ -100,3 +103,32 @@ def check_output(source: loading.ModelSource, out_dir: str, text: str, n_params:
         f"{MAX_RATIO:g}x); kept for inspection as {rejected}, not as {out_dir}. Try more bits, another "
         "format or method; --no-quality-guard writes it anyway"
     )
+
+
+def guard_output(model: str, calibration, out_dir: str) -> dict | None:
+    """Run :func:`check_output` on a finished output and add its numbers to the output's record.
+
+    Args:
+        model: the source model.
+        calibration: the run's :class:`~modelpress.pipeline.recipe.CalibrationConfig` (its text is
+            scored), or ``None`` for the built-in text.
+        out_dir: the finished output folder (with its ``modelpress.json``).
+
+    Returns:
+        ``{"source_ppl", "output_ppl", "windows", "seq_len"}``, or ``None`` when skipped.
+    """
+    source = loading.resolve(model)
+    text = builtin_text() if calibration is None or calibration.text is None else \
+        read_calibration(calibration.text, calibration.text_field)
+    n_params = sum(p.numel() for p in meta_model(loading.load_config(source)).parameters())
+    result = check_output(source, out_dir, text, n_params)
+    if result is None:
+        return None
+    summary = {"source_ppl": result.source_ppl, "output_ppl": result.output_ppl,
+               "windows": result.windows, "seq_len": result.seq_len}
+    path = Path(out_dir) / "modelpress.json"  # the record in the checkpoint gets the guard's numbers
+    record = json.loads(path.read_text())
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(to_json({**record, "quality_guard": summary}, indent=2))
+    tmp.replace(path)
+    return summary

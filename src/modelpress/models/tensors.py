@@ -50,6 +50,43 @@ def _fallback_format(fmt: IntFormat, in_features: int, fallback: str) -> IntForm
     return replace(fmt, group_size=group)
 
 
+def _candidates(meta: nn.Module, exclude: list[str], targets: Targets) -> Iterator[tuple[str, int]]:
+    """``(name, in_features)`` of the decoder Linears a method may change; the others (excluded,
+    MoE routers) go into ``targets.kept`` with the reason."""
+    arch = arch_for(meta.config)
+    for name, module in meta.named_modules():
+        if not isinstance(module, nn.Linear) or not name.startswith(arch.layers + "."):
+            continue
+        targets.in_features[name] = module.in_features
+        if any(re.search(p, name) for p in exclude):
+            targets.kept[name] = "excluded"
+        elif arch.moe and any(name.endswith("." + k) for k in arch.moe.kept):
+            targets.kept[name] = "gate of a mixture-of-experts branch"
+        else:
+            yield name, module.in_features
+
+
+def prune_targets(meta: nn.Module, config) -> Targets:
+    """Each decoder Linear a pruning ``config`` applies to, with its sparsity pattern as its "format".
+
+    Raises:
+        UserError: an N:M pattern's M does not divide some layers' inputs, or nothing is left.
+    """
+    pattern = config.sparsity_pattern()
+    targets = Targets()
+    misfits = []
+    for name, in_features in _candidates(meta, config.exclude, targets):
+        if pattern.m is not None and in_features % pattern.m:
+            misfits.append(f"{name} ({in_features})")
+        targets.formats[name] = pattern
+    if misfits:
+        raise UserError(f"the {pattern.name} pattern needs input widths that are multiples of {pattern.m}: "
+                        f"{', '.join(misfits[:3])}{' and more' if len(misfits) > 3 else ''}; --exclude them")
+    if not targets.formats:
+        raise UserError("no Linear layer is left to prune; check the exclude patterns")
+    return targets
+
+
 def plan_targets(meta: nn.Module, config) -> Targets:
     """Decide each decoder Linear's format under ``config`` (exclusions, group-size fallbacks).
 
@@ -57,23 +94,15 @@ def plan_targets(meta: nn.Module, config) -> Targets:
         UserError: the group size does not divide some layers' inputs and ``group_fallback`` is
             ``"error"`` (the message names the layers and the options).
     """
-    arch = arch_for(meta.config)
     fmt = config.weight_format()
     targets = Targets()
     misfits = []
-    for name, module in meta.named_modules():
-        if not isinstance(module, nn.Linear) or not name.startswith(arch.layers + "."):
-            continue
-        targets.in_features[name] = module.in_features
-        if any(re.search(p, name) for p in config.exclude):
-            targets.kept[name] = "excluded"
-        elif arch.moe and any(name.endswith("." + k) for k in arch.moe.kept):
-            targets.kept[name] = "gate of a mixture-of-experts branch"
-        elif not fmt.divides(module.in_features):
+    for name, in_features in _candidates(meta, config.exclude, targets):
+        if not fmt.divides(in_features):
             misfits.append(name)
-            layer_fmt = _fallback_format(fmt, module.in_features, config.group_fallback)
+            layer_fmt = _fallback_format(fmt, in_features, config.group_fallback)
             if layer_fmt is None:
-                targets.kept[name] = f"group size {fmt.group_size} does not divide {module.in_features}"
+                targets.kept[name] = f"group size {fmt.group_size} does not divide {in_features}"
             else:
                 targets.formats[name] = layer_fmt
         else:

@@ -19,12 +19,15 @@ import re
 from dataclasses import dataclass
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from modelpress.algorithms.sparsity import Pattern
 from modelpress.data import CALIB_128X512
+from modelpress.errors import UserError
 from modelpress.formats.activations import ActFormat, check_w8a8
 from modelpress.formats.floats import parse_format
 from modelpress.formats.integer import IntFormat
+from modelpress.pipeline.prune_stages import MagnitudeStage, SparseGPTStage, WandaStage
 from modelpress.pipeline.scale_stages import AWQStage, SmoothQuantStage
 from modelpress.pipeline.stages import GPTQStage, LayerStage, RTNStage
 
@@ -149,6 +152,9 @@ class GPTQConfig(QuantConfig):
     act_order: bool = True
     damp: float = Field(0.01, gt=0, lt=1)
     block_size: int = Field(128, ge=1)
+    # Keep exact zeros at zero (a pruned model stays sparse; errors go to the surviving weights).
+    # None: on when the input's modelpress.json says `prune` wrote it.
+    keep_zeros: bool | None = None
     calibration: CalibrationConfig = Field(default_factory=CalibrationConfig)
 
 
@@ -201,6 +207,77 @@ class SmoothQuantConfig(QuantConfig):
         return ActFormat(dynamic=self.activations == "dynamic", scale_dtype=self.scale_dtype)
 
 
+class PruneConfig(BaseModel):
+    """Fields every pruning method shares: how much, in which pattern, and what it applies to.
+
+    Give ``sparsity`` (a fraction of each Linear's weights) or ``pattern`` (N:M such as ``"2:4"``:
+    N zeros in every M consecutive weights along a row), not both.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    sparsity: float | None = None
+    pattern: str | None = None
+    exclude: list[str] = Field(default_factory=lambda: ["lm_head"])
+
+    @model_validator(mode="after")
+    def _one_pattern(self):
+        self.sparsity_pattern()  # sparsity in [0, 1), N < M, exactly one of the two
+        return self
+
+    def sparsity_pattern(self) -> Pattern:
+        if self.pattern is not None:
+            if self.sparsity is not None:
+                raise UserError("give --sparsity or --pattern, not both")
+            return Pattern.parse(self.pattern)
+        if self.sparsity is None:
+            raise UserError("pruning needs --sparsity F (e.g. 0.5) or --pattern N:M (e.g. 2:4)")
+        return Pattern(sparsity=self.sparsity)
+
+
+class MagnitudeConfig(PruneConfig):
+    """Magnitude pruning: the smallest ``|W|`` of each Linear (or of each output row).
+
+    YAML:
+        method: magnitude
+        sparsity: 0.5          # or pattern: "2:4"
+        per_row: false         # compare within each output row instead of the whole matrix
+    """
+
+    method: Literal["magnitude"] = "magnitude"
+    per_row: bool = False
+
+
+class WandaConfig(PruneConfig):
+    """Wanda (arXiv:2306.11695): ``|W_ij| * ||X_j||``, compared within each output row.
+
+    YAML:
+        method: wanda
+        pattern: "2:4"
+        calibration: {text: calib.txt, samples: 128, seq_len: 512}
+    """
+
+    method: Literal["wanda"] = "wanda"
+    calibration: CalibrationConfig = Field(default_factory=CalibrationConfig)
+
+
+class SparseGPTConfig(PruneConfig):
+    """SparseGPT (arXiv:2301.00774): adaptive masks and the OBS update, layer by layer.
+
+    YAML:
+        method: sparsegpt
+        sparsity: 0.5
+        block_size: 128        # columns per adaptive mask block (the paper's B_s)
+        damp: 0.01
+        calibration: {text: calib.txt, samples: 128, seq_len: 512}
+    """
+
+    method: Literal["sparsegpt"] = "sparsegpt"
+    block_size: int = Field(128, ge=1)
+    damp: float = Field(0.01, gt=0, lt=1)
+    calibration: CalibrationConfig = Field(default_factory=CalibrationConfig)
+
+
 @dataclass(frozen=True)
 class Method:
     """One row of :data:`METHODS`: the config a method reads and the stage that runs it.
@@ -209,8 +286,9 @@ class Method:
     by tensor in ``compress`` and uses its stage only inside a multi-stage layer pass.
     """
 
-    config: type[QuantConfig]
+    config: type[QuantConfig] | type[PruneConfig]
     stage: type[LayerStage]
+    kind: Literal["quantize", "prune"] = "quantize"  # the verb that runs it: compress or prune
 
     @property
     def calibrated(self) -> bool:
@@ -222,9 +300,17 @@ METHODS: dict[str, Method] = {
     "gptq": Method(GPTQConfig, GPTQStage),
     "awq": Method(AWQConfig, AWQStage),
     "smoothquant": Method(SmoothQuantConfig, SmoothQuantStage),
+    "magnitude": Method(MagnitudeConfig, MagnitudeStage, kind="prune"),
+    "wanda": Method(WandaConfig, WandaStage, kind="prune"),
+    "sparsegpt": Method(SparseGPTConfig, SparseGPTStage, kind="prune"),
 }
 
 
-def stage_for(config: QuantConfig, arch) -> LayerStage:
+def methods(kind: str) -> list[str]:
+    """The names of the methods one verb runs (``"quantize"``: compress; ``"prune"``: prune)."""
+    return sorted(n for n, m in METHODS.items() if m.kind == kind)
+
+
+def stage_for(config: QuantConfig | PruneConfig, arch) -> LayerStage:
     """The layer stage that runs ``config`` on a model of architecture ``arch``."""
     return METHODS[config.method].stage(config, arch)

@@ -35,7 +35,7 @@ from modelpress.data import WindowProtocol, builtin_text, read_calibration, toke
 from modelpress.errors import UserError
 from modelpress.formats.activations import activation_fake_quant
 from modelpress.models.layers import LayerwiseModel, run_layer
-from modelpress.pipeline.stages import ABS_MAX, ABS_MEAN, LayerStage, LinearResult
+from modelpress.pipeline.stages import ABS_MAX, ABS_MEAN, HESSIAN, SQ_NORM, LayerStage, LinearResult
 from modelpress.progress import track
 
 logger = logging.getLogger("modelpress")
@@ -159,7 +159,8 @@ def _apply_stages(stages: list[LayerStage], layer: nn.Module, prefix: str, modul
     """Each stage in turn, on statistics collected from the layer as the stages before it left it."""
     results: dict[str, LinearResult] = {}
     for stage in stages:
-        with HessianCollector(modules, owner=layer, activation_stats=bool(stage.needs & {ABS_MEAN, ABS_MAX})) as stats:
+        with HessianCollector(modules, owner=layer, activation_stats=bool(stage.needs & {ABS_MEAN, ABS_MAX}),
+                              hessian=HESSIAN in stage.needs, sq_norm=SQ_NORM in stage.needs) as stats:
             if stage.needs:
                 run_layer(layer, hidden, kwargs, where)
         for name, result in stage.run(layer, prefix, modules, formats, stats).items():

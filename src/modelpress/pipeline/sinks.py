@@ -114,15 +114,23 @@ class CompressedTensorsSink(_CheckpointSink):
 class FloatSink(_CheckpointSink):
     """A plain float checkpoint of what the stages left, with their artifacts beside it.
 
-    A Linear a stage changed is written in the dtype the stages computed in (float32), so that its
-    values are exactly the stage's (a bfloat16 copy of an int4 weight times an fp16 scale is not);
-    every other tensor keeps the source's dtype. ``artifacts/layer-{i}.safetensors`` holds, per
-    changed Linear ``M``: ``M.weight_codes``, ``M.weight_scale``, ``M.weight_zero_point`` (when the
-    stage stored quantized codes) and ``M.weight_mask`` (when it pruned).
+    By default (``changed_dtype="float32"``, the hand-off between pipeline stages) a Linear a
+    stage changed is written in the dtype the stages computed in, so that its values are exactly
+    the stage's (a bfloat16 copy of an int4 weight times an fp16 scale is not); with ``"source"``
+    (``prune``'s output: an ordinary checkpoint) it keeps the source's dtype like every other
+    tensor, and exact zeros stay exact. ``artifacts/layer-{i}.safetensors`` holds, per changed
+    Linear ``M``: ``M.weight_codes``, ``M.weight_scale``, ``M.weight_zero_point`` (when the stage
+    stored quantized codes) and ``M.weight_mask`` (when it pruned); ``artifacts=False`` leaves
+    them out. ``zeros`` counts the exact zeros of each changed Linear as written.
     """
 
-    def __init__(self, out_dir: str | Path, resume: bool = False):
+    def __init__(self, out_dir: str | Path, resume: bool = False, changed_dtype: str = "float32",
+                 artifacts: bool = True):
+        if changed_dtype not in ("float32", "source"):
+            raise ValueError(f"changed_dtype must be float32 or source, not {changed_dtype!r}")
         self.writer = CheckpointWriter(out_dir, resumable=True, resume=resume)
+        self.changed_dtype, self.artifacts = changed_dtype, artifacts
+        self.zeros: dict[str, int] = {}
 
     def write_layer(self, lm: LayerwiseModel, i: int, results: dict[str, LinearResult]) -> None:
         state = lm.layer_list[i].state_dict()
@@ -132,10 +140,12 @@ class FloatSink(_CheckpointSink):
             tensor = state[name.removeprefix(prefix)]
             module = name.removesuffix(".weight")
             result = results.get(module) if name.endswith(".weight") else None
-            if result is None:
+            if result is None or self.changed_dtype == "source":
                 tensor = tensor.to(lm.source_dtype(name))
-            else:
-                artifacts.update(_artifacts(lm.checkpoint_name(module), result))
+            if result is not None:
+                self.zeros[lm.checkpoint_name(module)] = int((tensor == 0).sum())
+                if self.artifacts:
+                    artifacts.update(_artifacts(lm.checkpoint_name(module), result))
             self.writer.add_tensor(lm.checkpoint_name(name), tensor)
         if artifacts:
             folder = self.writer.tmp_dir / ARTIFACTS

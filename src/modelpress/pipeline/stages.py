@@ -12,7 +12,8 @@ runner (:mod:`modelpress.pipeline.runner`) never looks inside; the sinks
 Statistics are named, so the runner collects only what the stages of a pass read:
 
 - ``hessian``: ``H = 2 X X^T / n`` per distinct input (every calibrated stage reads it);
-- ``abs_mean``, ``abs_max``: mean and max ``|x|`` per input channel (AWQ, SmoothQuant).
+- ``abs_mean``, ``abs_max``: mean and max ``|x|`` per input channel (AWQ, SmoothQuant);
+- ``sq_norm``: ``sum x^2`` per input channel (Wanda), without the cost of a Hessian.
 
 This module holds the stages without scale folding (RTN, GPTQ, GPTQ on GGUF block grids);
 AWQ and SmoothQuant are in :mod:`modelpress.pipeline.scale_stages`.
@@ -33,7 +34,7 @@ from modelpress.algorithms.rtn import LayerError
 from modelpress.errors import UserError
 from modelpress.formats.activations import InputQuant
 
-HESSIAN, ABS_MEAN, ABS_MAX = "hessian", "abs_mean", "abs_max"
+HESSIAN, ABS_MEAN, ABS_MAX, SQ_NORM = "hessian", "abs_mean", "abs_max", "sq_norm"
 
 
 @dataclass
@@ -160,14 +161,18 @@ class GPTQStage:
             if H is None or n_tokens == 0:  # no data, no second-order information
                 out.update({n: rtn_fallback(W, fmt) for n, W in zip(names, Ws)})
             else:
-                result = gptq(torch.cat(Ws), H, fmt, block_size=self.config.block_size, damp=self.config.damp,
-                              act_order=self.config.act_order)
+                W_all = torch.cat(Ws)
+                mask = (W_all != 0) if getattr(self.config, "keep_zeros", False) and (W_all == 0).any() else None
+                result = gptq(W_all, H, fmt, block_size=self.config.block_size, damp=self.config.damp,
+                              act_order=self.config.act_order, mask=mask)
                 H32, row = H.to(torch.float32), 0
                 for n, W in zip(names, Ws):
                     qt = result.qt if len(names) == 1 else result.qt.rows(row, row + W.shape[0])
                     row += W.shape[0]
                     info = {"gptq_loss": result.loss, "damp": result.damp, "tokens": n_tokens,
                             "output_rel_mse": output_rel(W, qt.dequantize(), H32), **fallback}
+                    if mask is not None:
+                        info["kept_zeros"] = True
                     out[n] = LinearResult.quantized(W, qt, info)
             for n, W in zip(names, Ws):
                 modules[n].weight.data = out[n].stored.dequantize().to(W.dtype)  # what the checkpoint holds

@@ -1,0 +1,117 @@
+"""``prune``: the public verb that zeroes weights (magnitude, Wanda, SparseGPT), layer by layer.
+
+The output is an ordinary dense checkpoint in the source's dtype whose pruned weights are exact
+zeros, with no ``sparsity_config`` (since 2026 compressed-tensors, transformers and vLLM have
+dropped sparse formats, and vLLM refuses a leftover one; one found in the input is dropped), so
+transformers, vLLM and llama.cpp (through ``export --to gguf``) all load it. ``modelpress.json``
+records each Linear's sparsity counted in the written tensors, the pattern, and what the
+sparsity buys (:data:`WHAT_IT_BUYS`).
+
+Example::
+
+    from modelpress.prune import prune
+    from modelpress.pipeline.recipe import WandaConfig
+    record = prune("smollm2-135m/", WandaConfig(pattern="2:4", calibration={"text": "emma.txt"}), "smollm2-2of4/")
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from modelpress.eval.guard import guard_output
+from modelpress.models import loading
+from modelpress.models.layers import LayerwiseModel
+from modelpress.models.tensors import prune_targets
+from modelpress.pipeline.recipe import CalibrationConfig, PruneConfig, stage_for
+from modelpress.pipeline.runner import calibration_ids, fingerprint, run_layers
+from modelpress.pipeline.sinks import FloatSink
+from modelpress.record import to_json, versions
+
+logger = logging.getLogger("modelpress")
+
+WHAT_IT_BUYS = {
+    "unstructured": "no memory and no speed on dense kernels: the zeros are stored like any weight. "
+                    "To shrink the model, quantize it (compress) or prune whole channels, heads or layers.",
+    "2:4": "no memory; faster matmuls only on engines with sparse-tensor-core kernels (NVIDIA Ampere and "
+           "later) that take 2:4 weights; dense kernels run it at the dense speed.",
+    "n:m": "no memory and no speed on today's kernels (only 2:4 has hardware support); "
+           "it is a quality experiment, or a step before quantization.",
+}
+
+# Magnitude pruning reads no data, but the runner still passes each layer's output on to the
+# next: a single short window keeps that cost negligible.
+_NO_DATA = CalibrationConfig(samples=1, seq_len=16, batch_size=1)
+
+
+def what_it_buys(pattern) -> str:
+    if pattern.n is None:
+        return WHAT_IT_BUYS["unstructured"]
+    return WHAT_IT_BUYS["2:4" if (pattern.n, pattern.m) == (2, 4) else "n:m"]
+
+
+def prune(model: str, config: PruneConfig, out_dir: str, resume: bool = False, quality_guard: bool = True) -> dict:
+    """Prune ``model`` with the method ``config`` names and write a dense checkpoint to ``out_dir``.
+
+    Each layer is pruned on the outputs of the already-pruned layers before it (as the papers
+    do); ``OUT.partial`` holds the resume point after every layer. With ``quality_guard`` the
+    output is scored against ``model`` on a little of the calibration text, and an exploded
+    perplexity fails the run (see :mod:`modelpress.eval.guard`).
+
+    Returns:
+        The run record (also written as ``out_dir/modelpress.json``).
+    """
+    t0 = time.monotonic()
+    pattern = config.sparsity_pattern()
+    source = loading.resolve(model)
+    lm = LayerwiseModel(source)
+    targets = prune_targets(lm.model, config)
+    tokenizer = loading.load_tokenizer(source)
+    calibration = getattr(config, "calibration", None)
+    ids = calibration_ids(tokenizer, calibration or _NO_DATA)
+    _note_dropped_sparsity_config(lm.config)
+    with FloatSink(out_dir, resume=resume, changed_dtype="source", artifacts=False) as sink:
+        run = run_layers(lm, [stage_for(config, lm.arch)], targets.formats, sink, ids,
+                         (calibration or _NO_DATA).batch_size, run_id=fingerprint(model, config))
+        for name, zeros in sink.zeros.items():  # counted in the tensors as written
+            run.layers[name]["zeros"] = zeros
+        record = _record(source, config, pattern, targets, run, lm)
+        if calibration is not None:
+            record["calibration"] = {"windows": len(ids), "tokens_per_window": ids.shape[1],
+                                     "text": calibration.text or "built-in"}
+        sink.finish(config=loading.clean_config(lm.config).to_dict(), tokenizer=tokenizer,
+                    extra_files={"modelpress.json": to_json(record, indent=2)},
+                    copy_files_from=source.path if source.kind == "folder" else None)
+    logger.info("wrote %s in %.1fs", out_dir, time.monotonic() - t0)
+    if quality_guard:
+        record["quality_guard"] = guard_output(model, calibration, out_dir)
+    return record
+
+
+def _record(source, config, pattern, targets, run, lm) -> dict:
+    numel = sum(v["numel"] for v in run.layers.values())
+    zeros = sum(v["zeros"] for v in run.layers.values())
+    record = {
+        "modelpress_record": 1,
+        "source": {"kind": source.kind, "path": source.path},
+        "config": config.model_dump(),
+        "versions": versions(),
+        "wall_time_s": round(run.elapsed_s, 3),
+        "pruned": {"layers": len(run.layers), "params": numel, "zeros": zeros,
+                   "sparsity": zeros / numel if numel else None, "pattern": pattern.name,
+                   "what_it_buys": what_it_buys(pattern)},
+        "kept_dense": {lm.checkpoint_name(n): why for n, why in targets.kept.items()},
+        "layers": run.layers,
+    }
+    if run.resumed_at is not None:
+        record["resumed_at_layer"] = run.resumed_at
+    return record
+
+
+def _note_dropped_sparsity_config(hf_config) -> None:
+    qc = getattr(hf_config, "quantization_config", None)
+    if qc is not None and not isinstance(qc, dict):
+        qc = qc.to_dict()
+    if qc and qc.get("sparsity_config"):
+        logger.warning("the input's quantization_config has a sparsity_config; the output is dense and "
+                       "carries none (vLLM refuses one)")
