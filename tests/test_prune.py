@@ -12,7 +12,6 @@ from transformers import AutoModelForCausalLM
 
 from modelpress.cli import main
 from modelpress.compress import GPTQConfig, RTNConfig, compress
-from modelpress.errors import UserError
 from modelpress.pipeline.recipe import MagnitudeConfig, SparseGPTConfig, WandaConfig
 from modelpress.prune import prune
 

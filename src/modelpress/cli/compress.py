@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import argparse
 
-from pydantic import ValidationError
-
 from modelpress.cli import options
 from modelpress.cli.evaluate import print_table
 from modelpress.compress import compress
@@ -97,11 +95,7 @@ def build_config(args: argparse.Namespace):
                       "calibration": options.calibration_fields(args)}
     fields.update({k: v for k, v in method_options.items() if k in config_class.model_fields})  # the method's own
     fields.update(_activation_fields(args))
-    try:
-        return config_class(**fields)
-    except ValidationError as e:
-        err = e.errors()[0]
-        raise UserError(f"{'.'.join(map(str, err['loc']))}: {err['msg']}") from None
+    return options.make_config(config_class, fields)
 
 
 def _activation_fields(args: argparse.Namespace) -> dict:

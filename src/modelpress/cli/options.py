@@ -36,6 +36,18 @@ def add_damp(group) -> None:
                        help="GPTQ: damping as a fraction of the mean Hessian diagonal (default 0.01)")
 
 
+def make_config(config_class, fields: dict):
+    """``config_class(**fields)``, its validation errors as one :class:`UserError` line naming the field."""
+    from pydantic import ValidationError
+
+    try:
+        return config_class(**fields)
+    except ValidationError as e:
+        err = e.errors()[0]
+        where = ".".join(map(str, err["loc"]))
+        raise UserError((f"{where}: " if where else "") + str(err["msg"]).removeprefix("Value error, ")) from None
+
+
 def add_eval_text(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("evaluation (protocol ppl-512)")
     group.add_argument("--text", metavar="FILE", help="UTF-8 text (.txt) or JSONL with a 'text' field to evaluate on")

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import argparse
 
-from pydantic import ValidationError
-
 from modelpress.cli import options
 from modelpress.errors import UserError
 from modelpress.pipeline.recipe import METHODS, methods
@@ -48,12 +46,7 @@ def build_config(args: argparse.Namespace):
     if args.per_row and "per_row" not in fields:
         raise UserError(f"--per-row applies to --method magnitude; {args.method} compares within rows already "
                         "or chooses its masks from the Hessian")
-    try:
-        return config_class(**fields)
-    except ValidationError as e:
-        err = e.errors()[0]
-        where = ".".join(map(str, err["loc"]))
-        raise UserError((f"{where}: " if where else "") + str(err["msg"]).removeprefix("Value error, ")) from None
+    return options.make_config(config_class, fields)
 
 
 def main(args: argparse.Namespace) -> int:
