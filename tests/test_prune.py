@@ -125,3 +125,14 @@ def test_prune_cli_says_what_the_sparsity_buys(tiny_llama, tmp_path, capsys):
                  "--no-quality-guard"]) == 0
     out = capsys.readouterr().out
     assert "50.0% of their weights are zero" in out and "sparse-tensor-core" in out
+
+
+def test_plan_of_a_pruned_checkpoint_says_its_zeros_save_no_memory(tiny_llama, tmp_path, capsys):
+    prune(str(tiny_llama), MagnitudeConfig(sparsity=0.5), str(tmp_path / "sparse"), quality_guard=False)
+    assert main(["plan", str(tmp_path / "sparse"), "--formats", "fp16", "--json"]) == 0
+    sparse_plan = json.loads(capsys.readouterr().out)
+    assert main(["plan", str(tiny_llama), "--formats", "fp16", "--json"]) == 0
+    dense_plan = json.loads(capsys.readouterr().out)
+    assert sparse_plan["formats"][0]["weight_bytes"] == dense_plan["formats"][0]["weight_bytes"]
+    assert len(sparse_plan["notes"]) == 1 and "50.0%" in sparse_plan["notes"][0] and "no memory" in sparse_plan["notes"][0]
+    assert dense_plan["notes"] == []

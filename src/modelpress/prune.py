@@ -50,6 +50,15 @@ def what_it_buys(pattern) -> str:
     return WHAT_IT_BUYS["2:4" if (pattern.n, pattern.m) == (2, 4) else "n:m"]
 
 
+def what_it_buys_from_record(record: dict) -> str | None:
+    """One line for ``plan``: the checkpoint's sparsity and what it buys, from its run record."""
+    pruned = record.get("pruned") if isinstance(record, dict) else None
+    if not isinstance(pruned, dict) or pruned.get("sparsity") is None:
+        return None
+    return (f"{100 * pruned['sparsity']:.1f}% of the pruned Linears' weights are zero ({pruned.get('pattern')}); "
+            f"the sizes below count them as stored, since sparsity buys {pruned.get('what_it_buys')}")
+
+
 def prune(model: str, config: PruneConfig, out_dir: str, resume: bool = False, quality_guard: bool = True) -> dict:
     """Prune ``model`` with the method ``config`` names and write a dense checkpoint to ``out_dir``.
 

@@ -8,7 +8,9 @@ Example:
 from __future__ import annotations
 
 import argparse
+import json
 import math
+from dataclasses import replace
 from pathlib import Path
 
 from modelpress.cli import options
@@ -62,7 +64,21 @@ def load_model(spec: str) -> tuple[ModelShape, object | None]:
     from modelpress.models.shape import shape_from_config
 
     config, name = load_config(spec)
-    return shape_from_config(config, name), config
+    shape = shape_from_config(config, name)
+    note = _sparsity_note(Path(spec).expanduser())
+    return (replace(shape, notes=(*shape.notes, note)) if note else shape), config
+
+
+def _sparsity_note(folder: Path) -> str | None:
+    """What a checkpoint ``prune`` wrote gains from its zeros (its record says how many): nothing
+    in memory, which is what the plan counts."""
+    from modelpress.prune import what_it_buys_from_record
+
+    try:
+        record = json.loads((folder / "modelpress.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return what_it_buys_from_record(record)
 
 
 def load_config(spec: str):
@@ -169,6 +185,7 @@ def build_plan(shape: ModelShape, hardware_name: str, formats: list[str], contex
         "context": context,
         "batch": batch,
         "kv_dtype": kv_dtype,
+        "notes": list(shape.notes),
         "kv_cache_bytes": kv,
         "activation_bytes": act,
         "runtime_reserve_fraction": RUNTIME_RESERVE,
@@ -198,6 +215,8 @@ def print_plan(plan: dict) -> None:
     active = f", {human_count(m['active_params'])} active per token" if m["active_params"] != m["params"] else ""
     console.print(f"[bold]{m['name']}[/]: {human_count(m['params'])} parameters{active}; "
                   f"context {plan['context']} x batch {plan['batch']}, KV cache in {plan['kv_dtype']}")
+    for note in plan["notes"]:
+        console.print(f"note: {note}")
     if plan["kv_cache_bytes"] is None:
         console.print("KV cache: unknown for a bare size (pass a config.json); fit counts weights only")
     else:
