@@ -94,13 +94,20 @@ RESULTS = ROOT / "benchmarks" / "results"
 
 
 class Table:
-    """Result rows keyed by (model, tool, method), saved to calibrated.json/.md whenever one lands."""
+    """Result rows keyed by (model, tool, method), saved to STEM.json/.md whenever one lands.
 
-    def __init__(self, calib_samples: int, windows: int, fresh: bool):
+    ``caption(protocol)`` heads the markdown and ``render(rows)`` draws its table (the pruning
+    benchmark passes its own).
+    """
+
+    def __init__(self, calib_samples: int, windows: int, fresh: bool, stem: str = "calibrated",
+                 caption=None, render=None):
         self.protocol = {"calib_samples": calib_samples, "windows": windows}
         default = (calib_samples, windows) == (CALIB_128X512.n_windows, PPL_512.n_windows)
-        self.stem = "calibrated" if default else f"calibrated-{calib_samples}x{windows}"
+        self.stem = stem if default else f"{stem}-{calib_samples}x{windows}"
         self.fresh = fresh
+        self.caption = caption or calibrated_caption
+        self.render = render or table
         self.mine: dict[tuple, dict] = {}  # the rows this invocation measured
 
     def _saved(self) -> list[dict]:
@@ -127,8 +134,16 @@ class Table:
         tmp = RESULTS / f"{self.stem}.json.{os.getpid()}.tmp"
         tmp.write_text(json.dumps({"protocol": self.protocol, "rows": rows}, indent=2))
         tmp.replace(RESULTS / f"{self.stem}.json")
-        md = (f"calibration: {self.protocol['calib_samples']} x {CALIB_128X512.seq_len} tokens of emma.txt; "
-              f"evaluation: ppl-512 ({self.protocol['windows']} windows) on pride_and_prejudice.txt. "
+        (RESULTS / f"{self.stem}.md").write_text(f"{self.caption(self.protocol)}\n\n{self.render(rows)}\n")
+
+
+def protocol_line(protocol: dict) -> str:
+    return (f"calibration: {protocol['calib_samples']} x {CALIB_128X512.seq_len} tokens of emma.txt; "
+            f"evaluation: ppl-512 ({protocol['windows']} windows) on pride_and_prejudice.txt.")
+
+
+def calibrated_caption(protocol: dict) -> str:
+    return (f"{protocol_line(protocol)} "
               "Each tool at its defaults beyond bits, group and symmetry: modelpress GPTQ with act-order and "
               "MSE-searched group scales (rows marked minmax: min/max scales), llm-compressor GPTQ with "
               "act-order static and min/max scales; modelpress AWQ with its scale search over both families and its "
@@ -136,9 +151,7 @@ class Table:
               "RTN: modelpress at its defaults, llm-compressor's QuantizationModifier (min/max scales), both symmetric "
               "(modelpress RTN rows: min/max scales with the full signed range; marked mse: MSE-searched scales; "
               "restricted: min/max and the max|w| / (2^(b-1) - 1) scale, modelpress's RTN default before 2026-12). "
-              "Wall times of rows measured beside other work are not comparable: see the README\n\n"
-              f"{table(rows)}\n")
-        (RESULTS / f"{self.stem}.md").write_text(md)
+              "Wall times of rows measured beside other work are not comparable: see the README")
 
 
 def run(models: list[str], methods: list[str], tools: list[str], calib_samples: int, windows: int, work: Path,
