@@ -136,3 +136,22 @@ def test_plan_of_a_pruned_checkpoint_says_its_zeros_save_no_memory(tiny_llama, t
     assert sparse_plan["formats"][0]["weight_bytes"] == dense_plan["formats"][0]["weight_bytes"]
     assert len(sparse_plan["notes"]) == 1 and "50.0%" in sparse_plan["notes"][0] and "no memory" in sparse_plan["notes"][0]
     assert dense_plan["notes"] == []
+
+
+def test_an_interrupted_prune_resumes_to_the_same_checkpoint(tiny_models, tmp_path):
+    from modelpress.pipeline.sinks import FloatSink
+
+    class Crashing(FloatSink):
+        def write_layer(self, lm, i, results):
+            super().write_layer(lm, i, results)
+            if i == 1:
+                raise KeyboardInterrupt
+
+    path, config = tiny_models["qwen2"], SparseGPTConfig(pattern="2:4", calibration=_calib())
+    straight = prune(str(path), config, str(tmp_path / "straight"), quality_guard=False)
+    with pytest.raises(KeyboardInterrupt):
+        prune(str(path), config, str(tmp_path / "resumed"), quality_guard=False, make_sink=Crashing)
+    resumed = prune(str(path), config, str(tmp_path / "resumed"), resume=True, quality_guard=False)
+    assert resumed["resumed_at_layer"] == 1 and resumed["pruned"]["zeros"] == straight["pruned"]["zeros"]
+    a, b = checkpoint_tensors(tmp_path / "straight"), checkpoint_tensors(tmp_path / "resumed")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

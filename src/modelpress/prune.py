@@ -59,13 +59,18 @@ def what_it_buys_from_record(record: dict) -> str | None:
             f"the sizes below count them as stored, since sparsity buys {pruned.get('what_it_buys')}")
 
 
-def prune(model: str, config: PruneConfig, out_dir: str, resume: bool = False, quality_guard: bool = True) -> dict:
+def prune(model: str, config: PruneConfig, out_dir: str, resume: bool = False, quality_guard: bool = True,
+          make_sink=FloatSink) -> dict:
     """Prune ``model`` with the method ``config`` names and write a dense checkpoint to ``out_dir``.
 
     Each layer is pruned on the outputs of the already-pruned layers before it (as the papers
     do); ``OUT.partial`` holds the resume point after every layer. With ``quality_guard`` the
     output is scored against ``model`` on a little of the calibration text, and an exploded
     perplexity fails the run (see :mod:`modelpress.eval.guard`).
+
+    Args:
+        make_sink: ``(out_dir, resume=..., changed_dtype=..., artifacts=...) -> sink`` like
+            :class:`~modelpress.pipeline.sinks.FloatSink` (tests pass one that fails).
 
     Returns:
         The run record (also written as ``out_dir/modelpress.json``).
@@ -79,7 +84,7 @@ def prune(model: str, config: PruneConfig, out_dir: str, resume: bool = False, q
     calibration = getattr(config, "calibration", None)
     ids = calibration_ids(tokenizer, calibration or _NO_DATA)
     _note_dropped_sparsity_config(lm.config)
-    with FloatSink(out_dir, resume=resume, changed_dtype="source", artifacts=False) as sink:
+    with make_sink(out_dir, resume=resume, changed_dtype="source", artifacts=False) as sink:
         run = run_layers(lm, [stage_for(config, lm.arch)], targets.formats, sink, ids,
                          (calibration or _NO_DATA).batch_size, run_id=fingerprint(model, config))
         for name, zeros in sink.zeros.items():  # counted in the tensors as written

@@ -132,6 +132,14 @@ class FloatSink(_CheckpointSink):
         self.changed_dtype, self.artifacts = changed_dtype, artifacts
         self.zeros: dict[str, int] = {}
 
+    def save_state(self, state: dict) -> None:
+        self.writer.save_state({**state, "zeros": self.zeros})
+
+    def load_state(self) -> dict:
+        state = self.writer.load_state()
+        self.zeros = dict(state.get("zeros", {}))
+        return state
+
     def write_layer(self, lm: LayerwiseModel, i: int, results: dict[str, LinearResult]) -> None:
         state = lm.layer_list[i].state_dict()
         prefix = lm.layer_prefix(i) + "."
