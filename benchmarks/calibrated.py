@@ -208,21 +208,32 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_common_arguments(parser: argparse.ArgumentParser, work_prefix: str) -> None:
+    """The options every side-by-side benchmark takes: tools, protocol, scratch folder, --fresh."""
     parser.add_argument("--models", default="smollm2,gemma3")
-    parser.add_argument("--methods", default="gptq4,gptq3,awq4,rtn3")
     parser.add_argument("--tools", default="modelpress,llm-compressor")
     parser.add_argument("--calib-samples", type=int, default=CALIB_128X512.n_windows)
     parser.add_argument("--windows", type=int, default=PPL_512.n_windows)
-    parser.add_argument("--work", default=str(ROOT / "runs" / f"bench-{os.getpid()}"),
+    parser.add_argument("--work", default=str(ROOT / "runs" / f"{work_prefix}-{os.getpid()}"),
                         help="scratch folder (emptied first; one per invocation, so two can run side by side)")
     parser.add_argument("--fresh", action="store_true", help="discard the saved rows of this protocol")
-    args = parser.parse_args()
-    work = Path(args.work)
+
+
+def scratch(path: str) -> Path:
+    """``path`` as an empty folder."""
+    work = Path(path)
     if work.exists():
         shutil.rmtree(work)
     work.mkdir(parents=True)
+    return work
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_common_arguments(parser, "bench")
+    parser.add_argument("--methods", default="gptq4,gptq3,awq4,rtn3")
+    args = parser.parse_args()
+    work = scratch(args.work)
     results = Table(args.calib_samples, args.windows, args.fresh)
     run(args.models.split(","), args.methods.split(","), args.tools.split(","), args.calib_samples, args.windows, work, results)
     print((RESULTS / f"{results.stem}.md").read_text())

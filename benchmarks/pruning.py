@@ -18,7 +18,6 @@ the machine: two torch processes on two cores slow each other 4-5x.
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import sys
 from dataclasses import replace
@@ -30,7 +29,7 @@ from safetensors.torch import save_file
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from calibrated import RESULTS, Table, model_path, perplexity, protocol_line, timed  # noqa: E402
+from calibrated import RESULTS, Table, add_common_arguments, model_path, perplexity, protocol_line, scratch, timed  # noqa: E402
 from conftest import austen  # noqa: E402  (on the path through calibrated)
 
 from modelpress.data import CALIB_128X512, PPL_512, read_text, token_windows  # noqa: E402
@@ -115,19 +114,11 @@ def run(models, methods, patterns, tools, calib_samples, windows, work: Path, re
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", default="smollm2,gemma3")
+    add_common_arguments(parser, "prune-bench")
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--patterns", default="0.5,4:8,2:4")
-    parser.add_argument("--tools", default="modelpress,llm-compressor")
-    parser.add_argument("--calib-samples", type=int, default=CALIB_128X512.n_windows)
-    parser.add_argument("--windows", type=int, default=PPL_512.n_windows)
-    parser.add_argument("--work", default=str(ROOT / "runs" / f"prune-bench-{os.getpid()}"))
-    parser.add_argument("--fresh", action="store_true", help="discard the saved rows of this protocol")
     args = parser.parse_args()
-    work = Path(args.work)
-    if work.exists():
-        shutil.rmtree(work)
-    work.mkdir(parents=True)
+    work = scratch(args.work)
     results = Table(args.calib_samples, args.windows, args.fresh, stem="pruning", caption=caption, render=render)
     run(args.models.split(","), args.methods.split(","), args.patterns.split(","), args.tools.split(","),
         args.calib_samples, args.windows, work, results)
