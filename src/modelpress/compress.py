@@ -13,10 +13,8 @@ Example::
 
 from __future__ import annotations
 
-import json
 import logging
 import time
-from pathlib import Path
 
 from torch import nn
 
@@ -43,7 +41,7 @@ from modelpress.pipeline.recipe import (  # noqa: F401 (the configs, importable 
 from modelpress.pipeline.runner import calibration_ids, fingerprint, run_layers, warn_if_too_few_tokens
 from modelpress.pipeline.sinks import CompressedTensorsSink
 from modelpress.progress import track
-from modelpress.record import build_record, to_json
+from modelpress.record import build_record, read_record, to_json
 
 logger = logging.getLogger("modelpress")
 
@@ -170,13 +168,7 @@ def compress_calibrated(model: str, config: QuantConfig, out_dir: str, resume: b
 def written_by_prune(source) -> bool:
     """Whether ``source`` is a checkpoint ``modelpress prune`` wrote (its record says so): then
     GPTQ keeps its zeros unless told otherwise."""
-    if source.kind != "folder":
-        return False
-    path = Path(source.path) / "modelpress.json"
-    try:
-        pruned = "pruned" in json.loads(path.read_text())
-    except (OSError, ValueError):
-        return False
+    pruned = source.kind == "folder" and "pruned" in read_record(source.path)
     if pruned:
         logger.info("%s was pruned by modelpress: GPTQ keeps its zeros (keep_zeros: false to let it fill them)",
                     source.path)

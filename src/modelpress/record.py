@@ -26,6 +26,18 @@ def to_json(data, **kwargs) -> str:
     return json.dumps(data, allow_nan=False, **kwargs)
 
 
+def read_record(folder) -> dict:
+    """The run record (``modelpress.json``) of a checkpoint folder modelpress wrote; ``{}`` when
+    there is none or it is unreadable (a checkpoint from elsewhere)."""
+    from pathlib import Path
+
+    try:
+        record = json.loads((Path(folder) / "modelpress.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return record if isinstance(record, dict) else {}
+
+
 def mean_finite(values) -> float | None:
     """Mean of the finite numbers among ``values`` (``None`` entries, exact layers, are skipped)."""
     finite = [v for v in values if v is not None and math.isfinite(v)]

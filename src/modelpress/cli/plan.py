@@ -8,7 +8,6 @@ Example:
 from __future__ import annotations
 
 import argparse
-import json
 import math
 from dataclasses import replace
 from pathlib import Path
@@ -73,12 +72,9 @@ def _sparsity_note(folder: Path) -> str | None:
     """What a checkpoint ``prune`` wrote gains from its zeros (its record says how many): nothing
     in memory, which is what the plan counts."""
     from modelpress.prune import what_it_buys_from_record
+    from modelpress.record import read_record
 
-    try:
-        record = json.loads((folder / "modelpress.json").read_text())
-    except (OSError, ValueError):
-        return None
-    return what_it_buys_from_record(record)
+    return what_it_buys_from_record(read_record(folder))
 
 
 def load_config(spec: str):
