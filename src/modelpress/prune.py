@@ -19,14 +19,16 @@ from __future__ import annotations
 import logging
 import time
 
+from modelpress.errors import UserError
 from modelpress.eval.guard import guard_output
 from modelpress.models import loading
 from modelpress.models.layers import LayerwiseModel
 from modelpress.models.tensors import prune_targets
-from modelpress.pipeline.recipe import CalibrationConfig, PruneConfig, stage_for
+from modelpress.pipeline.recipe import CalibrationConfig, PruneConfig, StructuredConfig, stage_for
 from modelpress.pipeline.runner import calibration_ids, fingerprint, run_layers
 from modelpress.pipeline.sinks import FloatSink
-from modelpress.record import to_json, versions
+from modelpress.prune_structured import prune_structured
+from modelpress.record import record_header, to_json
 
 logger = logging.getLogger("modelpress")
 
@@ -59,9 +61,10 @@ def what_it_buys_from_record(record: dict) -> str | None:
             f"the sizes below count them as stored, since sparsity buys {pruned.get('what_it_buys')}")
 
 
-def prune(model: str, config: PruneConfig, out_dir: str, resume: bool = False, quality_guard: bool = True,
+def prune(model: str, config: PruneConfig | StructuredConfig, out_dir: str, resume: bool = False, quality_guard: bool = True,
           make_sink=FloatSink) -> dict:
-    """Prune ``model`` with the method ``config`` names and write a dense checkpoint to ``out_dir``.
+    """Prune ``model`` with the method ``config`` names and write a dense checkpoint to ``out_dir``
+    (``structured``: a smaller one, see :mod:`modelpress.prune_structured`).
 
     Each layer is pruned on the outputs of the already-pruned layers before it (as the papers
     do); ``OUT.partial`` holds the resume point after every layer. With ``quality_guard`` the
@@ -75,6 +78,11 @@ def prune(model: str, config: PruneConfig, out_dir: str, resume: bool = False, q
     Returns:
         The run record (also written as ``out_dir/modelpress.json``).
     """
+    if config.method == "structured":  # removes whole channels, heads and layers: its own two-step path
+        if resume:
+            raise UserError("structured pruning does not resume: its scoring pass writes nothing and the cut "
+                            "streams in one go; run it again without --resume")
+        return prune_structured(model, config, out_dir, quality_guard=quality_guard)
     t0 = time.monotonic()
     pattern = config.sparsity_pattern()
     source = loading.resolve(model)
@@ -106,11 +114,7 @@ def _record(source, config, pattern, targets, run, lm) -> dict:
     numel = sum(v["numel"] for v in run.layers.values())
     zeros = sum(v["zeros"] for v in run.layers.values())
     record = {
-        "modelpress_record": 1,
-        "source": {"kind": source.kind, "path": source.path},
-        "config": config.model_dump(),
-        "versions": versions(),
-        "wall_time_s": round(run.elapsed_s, 3),
+        **record_header(source, config, run.elapsed_s),
         "pruned": {"layers": len(run.layers), "params": numel, "zeros": zeros,
                    "sparsity": zeros / numel if numel else None, "pattern": pattern.name,
                    "what_it_buys": what_it_buys(pattern)},

@@ -54,6 +54,17 @@ def versions() -> dict[str, str]:
     return out
 
 
+def record_header(source, config, elapsed_s: float) -> dict:
+    """What every run record starts with: the source, the config, the versions and the wall time."""
+    return {
+        "modelpress_record": 1,
+        "source": {"kind": source.kind, "path": source.path},
+        "config": config.model_dump(),
+        "versions": versions(),
+        "wall_time_s": round(elapsed_s, 3),
+    }
+
+
 def build_record(source, config, targets, layers: dict[str, dict], elapsed_s: float) -> dict:
     """Assemble the record of a compress run.
 
@@ -67,11 +78,7 @@ def build_record(source, config, targets, layers: dict[str, dict], elapsed_s: fl
     numel = sum(v["numel"] for v in layers.values())
     nbytes = sum(v["nbytes"] for v in layers.values())
     return {
-        "modelpress_record": 1,
-        "source": {"kind": source.kind, "path": source.path},
-        "config": config.model_dump(),
-        "versions": versions(),
-        "wall_time_s": round(elapsed_s, 3),
+        **record_header(source, config, elapsed_s),
         "quantized": {
             "layers": len(layers),
             "params": numel,

@@ -39,6 +39,45 @@ class MoESpec:
 
 
 @dataclass(frozen=True)
+class Cut:
+    """One weight that structured pruning slices: along ``axis`` (0: output rows, 1: input
+    columns), made of consecutive ``parts``, each indexed by MLP channels (``"mlp"``), q heads
+    (``"q"``) or kv heads (``"kv"``). A fused q/k/v projection is ``("q", "kv", "kv")``; a bias
+    follows its weight's rows."""
+
+    linear: str
+    axis: int
+    parts: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class StructureSpec:
+    """What structured pruning may remove together in one decoder layer, and the config keys it edits.
+
+    Attributes:
+        mlp_out: the Linear that reads the MLP's channels (their importance is measured at its
+            input); ``None``: MLP channels cannot be pruned in this architecture yet.
+        attn_out: the Linear that reads the attention heads' outputs; ``None``: the head count
+            cannot change (the model derives its head size from hidden size / heads).
+        cuts: every weight sliced, and how.
+        intermediate_size: the config key of the MLP width.
+    """
+
+    mlp_out: str | None
+    attn_out: str | None
+    cuts: tuple[Cut, ...]
+    intermediate_size: str = "intermediate_size"
+
+
+_ATTENTION_CUTS = (Cut("self_attn.q_proj", 0, ("q",)), Cut("self_attn.k_proj", 0, ("kv",)),
+                   Cut("self_attn.v_proj", 0, ("kv",)), Cut("self_attn.o_proj", 1, ("q",)))
+_GATED_MLP_CUTS = (Cut("mlp.gate_proj", 0, ("mlp",)), Cut("mlp.up_proj", 0, ("mlp",)), Cut("mlp.down_proj", 1, ("mlp",)))
+_DENSE_STRUCTURE = StructureSpec(mlp_out="mlp.down_proj", attn_out="self_attn.o_proj",
+                                 cuts=_ATTENTION_CUTS + _GATED_MLP_CUTS)
+_MOE_STRUCTURE = StructureSpec(mlp_out=None, attn_out="self_attn.o_proj", cuts=_ATTENTION_CUTS)
+
+
+@dataclass(frozen=True)
 class ArchSpec:
     """Where things are in a ``*ForCausalLM`` of one model type.
 
@@ -55,6 +94,7 @@ class ArchSpec:
         moe: the mixture-of-experts blocks, or ``None`` for a dense model (see :class:`MoESpec`).
         norm_offset: the norms multiply by ``offset + weight`` (1 for Gemma's RMSNorm), which
             matters when a per-channel scale is folded into the norm.
+        structure: what structured pruning removes together (:class:`StructureSpec`).
     """
 
     layers: str
@@ -62,6 +102,7 @@ class ArchSpec:
     linear_to_linears: tuple[tuple[str, tuple[str, ...]], ...] = ()
     moe: MoESpec | None = None
     norm_offset: float = 0.0
+    structure: StructureSpec = _DENSE_STRUCTURE
 
     def scale_pairs(self, layer) -> list[tuple[str, tuple[str, ...], float]]:
         """Every ``(producer, consumers, offset)`` a per-channel scale can be folded through in the
@@ -112,6 +153,10 @@ ARCHITECTURES: dict[str, ArchSpec] = {
             ("input_layernorm", ("self_attn.qkv_proj",)),
             ("post_attention_layernorm", ("mlp.gate_up_proj",)),
         ),
+        structure=StructureSpec(  # fused: qkv_proj rows are [q; k; v], gate_up_proj rows [gate; up]
+            mlp_out="mlp.down_proj", attn_out="self_attn.o_proj",
+            cuts=(Cut("self_attn.qkv_proj", 0, ("q", "kv", "kv")), Cut("self_attn.o_proj", 1, ("q",)),
+                  Cut("mlp.gate_up_proj", 0, ("mlp", "mlp")), Cut("mlp.down_proj", 1, ("mlp",)))),
     ),
     # MoE: the router (mlp.gate) is not an nn.Linear in transformers 5, so it is never a target;
     # AWQ/SmoothQuant fold no scale into the experts (only into attention: q/k/v and o)
@@ -119,15 +164,18 @@ ARCHITECTURES: dict[str, ArchSpec] = {
         layers="model.layers", norm_to_linears=_LLAMA_ATTENTION, linear_to_linears=(_ATTENTION_OUT,),
         moe=MoESpec(experts="mlp.experts", projections=("w1", "w3", "w2"),
                     checkpoint_prefix=("mlp.", "block_sparse_moe.")),
+        structure=_MOE_STRUCTURE,
     ),
     "qwen2_moe": ArchSpec(
         layers="model.layers", norm_to_linears=_LLAMA_ATTENTION, linear_to_linears=(_ATTENTION_OUT,),
         moe=MoESpec(experts="mlp.experts", projections=("gate_proj", "up_proj", "down_proj"),
                     kept=("mlp.shared_expert_gate",)),
+        structure=_MOE_STRUCTURE,
     ),
     "qwen3_moe": ArchSpec(
         layers="model.layers", norm_to_linears=_LLAMA_ATTENTION, linear_to_linears=(_ATTENTION_OUT,),
         moe=MoESpec(experts="mlp.experts", projections=("gate_proj", "up_proj", "down_proj")),
+        structure=_MOE_STRUCTURE,
     ),
     "opt": ArchSpec(
         layers="model.decoder.layers",
@@ -137,6 +185,8 @@ ARCHITECTURES: dict[str, ArchSpec] = {
         ),
         linear_to_linears=(("self_attn.v_proj", ("self_attn.out_proj",)),
                            ("fc1", ("fc2",))),  # fc2 reads relu(fc1): relu(x / s) = relu(x) / s for s > 0
+        structure=StructureSpec(mlp_out="fc2", attn_out=None,  # OPT's head size is hidden / heads, always
+                                cuts=(Cut("fc1", 0, ("mlp",)), Cut("fc2", 1, ("mlp",))), intermediate_size="ffn_dim"),
     ),
 }
 

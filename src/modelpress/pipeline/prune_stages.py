@@ -10,6 +10,7 @@ pruned model keeps the zeros (GPTQ with ``keep_zeros``; RTN and AWQ keep them by
 from __future__ import annotations
 
 from modelpress.algorithms.rtn import LayerError
+from modelpress.algorithms.structured import ImportanceCollector, LayerImportance
 from modelpress.algorithms.sparsegpt import sparsegpt
 from modelpress.algorithms.sparsity import PruneResult, magnitude
 from modelpress.algorithms.wanda import wanda
@@ -77,3 +78,34 @@ class SparseGPTStage:
             result = sparsegpt(W, H, self.pattern, block_size=self.config.block_size, damp=self.config.damp)
             out[name] = _pruned(linear, result, {"tokens": n_tokens, "output_rel_mse": output_rel(W, result.W, H)})
         return out
+
+
+class StructuredScoreStage:
+    """Structured pruning's measuring pass: each layer's channel, head and layer importance
+    (:class:`~modelpress.algorithms.structured.ImportanceCollector`), on the unpruned model.
+
+    It changes nothing: which channels, heads and layers go is decided once every layer is
+    scored (layers are ranked against each other), and the surgery follows
+    (:mod:`modelpress.models.surgery`). The scores accumulate in :attr:`scores`, in layer order.
+    """
+
+    needs = frozenset()
+
+    def __init__(self, config, arch):
+        self.config, self.spec = config, arch.structure
+        self.scores: list[LayerImportance] = []
+        self._probe: ImportanceCollector | None = None
+
+    def probe(self, layer) -> ImportanceCollector:
+        mlp_out = layer.get_submodule(self.spec.mlp_out) if self.config.mlp_keep is not None else None
+        attn_out, n_heads = None, 0
+        if self.config.heads_keep is not None:
+            attn_out = layer.get_submodule(self.spec.attn_out)
+            attention = layer.get_submodule(self.spec.attn_out.rpartition(".")[0])
+            n_heads = attn_out.in_features // attention.head_dim
+        self._probe = ImportanceCollector(layer, mlp_out, attn_out, n_heads)
+        return self._probe
+
+    def run(self, layer, prefix, modules, formats, stats) -> dict[str, LinearResult]:
+        self.scores.append(self._probe.result())
+        return {}

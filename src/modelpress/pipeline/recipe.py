@@ -27,7 +27,7 @@ from modelpress.errors import UserError
 from modelpress.formats.activations import ActFormat, check_w8a8
 from modelpress.formats.floats import parse_format
 from modelpress.formats.integer import IntFormat
-from modelpress.pipeline.prune_stages import MagnitudeStage, SparseGPTStage, WandaStage
+from modelpress.pipeline.prune_stages import MagnitudeStage, SparseGPTStage, StructuredScoreStage, WandaStage
 from modelpress.pipeline.scale_stages import AWQStage, SmoothQuantStage
 from modelpress.pipeline.stages import GPTQStage, LayerStage, RTNStage
 
@@ -278,6 +278,41 @@ class SparseGPTConfig(PruneConfig):
     calibration: CalibrationConfig = Field(default_factory=CalibrationConfig)
 
 
+class StructuredConfig(BaseModel):
+    """Structured pruning: remove MLP channels, attention heads and whole decoder layers, so the
+    tensors and the config really shrink (Minitron's activation importance; ShortGPT's block
+    influence or Gromov et al.'s angular distance for layers; see
+    :mod:`modelpress.algorithms.structured`). Give any combination of the three.
+
+    YAML:
+        method: structured
+        mlp_keep: 0.75            # fraction of MLP channels kept in every layer
+        heads_keep: 0.75          # fraction of attention heads kept in every layer
+        drop_layers: 4            # decoder layers removed
+        layer_metric: block-influence   # or angular (the contiguous block closest in angle)
+        head_mode: auto           # within-groups | whole-groups (grouped-query attention)
+        channel_multiple: 32      # kept MLP width rounded to a multiple of this
+        calibration: {text: calib.txt, samples: 128, seq_len: 512}
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    method: Literal["structured"] = "structured"
+    mlp_keep: float | None = Field(default=None, gt=0, le=1)
+    heads_keep: float | None = Field(default=None, gt=0, le=1)
+    drop_layers: int | None = Field(default=None, ge=0)
+    layer_metric: Literal["block-influence", "angular"] = "block-influence"
+    head_mode: Literal["auto", "within-groups", "whole-groups"] = "auto"
+    channel_multiple: int = Field(default=32, ge=1)
+    calibration: CalibrationConfig = Field(default_factory=CalibrationConfig)
+
+    @model_validator(mode="after")
+    def _something_to_remove(self):
+        if self.mlp_keep is None and self.heads_keep is None and not self.drop_layers:
+            raise UserError("structured pruning needs --mlp-keep F, --heads-keep F or --drop-layers N (any combination)")
+        return self
+
+
 @dataclass(frozen=True)
 class Method:
     """One row of :data:`METHODS`: the config a method reads and the stage that runs it.
@@ -303,6 +338,7 @@ METHODS: dict[str, Method] = {
     "magnitude": Method(MagnitudeConfig, MagnitudeStage, kind="prune"),
     "wanda": Method(WandaConfig, WandaStage, kind="prune"),
     "sparsegpt": Method(SparseGPTConfig, SparseGPTStage, kind="prune"),
+    "structured": Method(StructuredConfig, StructuredScoreStage, kind="prune"),
 }
 
 
@@ -311,6 +347,6 @@ def methods(kind: str) -> list[str]:
     return sorted(n for n, m in METHODS.items() if m.kind == kind)
 
 
-def stage_for(config: QuantConfig | PruneConfig, arch) -> LayerStage:
+def stage_for(config: QuantConfig | PruneConfig | StructuredConfig, arch) -> LayerStage:
     """The layer stage that runs ``config`` on a model of architecture ``arch``."""
     return METHODS[config.method].stage(config, arch)

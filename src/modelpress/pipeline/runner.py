@@ -20,6 +20,7 @@ and no output format: stages are :mod:`modelpress.pipeline.stages`, outputs
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -159,9 +160,10 @@ def _apply_stages(stages: list[LayerStage], layer: nn.Module, prefix: str, modul
     """Each stage in turn, on statistics collected from the layer as the stages before it left it."""
     results: dict[str, LinearResult] = {}
     for stage in stages:
+        probe = stage.probe(layer) if hasattr(stage, "probe") else contextlib.nullcontext()
         with HessianCollector(modules, owner=layer, activation_stats=bool(stage.needs & {ABS_MEAN, ABS_MAX}),
-                              hessian=HESSIAN in stage.needs, sq_norm=SQ_NORM in stage.needs) as stats:
-            if stage.needs:
+                              hessian=HESSIAN in stage.needs, sq_norm=SQ_NORM in stage.needs) as stats, probe:
+            if stage.needs or hasattr(stage, "probe"):
                 run_layer(layer, hidden, kwargs, where)
         for name, result in stage.run(layer, prefix, modules, formats, stats).items():
             results[name] = results[name].then(result) if name in results else result

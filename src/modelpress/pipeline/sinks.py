@@ -6,6 +6,7 @@
   left, plus ``artifacts/`` (each layer's stored codes, scales, zero points and masks as
   safetensors): the hand-off from one stage of a pipeline to the next, and what any engine or a
   later whole-model stage (distillation, QAT) can read.
+- :class:`ObserveSink`: nothing; for a pass that only measures (structured pruning's scores).
 - :class:`GGUFSink`: the GGUF block bytes of each Linear, kept for the GGUF writer
   (``export --to gguf --calibrate gptq``), which writes the file in llama.cpp's tensor order.
 
@@ -217,3 +218,20 @@ class GGUFSink:
     def __exit__(self, exc_type, *exc) -> None:
         if exc_type is not None:
             self.abort()
+
+
+class ObserveSink:
+    """Writes nothing and cannot resume: for a pass that only measures (the stages keep what
+    they measured), such as structured pruning's importance scores."""
+
+    resuming = False
+    scratch = None
+
+    def begin(self, lm: LayerwiseModel) -> None:
+        pass
+
+    def write_layer(self, lm: LayerwiseModel, i: int, results: dict[str, LinearResult]) -> None:
+        pass
+
+    def abort(self, keep: bool = True) -> None:
+        pass

@@ -74,7 +74,12 @@ class LinearResult:
 
 
 class LayerStage(Protocol):
-    """A method, as the runner sees it."""
+    """A method, as the runner sees it.
+
+    A stage that measures more than the named statistics may also have ``probe(layer)``: a
+    context manager of its own hooks, entered while the layer runs on its calibration inputs
+    (structured pruning's importance collector).
+    """
 
     needs: frozenset[str]  # the statistics it reads: HESSIAN, ABS_MEAN, ABS_MAX
 
