@@ -9,6 +9,10 @@ in the written tensors of the decoder Linears, and both outputs are evaluated by
 Usage (from the project root, after scripts/setup.sh and scripts/setup_bench.sh):
     .venv/bin/python benchmarks/pruning.py [--models smollm2,gemma3] [--methods magnitude,wanda,sparsegpt]
         [--patterns 0.5,4:8,2:4] [--tools modelpress,llm-compressor] [--calib-samples 128] [--windows 40]
+        [--structured mlp-0.75,heads-0.75,drop-4,drop-4-angular]
+
+Structured rows (``--structured``; modelpress only, since llm-compressor has no structured pruning)
+add the parameter count and the file size of the smaller checkpoint; no healing.
 
 Writes benchmarks/results/pruning.md and .json after every row (pruning-SxW.* for another
 protocol); rows accumulate across runs like the calibrated benchmark's. Take each row alone on
@@ -18,6 +22,7 @@ the machine: two torch processes on two cores slow each other 4-5x.
 from __future__ import annotations
 
 import argparse
+import math
 import shutil
 import sys
 from dataclasses import replace
@@ -59,8 +64,9 @@ def caption(protocol: dict) -> str:
 
 
 def render(rows: list[dict]) -> str:
-    lines = ["| model | tool | method | pattern | sparsity | ppl | Δ vs float | wall s | peak RSS MB | measured |",
-             "| --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | --- |"]
+    lines = ["| model | tool | method | pattern | sparsity | params | file MB | ppl | Δ vs float | wall s | peak RSS MB "
+             "| measured |",
+             "| --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
     floats = {r["model"]: r["ppl"] for r in rows if r["tool"] == "float32"}
     for r in rows:
         if r["model"] not in floats:
@@ -69,8 +75,10 @@ def render(rows: list[dict]) -> str:
         wall = f"{r['wall_s']:.0f}" if "wall_s" in r else ""
         rss = f"{r['peak_rss_mb']:.0f}" if "peak_rss_mb" in r else ""
         sparsity = f"{100 * r['sparsity']:.1f}%" if "sparsity" in r else ""
-        lines.append(f"| {r['model']} | {r['tool']} | {r['method']} | {r.get('pattern', '')} | {sparsity} | "
-                     f"{r['ppl']:.3f} | {delta} | {wall} | {rss} | {r.get('measured', '')} |")
+        params = f"{r['params'] / 1e6:.1f}M" if "params" in r else ""
+        size = f"{r['file_mb']:.0f}" if "file_mb" in r else ""
+        lines.append(f"| {r['model']} | {r['tool']} | {r['method']} | {r.get('pattern', '')} | {sparsity} | {params} | "
+                     f"{size} | {r['ppl']:.3f} | {delta} | {wall} | {rss} | {r.get('measured', '')} |")
     return "\n".join(lines)
 
 
@@ -78,7 +86,41 @@ def _pattern_flags(pattern: str) -> list[str]:
     return ["--pattern", pattern] if ":" in pattern else ["--sparsity", pattern]
 
 
-def run(models, methods, patterns, tools, calib_samples, windows, work: Path, results: Table) -> None:
+# structured rows (modelpress only: llm-compressor has no structured pruning): name -> prune flags
+STRUCTURED = {
+    "mlp-0.75": ["--mlp-keep", "0.75"],
+    "heads-0.75": ["--heads-keep", "0.75"],
+    "drop-4": ["--drop-layers", "4"],
+    "drop-4-angular": ["--drop-layers", "4", "--layer-metric", "angular"],
+}
+
+
+def file_stats(folder: Path) -> dict:
+    """Parameters and bytes of the written safetensors (every tensor, embeddings included)."""
+    params = nbytes = 0
+    for shard in folder.glob("*.safetensors"):
+        nbytes += shard.stat().st_size
+        with safe_open(shard, "pt") as f:
+            for name in f.keys():
+                params += math.prod(f.get_slice(name).get_shape())
+    return {"params": params, "file_mb": nbytes / 2**20}
+
+
+def run_structured(name: str, src: Path, specs: list[str], calib_samples: int, eval_file: Path, work: Path,
+                   results: Table) -> None:
+    emma = austen("emma.txt")
+    for spec in specs:
+        out = work / f"{name}-structured-{spec}"
+        stats = timed([str(ROOT / ".venv/bin/modelpress"), "prune", str(src), "--method", "structured",
+                       *STRUCTURED[spec], "--calib", str(emma), "--calib-samples", str(calib_samples), "-o", str(out),
+                       "--no-quality-guard"])
+        results.add({"model": name, "tool": "modelpress", "method": f"structured {spec}", "pattern": spec,
+                     **file_stats(out), "ppl": perplexity(out, eval_file), **stats})
+        shutil.rmtree(out)
+
+
+def run(models, methods, patterns, tools, calib_samples, windows, work: Path, results: Table,
+        structured: list[str] = ()) -> None:
     emma = austen("emma.txt")
     for name in models:
         src = model_path(name)
@@ -90,7 +132,10 @@ def run(models, methods, patterns, tools, calib_samples, windows, work: Path, re
                                    replace(PPL_512, n_windows=windows))
         eval_file = work / f"{name}-eval.safetensors"
         save_file({"input_ids": evaluation.contiguous()}, eval_file)
-        results.add({"model": name, "tool": "float32", "method": "-", "ppl": perplexity(src, eval_file)})
+        results.add({"model": name, "tool": "float32", "method": "-", "ppl": perplexity(src, eval_file),
+                     **file_stats(src)})
+        if structured:
+            run_structured(name, src, structured, calib_samples, eval_file, work, results)
         for method in methods:
             for pattern in patterns:
                 runs = []
@@ -117,11 +162,12 @@ def main() -> None:
     add_common_arguments(parser, "prune-bench")
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--patterns", default="0.5,4:8,2:4")
+    parser.add_argument("--structured", default="", help=f"structured rows, comma-separated: {', '.join(STRUCTURED)}")
     args = parser.parse_args()
     work = scratch(args.work)
     results = Table(args.calib_samples, args.windows, args.fresh, stem="pruning", caption=caption, render=render)
-    run(args.models.split(","), args.methods.split(","), args.patterns.split(","), args.tools.split(","),
-        args.calib_samples, args.windows, work, results)
+    run(args.models.split(","), [m for m in args.methods.split(",") if m], args.patterns.split(","), args.tools.split(","),
+        args.calib_samples, args.windows, work, results, [s for s in args.structured.split(",") if s])
     print((RESULTS / f"{results.stem}.md").read_text())
 
 

@@ -6,11 +6,13 @@ Two steps:
 
 1. **Score.** One pass of the layer runner over the calibration windows measures every layer's
    channel, head and layer importance on the unpruned model
-   (:class:`~modelpress.pipeline.prune_stages.StructuredScoreStage`); nothing is written.
+   (:class:`~modelpress.pipeline.prune_stages.StructuredScoreStage`, hooks on the one forward per
+   layer that the runner runs anyway); nothing is written.
 2. **Cut.** The plan (which channels, heads and layers survive: plain data, saved in the record)
    is applied tensor by tensor while the source streams from its shards
    (:mod:`modelpress.models.surgery`) into a new checkpoint with an edited ``config.json``.
-   Peak memory: the scoring pass's (one layer plus the calibration activations).
+   Peak memory: the scoring pass's (one layer plus the calibration activations), or the cut's
+   (one tensor plus the writer's shard buffer, at most 1 GiB), whichever is larger.
 
 The output is an ordinary checkpoint: ``AutoModelForCausalLM.from_pretrained(OUT)`` loads it,
 ``export --to gguf`` writes it, and ``plan OUT`` sizes it.

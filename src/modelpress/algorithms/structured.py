@@ -175,8 +175,8 @@ class ImportanceCollector:
         cos = nn.functional.cosine_similarity(x_in, x_out, dim=-1)  # (b, s)
         self._influence += (1 - cos).sum().item()
         self._tokens += cos.numel()
-        self._last_in.append(x_in[:, -1])
-        self._last_out.append(x_out[:, -1])
+        self._last_in.append(x_in[:, -1].clone())  # a copy: a view would keep the whole batch alive
+        self._last_out.append(x_out[:, -1].clone())
 
     def result(self) -> LayerImportance:
         sqrt = lambda t: None if t is None else t.sqrt()  # noqa: E731

@@ -11,6 +11,9 @@ captures the first layer's inputs on the calibration windows, then for each deco
    the compressed model really feeds it (with W8A8 input rounding where a stage asked for it);
 4. hands the results to the sink, frees the layer and saves the resume point.
 
+A stage with a ``probe`` only observes (structured pruning's importance scores): its hooks watch
+step 3's forward, after every changing stage, and it changes nothing, so it costs no extra pass.
+
 After every layer a resumable sink holds the state (layers done, per-Linear numbers, the next
 layer's inputs in ``resume-hidden-{i}.safetensors``); ``resume=True`` continues from the first
 unfinished layer and gives the same output as an uninterrupted run. The loop names no method
@@ -134,8 +137,9 @@ def run_layers(lm: LayerwiseModel, stages: list[LayerStage], formats: dict, sink
         prefix = lm.layer_prefix(i)
         modules = {n: layer.get_submodule(n.removeprefix(prefix + ".")) for n in formats if n.startswith(prefix + ".")}
         where = f"layer {i + 1}/{lm.n_layers}"
+        changing = [s for s in stages if not hasattr(s, "probe")]
         try:
-            results = _apply_stages(stages, layer, prefix + ".", modules, formats, hidden, capture.kwargs[i], where)
+            results = _apply_stages(changing, layer, prefix + ".", modules, formats, hidden, capture.kwargs[i], where)
         except UserError as e:  # the input itself is refused: a resume would fail the same way
             sink.abort(keep=False)
             raise (e if str(e).startswith(where) else UserError(f"{where}: {e}")) from None
@@ -144,8 +148,13 @@ def run_layers(lm: LayerwiseModel, stages: list[LayerStage], formats: dict, sink
                                                 "nbytes": result.nbytes, **(result.error.__dict__ if result.error else {}),
                                                 **result.info}
         inputs = {n.removeprefix(prefix + "."): r.inputs for n, r in results.items() if r.inputs is not None}
-        with activation_fake_quant(layer, inputs):  # W8A8: the next layer sees quantized-input outputs
+        observers = [s for s in stages if hasattr(s, "probe")]
+        with contextlib.ExitStack() as probes, activation_fake_quant(layer, inputs):
+            for observer in observers:  # they watch the forward that feeds the next layer: no extra pass
+                probes.enter_context(observer.probe(layer))
             hidden = run_layer(layer, hidden, capture.kwargs[i], f"{where}, quantized,")
+        for observer in observers:
+            observer.run(layer, prefix + ".", modules, formats, None)
         sink.write_layer(lm, i, results)
         lm.free_layer(i)
         if sink.scratch is not None:
@@ -160,10 +169,9 @@ def _apply_stages(stages: list[LayerStage], layer: nn.Module, prefix: str, modul
     """Each stage in turn, on statistics collected from the layer as the stages before it left it."""
     results: dict[str, LinearResult] = {}
     for stage in stages:
-        probe = stage.probe(layer) if hasattr(stage, "probe") else contextlib.nullcontext()
         with HessianCollector(modules, owner=layer, activation_stats=bool(stage.needs & {ABS_MEAN, ABS_MAX}),
-                              hessian=HESSIAN in stage.needs, sq_norm=SQ_NORM in stage.needs) as stats, probe:
-            if stage.needs or hasattr(stage, "probe"):
+                              hessian=HESSIAN in stage.needs, sq_norm=SQ_NORM in stage.needs) as stats:
+            if stage.needs:
                 run_layer(layer, hidden, kwargs, where)
         for name, result in stage.run(layer, prefix, modules, formats, stats).items():
             results[name] = results[name].then(result) if name in results else result

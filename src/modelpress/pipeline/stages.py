@@ -76,9 +76,9 @@ class LinearResult:
 class LayerStage(Protocol):
     """A method, as the runner sees it.
 
-    A stage that measures more than the named statistics may also have ``probe(layer)``: a
-    context manager of its own hooks, entered while the layer runs on its calibration inputs
-    (structured pruning's importance collector).
+    A stage with ``probe(layer)`` only observes (structured pruning's importance collector): the
+    runner enters that context manager of hooks around the forward that passes the layer's
+    outputs on (after every changing stage), then calls ``run``, which must change nothing.
     """
 
     needs: frozenset[str]  # the statistics it reads: HESSIAN, ABS_MEAN, ABS_MAX
