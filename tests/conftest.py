@@ -204,3 +204,16 @@ def plain_transformers_ppl(path, eval_text: Path, windows: int) -> float:
                         replace(PPL_512, n_windows=windows))
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     return evaluate(model.eval(), ids).ppl
+
+
+def llama_cpp_logits(path, ids: list[int]):
+    """llama.cpp's logits (a numpy array, one row per token) for ``ids`` from the GGUF file ``path``."""
+    import llama_cpp
+    import numpy as np
+
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=128, logits_all=True, verbose=False, n_threads=1)
+    try:
+        llm.eval(ids)
+        return np.array(llm.scores[: len(ids)])
+    finally:
+        llm.close()

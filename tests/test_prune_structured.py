@@ -7,11 +7,12 @@ import json
 
 import pytest
 import torch
-from conftest import TINY_ARCHS, austen, checkpoint_tensors, make_tiny_model
+from conftest import TINY_ARCHS, austen, checkpoint_tensors, llama_cpp_logits, make_tiny_model
 from transformers import AutoModelForCausalLM
 
 from modelpress.cli import main
 from modelpress.errors import UserError
+from modelpress.export.gguf import GGUF_ARCHITECTURES, export_gguf
 from modelpress.models.arch import ARCHITECTURES
 from modelpress.pipeline.recipe import StructuredConfig
 from modelpress.prune import prune
@@ -189,3 +190,29 @@ def test_the_cli_reports_what_was_removed(tiny_llama, tmp_path, capsys):
                  "--calib-seq-len", "32", "-o", str(tmp_path / "o"), "--no-quality-guard"]) == 0
     out = capsys.readouterr().out
     assert "MLP 128 -> 64 channels" in out and "layers 2 -> 1" in out and "what it buys: smaller tensors" in out
+
+
+@pytest.mark.parametrize("arch", sorted(GGUF_ARCHITECTURES))
+def test_a_structured_output_runs_in_llama_cpp_like_transformers(tiny_models, tmp_path, arch):
+    """Fewer channels, heads (explicit head_dim, RoPE permutation by the new head counts) and
+    layers (Gemma's per-layer sliding pattern renumbered): llama.cpp computes what transformers does."""
+    import numpy as np
+
+    out = tmp_path / "o"
+    prune(str(tiny_models[arch]), _structured(mlp_keep=0.5, channel_multiple=1, heads_keep=0.5, drop_layers=1), str(out),
+          quality_guard=False)
+    export_gguf(str(out), str(tmp_path / "m.gguf"), "f32")
+    ids = torch.randint(3, 384, (100,), generator=torch.Generator().manual_seed(0)).tolist()
+    ref = _logits(AutoModelForCausalLM.from_pretrained(out).eval(), torch.tensor([ids]))[0].numpy()
+    np.testing.assert_allclose(llama_cpp_logits(tmp_path / "m.gguf", ids), ref, atol=2e-3, rtol=1e-3)
+
+
+def test_a_structured_output_compresses_with_gptq(tiny_models, tmp_path):
+    from modelpress.compress import GPTQConfig, compress
+
+    prune(str(tiny_models["qwen2"]), _structured(heads_keep=0.5, mlp_keep=0.5, channel_multiple=1), str(tmp_path / "s"),
+          quality_guard=False)
+    compress(str(tmp_path / "s"), GPTQConfig(bits=4, group_size=32, calibration=_calib()), str(tmp_path / "q"),
+             quality_guard=False)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "q").eval()
+    assert model.config.num_attention_heads == 2 and torch.isfinite(_logits(model)).all()

@@ -7,6 +7,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from conftest import llama_cpp_logits
 from gguf import GGUFReader
 from gguf.quants import dequantize as gguf_dequantize
 from transformers import AutoModelForCausalLM
@@ -14,17 +15,6 @@ from transformers import AutoModelForCausalLM
 from modelpress.cli import main
 from modelpress.export.gguf import GGUF_ARCHITECTURES, _permute_rope, export_gguf
 from modelpress.formats.gguf_blocks import gguf_format
-
-
-def _logits_llama_cpp(path, ids: list[int]) -> np.ndarray:
-    import llama_cpp
-
-    llm = llama_cpp.Llama(model_path=str(path), n_ctx=128, logits_all=True, verbose=False, n_threads=1)
-    try:
-        llm.eval(ids)
-        return np.array(llm.scores[: len(ids)])
-    finally:
-        llm.close()
 
 
 @pytest.mark.parametrize("arch", sorted(GGUF_ARCHITECTURES))
@@ -35,7 +25,7 @@ def test_f32_export_runs_in_llama_cpp_like_transformers(tiny_models, arch, tmp_p
     result = export_gguf(str(tiny_models[arch]), str(out), "f32")
     assert out.is_file() and result["bytes"] == out.stat().st_size
     ids = torch.randint(3, 384, (100,), generator=torch.Generator().manual_seed(0)).tolist()
-    ours = _logits_llama_cpp(out, ids)
+    ours = llama_cpp_logits(out, ids)
     model = AutoModelForCausalLM.from_pretrained(tiny_models[arch], dtype=torch.float32).eval()
     with torch.no_grad():
         ref = model(torch.tensor([ids])).logits[0].numpy()

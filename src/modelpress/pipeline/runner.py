@@ -132,12 +132,13 @@ def run_layers(lm: LayerwiseModel, stages: list[LayerStage], formats: dict, sink
         hidden = capture.hidden
         sink.begin(lm)
     lm.free_outside_layers()
+    changing = [s for s in stages if not hasattr(s, "probe")]
+    observers = [s for s in stages if hasattr(s, "probe")]
     for i in track(range(start, lm.n_layers), total=lm.n_layers - start, what="layer"):
         layer = lm.load_layer(i)
         prefix = lm.layer_prefix(i)
         modules = {n: layer.get_submodule(n.removeprefix(prefix + ".")) for n in formats if n.startswith(prefix + ".")}
         where = f"layer {i + 1}/{lm.n_layers}"
-        changing = [s for s in stages if not hasattr(s, "probe")]
         try:
             results = _apply_stages(changing, layer, prefix + ".", modules, formats, hidden, capture.kwargs[i], where)
         except UserError as e:  # the input itself is refused: a resume would fail the same way
@@ -148,7 +149,6 @@ def run_layers(lm: LayerwiseModel, stages: list[LayerStage], formats: dict, sink
                                                 "nbytes": result.nbytes, **(result.error.__dict__ if result.error else {}),
                                                 **result.info}
         inputs = {n.removeprefix(prefix + "."): r.inputs for n, r in results.items() if r.inputs is not None}
-        observers = [s for s in stages if hasattr(s, "probe")]
         with contextlib.ExitStack() as probes, activation_fake_quant(layer, inputs):
             for observer in observers:  # they watch the forward that feeds the next layer: no extra pass
                 probes.enter_context(observer.probe(layer))
