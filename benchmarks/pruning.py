@@ -90,6 +90,7 @@ def _pattern_flags(pattern: str) -> list[str]:
 STRUCTURED = {
     "mlp-0.75": ["--mlp-keep", "0.75"],
     "heads-0.75": ["--heads-keep", "0.75"],
+    "heads-0.5": ["--heads-keep", "0.5"],
     "drop-4": ["--drop-layers", "4"],
     "drop-4-angular": ["--drop-layers", "4", "--layer-metric", "angular"],
 }

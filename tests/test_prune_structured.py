@@ -216,3 +216,22 @@ def test_a_structured_output_compresses_with_gptq(tiny_models, tmp_path):
              quality_guard=False)
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "q").eval()
     assert model.config.num_attention_heads == 2 and torch.isfinite(_logits(model)).all()
+
+
+def test_a_head_count_transformers_would_refuse_is_refused_first_with_the_counts_it_accepts(tiny_tokenizer, tmp_path,
+                                                                                           capsys):
+    """Gemma 3's config wants hidden_size divisible by the head count even with an explicit head_dim:
+    4 q heads sharing 1 kv head, hidden 64, keep 0.75 -> 3 heads, which it refuses."""
+    from conftest import TINY
+    from transformers import AutoConfig
+
+    fields = {**TINY, **TINY_ARCHS["gemma3_text"], "num_key_value_heads": 1, "vocab_size": len(tiny_tokenizer),
+              "bos_token_id": 1, "eos_token_id": 2}
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model("gemma3_text", **fields))
+    model.save_pretrained(tmp_path / "src")
+    tiny_tokenizer.save_pretrained(tmp_path / "src")
+    out = tmp_path / "o"
+    assert main(["prune", str(tmp_path / "src"), "--method", "structured", "--heads-keep", "0.75", "-o", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "transformers would not load the pruned config" in err and "--heads-keep 0.25, 0.5, 1" in err, err
+    assert "\n" not in err and not out.exists()

@@ -63,6 +63,7 @@ def prune_structured(model: str, config: StructuredConfig, out_dir: str, quality
     hf_config = loading.clean_config(lm.config).to_dict()
     shape = _Shape.of(hf_config, lm.arch.structure.intermediate_size)
     head_mode = check_feasible(config, lm.arch, shape, getattr(lm.config, "model_type", "?"))
+    check_output_config(config, lm.arch.structure, hf_config, type(lm.config), shape, head_mode)
     tokenizer = loading.load_tokenizer(source)
     ids = calibration_ids(tokenizer, config.calibration)
     stage = StructuredScoreStage(config, lm.arch)
@@ -132,6 +133,52 @@ def check_feasible(config: StructuredConfig, arch, shape: _Shape, model_type: st
         raise UserError(f"--drop-layers {config.drop_layers} removes every one of the model's {shape.n_layers} "
                         "decoder layers; drop fewer")
     return mode
+
+
+def check_output_config(config: StructuredConfig, spec, hf_config: dict, config_class, shape: _Shape,
+                        head_mode: str) -> None:
+    """Refuse, before any work, a pruned shape that transformers' own config class rejects (some
+    require the hidden size to be a multiple of the head count even with an explicit ``head_dim``),
+    naming the head counts it would accept."""
+    def refusal(n_q: int | None, n_kv: int | None) -> str | None:
+        counts = _counts_plan(config, shape, n_q, n_kv)
+        try:
+            config_class.from_dict(Surgery(counts, spec, hf_config, "").edit_config())
+        except Exception as e:  # transformers' validators raise many types; all mean "this config is bad"
+            return str(e).strip().splitlines()[-1].strip()
+        return None
+
+    n_q = n_kv = None
+    if config.heads_keep is not None:
+        whole = head_mode == "whole-groups"
+        n_q, n_kv = _head_counts(shape, config.heads_keep, whole)
+    why = refusal(n_q, n_kv)
+    if why is None:
+        return
+    if config.heads_keep is not None:
+        options = [f / (shape.n_kv if whole else shape.n_heads // shape.n_kv)
+                   for f in range(1, (shape.n_kv if whole else shape.n_heads // shape.n_kv) + 1)]
+        accepted = [n for n in options if refusal(*_head_counts(shape, n, whole)) is None]
+        raise UserError(f"transformers would not load the pruned config ({why}): {n_q} q heads; --heads-keep "
+                        f"{', '.join(f'{f:.3g}' for f in accepted)} give head counts it accepts")
+    raise UserError(f"transformers would not load the pruned config: {why}")
+
+
+def _head_counts(shape: _Shape, keep: float, whole_groups: bool) -> tuple[int, int]:
+    if whole_groups:
+        n_kv = keep_count(shape.n_kv, keep)
+        return n_kv * (shape.n_heads // shape.n_kv), n_kv
+    return shape.n_kv * keep_count(shape.n_heads // shape.n_kv, keep), shape.n_kv
+
+
+def _counts_plan(config: StructuredConfig, shape: _Shape, n_q: int | None, n_kv: int | None) -> StructuredPlan:
+    """A plan with the right counts and placeholder indices: enough to build the output config."""
+    channels = None
+    if config.mlp_keep is not None:
+        channels = {0: list(range(keep_count(shape.intermediate, config.mlp_keep, config.channel_multiple)))}
+    return StructuredPlan(n_layers=shape.n_layers, dropped=list(range(config.drop_layers or 0)), channels=channels,
+                          q_heads=None if n_q is None else {0: list(range(n_q))},
+                          kv_heads=None if n_kv is None else {0: list(range(n_kv))})
 
 
 def make_plan(config: StructuredConfig, scores: list, shape: _Shape, head_mode: str) -> tuple[StructuredPlan, dict]:

@@ -41,7 +41,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                          "cache), or whole groups (shrinks it); auto: whole groups only when each has one q head")
     st.add_argument("--channel-multiple", type=options.positive_int, metavar="N",
                     help="round the kept MLP width to a multiple of N (default 32)")
-    g = options.add_calibration(parser, "calibration (wanda, sparsegpt; protocol calib-128x512)")
+    g = options.add_calibration(parser, "calibration (wanda, sparsegpt, structured; protocol calib-128x512)")
     options.add_damp(g)
     g.add_argument("--block-size", type=options.positive_int, default=128,
                    help="sparsegpt: columns per adaptive mask block (default 128, the paper's)")
@@ -66,17 +66,21 @@ def build_config(args: argparse.Namespace):
         if value is None:
             continue
         if field not in config_class.model_fields:
-            raise UserError(f"{flag} does not apply to --method {args.method}; "
-                            + ("structured pruning takes --mlp-keep, --heads-keep and --drop-layers"
-                               if args.method == "structured" else
-                               f"{flag} belongs to --method structured"
-                               if field in StructuredConfig.model_fields else f"{flag} is for unstructured methods"))
+            raise UserError(f"{flag} does not apply to --method {args.method}; {_what_applies(args.method, flag)}")
         given[field] = value
     fields = {k: v for k, v in given.items() if k in config_class.model_fields}
     if args.per_row and "per_row" not in fields:
         raise UserError(f"--per-row applies to --method magnitude; {args.method} compares within rows already "
                         "or chooses its masks from the Hessian")
     return options.make_config(config_class, fields)
+
+
+def _what_applies(method: str, flag: str) -> str:
+    if method == "structured":
+        return "structured pruning takes --mlp-keep, --heads-keep and --drop-layers"
+    if flag.removeprefix("--").replace("-", "_") in StructuredConfig.model_fields:
+        return f"{flag} belongs to --method structured"
+    return f"{flag} is for another pruning method"
 
 
 def main(args: argparse.Namespace) -> int:
