@@ -52,6 +52,7 @@ def test_structured_pruning_shrinks_a_real_model_that_transformers_and_llama_cpp
     assert (config["num_attention_heads"], config["num_key_value_heads"], config["head_dim"]) == (6, 3, 64)
     assert record["structured"]["params"]["kept"] < 0.9  # the tied 28M-parameter embedding stays whole
     ppl, ppl_float = plain_transformers_ppl(out, eval_text, WINDOWS), plain_transformers_ppl(smollm2, eval_text, WINDOWS)
-    assert ppl_float < ppl < 10 * ppl_float, (ppl, ppl_float)  # lossy without healing, not broken
+    # lossy without healing, not broken: heads 9 -> 6 alone cost 4x on 40 windows (benchmarks/results/pruning.md)
+    assert ppl_float < ppl < 20 * ppl_float, (ppl, ppl_float)
     assert main(["export", str(out), "--to", "gguf", "--format", "f16", "-o", str(tmp_path / "s.gguf"),
                  "--verify", "--text", str(eval_text), "--windows", "2"]) == 0  # llama.cpp within 1% of ours
