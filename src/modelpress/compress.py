@@ -41,7 +41,7 @@ from modelpress.pipeline.recipe import (  # noqa: F401 (the configs, importable 
 from modelpress.pipeline.runner import calibration_ids, fingerprint, run_layers, warn_if_too_few_tokens
 from modelpress.pipeline.sinks import CompressedTensorsSink
 from modelpress.progress import track
-from modelpress.record import build_record, read_record, to_json
+from modelpress.record import build_record, calibration_summary, read_record, to_json
 
 logger = logging.getLogger("modelpress")
 
@@ -156,8 +156,7 @@ def compress_calibrated(model: str, config: QuantConfig, out_dir: str, resume: b
                          run_id=fingerprint(model, config))
         record = build_record(source, config, targets, run.layers, run.elapsed_s)
         record["kept_unquantized"] = {lm.checkpoint_name(n): why for n, why in targets.kept.items()}
-        record["calibration"] = {"windows": len(ids), "tokens_per_window": ids.shape[1],
-                                 "text": config.calibration.text or "built-in"}
+        record["calibration"] = calibration_summary(ids, config.calibration)
         if run.resumed_at is not None:
             record["resumed_at_layer"] = run.resumed_at
         finish_checkpoint(sink, source, lm.config, lm.model, targets, tokenizer, record, lm.checkpoint_name)

@@ -28,7 +28,7 @@ from modelpress.pipeline.recipe import CalibrationConfig, PruneConfig, Structure
 from modelpress.pipeline.runner import calibration_ids, fingerprint, run_layers
 from modelpress.pipeline.sinks import FloatSink
 from modelpress.prune_structured import prune_structured
-from modelpress.record import record_header, to_json
+from modelpress.record import calibration_summary, record_header, to_json
 
 logger = logging.getLogger("modelpress")
 
@@ -99,8 +99,7 @@ def prune(model: str, config: PruneConfig | StructuredConfig, out_dir: str, resu
             run.layers[name]["zeros"] = zeros
         record = _record(source, config, pattern, targets, run, lm)
         if calibration is not None:
-            record["calibration"] = {"windows": len(ids), "tokens_per_window": ids.shape[1],
-                                     "text": calibration.text or "built-in"}
+            record["calibration"] = calibration_summary(ids, calibration)
         sink.finish(config=loading.clean_config(lm.config).to_dict(), tokenizer=tokenizer,
                     extra_files={"modelpress.json": to_json(record, indent=2)},
                     copy_files_from=source.path if source.kind == "folder" else None)

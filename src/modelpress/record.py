@@ -65,6 +65,11 @@ def record_header(source, config, elapsed_s: float) -> dict:
     }
 
 
+def calibration_summary(ids, calibration) -> dict:
+    """The record's ``calibration`` entry: the token windows a run calibrated on, and their text."""
+    return {"windows": len(ids), "tokens_per_window": ids.shape[1], "text": calibration.text or "built-in"}
+
+
 def build_record(source, config, targets, layers: dict[str, dict], elapsed_s: float) -> dict:
     """Assemble the record of a compress run.
 

@@ -52,6 +52,19 @@ def top(scores: torch.Tensor, k: int) -> list[int]:
     return sorted(order[:k])
 
 
+def head_counts(n_q: int, n_kv: int, keep: float, whole_groups: bool) -> tuple[int, int]:
+    """``(q heads, kv heads)`` kept for a kept fraction ``keep`` (see :func:`choose_heads`).
+
+    >>> head_counts(9, 3, 0.75, whole_groups=False), head_counts(9, 3, 0.75, whole_groups=True)
+    ((6, 3), (6, 2))
+    """
+    group = n_q // n_kv
+    if whole_groups:
+        kept_kv = keep_count(n_kv, keep)
+        return kept_kv * group, kept_kv
+    return n_kv * keep_count(group, keep), n_kv
+
+
 def choose_heads(scores: torch.Tensor, n_kv: int, keep: float, whole_groups: bool) -> tuple[list[int], list[int]]:
     """``(kept q heads, kept kv heads)`` for one layer, from the q heads' importance ``scores: (H,)``.
 
@@ -64,10 +77,11 @@ def choose_heads(scores: torch.Tensor, n_kv: int, keep: float, whole_groups: boo
     """
     n_q = len(scores)
     group = n_q // n_kv
+    q_count, kv_count = head_counts(n_q, n_kv, keep, whole_groups)
     if whole_groups:
-        kept_kv = top(scores.reshape(n_kv, group).sum(1), keep_count(n_kv, keep))
+        kept_kv = top(scores.reshape(n_kv, group).sum(1), kv_count)
         return [g * group + j for g in kept_kv for j in range(group)], kept_kv
-    per_group = keep_count(group, keep)
+    per_group = q_count // n_kv
     kept_q = [g * group + j for g in range(n_kv) for j in top(scores[g * group:(g + 1) * group], per_group)]
     return kept_q, list(range(n_kv))
 
