@@ -14,7 +14,7 @@ T = TypeVar("T")
 logger = logging.getLogger("modelpress")
 
 
-def _fmt_seconds(s: float) -> str:
+def fmt_seconds(s: float) -> str:
     s = max(0, round(s))
     if s < 60:
         return f"{s}s"
@@ -38,4 +38,4 @@ def track(items: Iterable[T], total: int, what: str, every_s: float = 2.0) -> It
             last = now
             elapsed = now - start
             eta = elapsed / i * (total - i)
-            logger.info("%s %d/%d, %s elapsed, ETA %s", what, i, total, _fmt_seconds(elapsed), _fmt_seconds(eta))
+            logger.info("%s %d/%d, %s elapsed, ETA %s", what, i, total, fmt_seconds(elapsed), fmt_seconds(eta))

@@ -17,13 +17,14 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 
 import modelpress
 from modelpress import __version__
-from modelpress.cli import compress, evaluate, export, plan, prune
+from modelpress.cli import compress, distill, evaluate, export, plan, prune
 from modelpress.errors import UserError
 
 SUBCOMMANDS = {
     "plan": plan,
     "compress": compress,
     "prune": prune,
+    "distill": distill,
     "eval": evaluate,
     "export": export,
 }
@@ -58,7 +59,7 @@ def _quiet_third_party() -> None:
 
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
-    for name in ("gguf", "datasets", "compressed_tensors"):  # their warnings repeat what our one line says
+    for name in ("gguf", "datasets", "compressed_tensors", "accelerate"):  # their warnings repeat what our one line says
         logging.getLogger(name).setLevel(logging.ERROR)
 
 
