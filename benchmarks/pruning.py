@@ -146,7 +146,7 @@ def run(models, methods, patterns, tools, calib_samples, windows, work: Path, re
                         str(ROOT / ".venv/bin/modelpress"), "prune", str(src), "--method", method,
                         *_pattern_flags(pattern), "--calib", str(emma), "--calib-samples", str(calib_samples),
                         "-o", str(out), "--no-quality-guard"]))
-                if "llm-compressor" in tools:
+                if "llm-compressor" in tools and not (method == "magnitude" and ":" in pattern):  # none in it
                     out = work / f"{name}-{method}-{pattern.replace(':', 'of')}-llmcompressor"
                     runs.append(("llm-compressor", out, ".venv-bench", [
                         str(ROOT / ".venv-bench/bin/python"), str(ROOT / "benchmarks/llmcompressor_prune_side.py"),

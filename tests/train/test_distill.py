@@ -13,12 +13,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import austen, checkpoint_tensors, make_tiny_model
+from conftest import austen, checkpoint_tensors
 from modelpress.cli import main
 from modelpress.data import WindowProtocol, read_text, token_windows
 from modelpress.eval.perplexity import evaluate
 from modelpress.models import loading
-from modelpress.train import distill as distill_module
+from modelpress.train.loop import Trainer, sample_continuations
 
 FAST = ["--seq-len", "32", "--batch-size", "2", "--eval-windows", "4", "--lr", "3e-3"]
 
@@ -115,17 +115,17 @@ def test_best_weights_are_kept_and_training_stops_early(tiny_llama, damaged, tex
     assert all(torch.equal(source[k], result[k]) for k in source)
 
 
-class _Interrupt:
-    """Wraps ``_train_step`` to raise KeyboardInterrupt (what a kill raises) before step ``at``."""
+def _interrupt(real, at: int):
+    """``real`` (a method), raising KeyboardInterrupt (what a kill raises) at its ``at``-th call."""
+    calls = [0]
 
-    def __init__(self, real, at: int):
-        self.real, self.at, self.calls = real, at, 0
-
-    def __call__(self, *args, **kwargs):
-        self.calls += 1
-        if self.calls == self.at:
+    def wrapper(*args, **kwargs):
+        calls[0] += 1
+        if calls[0] == at:
             raise KeyboardInterrupt
-        return self.real(*args, **kwargs)
+        return real(*args, **kwargs)
+
+    return wrapper
 
 
 def test_resume_after_an_interrupt_ends_with_the_uninterrupted_weights(tiny_llama, damaged, texts, tmp_path,
@@ -133,7 +133,7 @@ def test_resume_after_an_interrupt_ends_with_the_uninterrupted_weights(tiny_llam
     argv = ["distill", str(damaged), "--teacher", str(tiny_llama), "--data", str(texts["train"]), "--steps", "12",
             *FAST, "--save-every", "4", "--eval-text", str(texts["held_out"]), "--eval-every", "6"]
     assert main([*argv, "-o", str(tmp_path / "whole")]) == 0
-    monkeypatch.setattr(distill_module, "_train_step", _Interrupt(distill_module._train_step, at=7))
+    monkeypatch.setattr(Trainer, "step", _interrupt(Trainer.step, at=7))
     assert main([*argv, "-o", str(tmp_path / "cut")]) == 130
     assert not (tmp_path / "cut").exists() and (tmp_path / "cut.partial" / "state").is_dir()
     monkeypatch.undo()
@@ -223,8 +223,122 @@ def test_a_loss_that_becomes_nan_stops_with_the_step_and_keeps_the_last_good_sta
 def test_resume_refuses_changed_settings(tiny_llama, damaged, texts, tmp_path, monkeypatch, capsys):
     argv = ["distill", str(damaged), "--teacher", str(tiny_llama), "--data", str(texts["train"]), "--steps", "6",
             *FAST, "--save-every", "2", "-o", str(tmp_path / "o")]
-    monkeypatch.setattr(distill_module, "_train_step", _Interrupt(distill_module._train_step, at=4))
+    monkeypatch.setattr(Trainer, "step", _interrupt(Trainer.step, at=4))
     assert main(argv) == 130
     monkeypatch.undo()
     assert main([*argv, "--resume", "--lr", "1e-3"]) == 2
     assert "changed: lr" in capsys.readouterr().err
+
+
+def test_qat_output_is_exactly_the_model_it_trained(teacher, damaged, texts, tmp_path):
+    """The held-out perplexity measured during training (fake-quantized weights) equals the
+    perplexity of the written compressed-tensors checkpoint: exporting added no rounding."""
+    out = tmp_path / "qat"
+    assert main(["distill", str(damaged), "--teacher", str(teacher), "--data", str(texts["train"]), "--steps", "6",
+                 *FAST, "--qat", "int4-g32", "--qat-scales", "learned", "--eval-text", str(texts["held_out"]),
+                 "--eval-every", "3", "-o", str(out)]) == 0
+    record = json.loads((out / "modelpress.json").read_text())
+    config = json.loads((out / "config.json").read_text())
+    assert config["quantization_config"]["config_groups"]["group_0"]["weights"]["num_bits"] == 4
+    assert record["qat"]["layers"] == 14 and record["held_out"]["best_step"] > 0
+    ids = token_windows(loading.load_tokenizer(loading.resolve(out)), read_text(texts["held_out"]),
+                        WindowProtocol("held-out-32", 32, 4))
+    ppl = evaluate(loading.load_model(loading.resolve(out)), ids).ppl
+    assert ppl == pytest.approx(record["held_out"]["best_ppl"], rel=1e-5)
+
+
+def test_heal_trains_a_quantized_checkpoint_in_its_own_format_from_its_stored_scales(teacher, damaged, texts,
+                                                                                     tmp_path):
+    """Step 0's held-out perplexity is the compressed input's own (training starts exactly at it),
+    and the output is a compressed-tensors checkpoint in the same format whose perplexity is the
+    best one measured while training."""
+    quantized = tmp_path / "int4"
+    assert main(["compress", str(damaged), "--method", "rtn", "--bits", "4", "--group-size", "32",
+                 "--no-quality-guard", "-o", str(quantized)]) == 0
+    out = tmp_path / "healed"
+    assert main(["heal", str(quantized), "--teacher", str(teacher), "--data", str(texts["train"]), "--steps", "6",
+                 *FAST, "--eval-text", str(texts["held_out"]), "--eval-every", "3", "-o", str(out)]) == 0
+    record = json.loads((out / "modelpress.json").read_text())
+    assert record["qat"]["start"] == "stored" and record["qat"]["formats"] == ["int4-g32"]
+    ids = token_windows(loading.load_tokenizer(loading.resolve(out)), read_text(texts["held_out"]),
+                        WindowProtocol("held-out-32", 32, 4))
+    start_ppl = evaluate(loading.load_model(loading.resolve(quantized)), ids).ppl
+    assert record["held_out"]["start_ppl"] == pytest.approx(start_ppl, rel=1e-5)
+    assert evaluate(loading.load_model(loading.resolve(out)), ids).ppl == pytest.approx(
+        record["held_out"]["best_ppl"], rel=1e-5)
+    config = json.loads((out / "config.json").read_text())
+    assert config["quantization_config"]["config_groups"]["group_0"]["weights"]["group_size"] == 32
+
+
+def test_heal_keeps_the_zeros_of_a_pruned_model_through_qat(teacher, damaged, texts, tmp_path):
+    pruned = tmp_path / "pruned"
+    assert main(["prune", str(damaged), "--method", "magnitude", "--pattern", "2:4", "--no-quality-guard",
+                 "-o", str(pruned)]) == 0
+    healed = tmp_path / "healed"
+    assert main(["heal", str(pruned), "--teacher", str(teacher), "--data", str(texts["train"]), "--steps", "5",
+                 *FAST, "-o", str(healed)]) == 0
+    before, after = checkpoint_tensors(pruned), checkpoint_tensors(healed)
+    record = json.loads((healed / "modelpress.json").read_text())
+    assert len(record["kept_zeros"]) == 14
+    changed = 0
+    for name, w in before.items():
+        if ".layers." in name and name.endswith("proj.weight"):
+            assert torch.equal(after[name][w == 0], torch.zeros_like(after[name][w == 0]))
+            changed += int(not torch.equal(after[name], w))
+    assert changed == 14  # the surviving weights did train
+    quantized = tmp_path / "qat"  # and through QAT: zeros are on every symmetric integer grid
+    assert main(["distill", str(pruned), "--teacher", str(teacher), "--data", str(texts["train"]), "--steps", "3",
+                 *FAST, "--qat", "int4-g32", "-o", str(quantized)]) == 0
+    weights = loading.load_model(loading.resolve(quantized), dequantize=True).state_dict()
+    for name, w in before.items():
+        if ".layers." in name and name.endswith("proj.weight"):
+            assert (weights[name][w == 0] == 0).all()
+
+
+def test_on_policy_distillation_is_deterministic_given_the_seed_and_moves_toward_the_teacher(teacher, damaged,
+                                                                                            texts, tmp_path):
+    argv = ["distill", str(damaged), "--teacher", str(teacher), "--mode", "on-policy", "--beta", "0.5",
+            "--lmbda", "0.5", "--data", str(texts["train"]), "--steps", "30", *FAST]
+    assert main([*argv, "-o", str(tmp_path / "a")]) == 0
+    assert main([*argv, "-o", str(tmp_path / "b")]) == 0
+    a, b = checkpoint_tensors(tmp_path / "a"), checkpoint_tensors(tmp_path / "b")
+    assert all(torch.equal(a[k], b[k]) for k in a)  # the same samples, the same steps
+    assert main([*argv, "--seed", "1", "-o", str(tmp_path / "c")]) == 0
+    c = checkpoint_tensors(tmp_path / "c")
+    assert any(not torch.equal(a[k], c[k]) for k in a)  # another seed, other samples: the test can fail
+    before, after = _kl_to(teacher, damaged, texts["held_out"]), _kl_to(teacher, tmp_path / "a", texts["held_out"])
+    assert after < 0.8 * before, (before, after)
+
+
+def test_on_policy_samples_continue_the_prompt(tiny_llama, texts):
+    from modelpress.train.distill import DistillConfig
+
+    config = DistillConfig(mode="on-policy", steps=1, seq_len=32, seed=3)
+    model = loading.load_model(loading.resolve(tiny_llama))
+    windows = token_windows(loading.load_tokenizer(loading.resolve(tiny_llama)), read_text(texts["train"]),
+                            WindowProtocol("t", 32, 2))
+    out = sample_continuations(model, windows, config, m=0, rank=0)
+    assert out.shape == windows.shape
+    assert torch.equal(out[:, :config.prompt_len], windows[:, :config.prompt_len])
+    assert not torch.equal(out, windows)
+    assert torch.equal(out, sample_continuations(model, windows, config, m=0, rank=0))
+    assert not torch.equal(out, sample_continuations(model, windows, config, m=1, rank=0))
+
+
+def test_sequence_distillation_across_tokenizers_trains_on_the_teachers_text(teacher, texts, tmp_path):
+    """A student with its own, smaller tokenizer learns from the teacher's generated text; the
+    corpus is deterministic given the seed and kept in the output."""
+    from conftest import make_tiny_model, train_tokenizer
+
+    student = make_tiny_model(tmp_path / "student", "llama", train_tokenizer(320), seed=9)
+    argv = ["distill", str(student), "--teacher", str(teacher), "--mode", "sequence", "--data", str(texts["train"]),
+            "--steps", "20", *FAST]
+    assert main([*argv, "-o", str(tmp_path / "a")]) == 0
+    corpus = (tmp_path / "a" / "teacher_corpus.jsonl").read_text().splitlines()
+    assert len(corpus) == 40  # 20 steps x batch 2
+    assert main([*argv, "--steps", "2", "-o", str(tmp_path / "b")]) == 0  # the same seed: the same first texts
+    assert (tmp_path / "b" / "teacher_corpus.jsonl").read_text().splitlines() == corpus[:4]
+    log = [json.loads(line) for line in (tmp_path / "a" / "train_log.jsonl").read_text().splitlines()]
+    assert sum(e["ce"] for e in log[-5:]) < sum(e["ce"] for e in log[:5])
+    record = json.loads((tmp_path / "a" / "modelpress.json").read_text())
+    assert record["config"]["mode"] == "sequence"

@@ -17,7 +17,7 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 
 import modelpress
 from modelpress import __version__
-from modelpress.cli import compress, distill, evaluate, export, plan, prune
+from modelpress.cli import compress, distill, evaluate, export, heal, plan, prune
 from modelpress.errors import UserError
 
 SUBCOMMANDS = {
@@ -25,6 +25,7 @@ SUBCOMMANDS = {
     "compress": compress,
     "prune": prune,
     "distill": distill,
+    "heal": heal,
     "eval": evaluate,
     "export": export,
 }

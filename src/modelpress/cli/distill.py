@@ -18,22 +18,38 @@ from modelpress.errors import UserError
 from modelpress.record import to_json
 from modelpress.train.distill import DistillConfig, distill
 
-_FIELDS = ("mode", "temperature", "alpha", "steps", "tokens", "lr", "warmup_steps", "weight_decay", "max_grad_norm",
+_FIELDS = ("mode", "temperature", "alpha", "beta", "lmbda", "prompt_tokens", "steps", "tokens", "lr", "warmup_steps", "weight_decay", "max_grad_norm",
            "seq_len", "batch_size", "grad_accum", "seed", "eval_every", "eval_windows", "patience", "save_every",
-           "mixed_precision", "gradient_checkpointing", "teacher_dtype", "chunk_tokens", "slice_teacher_vocab")
+           "mixed_precision", "gradient_checkpointing", "teacher_dtype", "chunk_tokens", "slice_teacher_vocab", "qat", "qat_scales")
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
+def add_arguments(parser: argparse.ArgumentParser, teacher_required: bool = False) -> None:
     options.add_model_and_output(parser)
-    parser.add_argument("--teacher", metavar="MODEL", help="the model whose logits are the target (logit mode, alpha > 0)")
+    parser.add_argument("--teacher", metavar="MODEL", required=teacher_required,
+                        help="the model whose logits are the target (logit mode, alpha > 0)")
     parser.add_argument("--data", nargs="+", required=True, metavar="FILE", help="training text: .txt or .jsonl files")
     loss = parser.add_argument_group("loss")
-    loss.add_argument("--mode", choices=["logit"], default="logit", help="logit: the teacher's next-token distribution")
+    loss.add_argument("--mode", choices=["logit", "sequence", "on-policy"], default="logit",
+                      help="logit: the teacher's next-token distribution on the text (EQ 7.2); sequence: the teacher's "
+                           "continuations of the text are the training text (any tokenizers); on-policy (GKD): the "
+                           "student also learns on its own samples, scored token by token by the teacher")
+    loss.add_argument("--beta", type=float, default=0.5,
+                      help="on-policy: the generalized JSD's beta (0: forward KL, 1: reverse KL; default 0.5)")
+    loss.add_argument("--lmbda", type=float, default=0.5,
+                      help="on-policy: fraction of micro-batches that are the student's own continuations (default 0.5)")
+    loss.add_argument("--prompt-tokens", type=options.positive_int, metavar="N",
+                      help="sequence, on-policy: tokens of a window kept as the prompt (default: half the window)")
     loss.add_argument("--temperature", type=float, default=1.0, help="τ of the soft term (default 1)")
     loss.add_argument("--alpha", type=float, default=1.0,
                       help="weight of the soft term; 1 - alpha goes to cross-entropy on the text (default 1; 0: no teacher)")
     loss.add_argument("--slice-teacher-vocab", action="store_true",
                       help="the teacher's extra vocabulary rows are padding: drop them")
+    q = parser.add_argument_group("quantization-aware training")
+    q.add_argument("--qat", metavar="FORMAT",
+                   help="train through the fake quantization of this integer format (int4-g128, int3-g64...) and "
+                        "write a compressed-tensors checkpoint with exactly the trained weights")
+    q.add_argument("--qat-scales", choices=["fixed", "learned"], default="fixed",
+                   help="keep the starting (RTN) scales, or learn them (LSQ)")
     budget = parser.add_mutually_exclusive_group(required=True)
     budget.add_argument("--tokens", type=options.positive_int, metavar="N", help="training budget in tokens")
     budget.add_argument("--steps", type=options.positive_int, metavar="N", help="training budget in optimizer steps")

@@ -191,3 +191,59 @@ class CompressedCheckpointWriter(CheckpointWriter):
         if qc is not None:
             config["quantization_config"] = qc
         return super().finish(config=config, **kwargs)
+
+
+def _int_format(args: dict, scale_dtype: torch.dtype) -> IntFormat | None:
+    """The :class:`IntFormat` of a config group's ``weights`` args (``None``: not an int format)."""
+    if args.get("type") != "int" or args.get("strategy") not in ("tensor", "channel", "group"):
+        return None
+    dtype = next((k for k, v in SCALE_DTYPES.items() if v == scale_dtype), None)
+    if dtype is None:
+        return None
+    return IntFormat(bits=args["num_bits"], granularity=args["strategy"], symmetric=args.get("symmetric", True),
+                     group_size=args.get("group_size") if args["strategy"] == "group" else None, scale_dtype=dtype)
+
+
+def read_quantized(folder: str | Path, quantization_config: dict) -> dict[str, QuantizedTensor]:
+    """The integer-quantized Linears of a compressed-tensors checkpoint, as stored: module name ->
+    codes, scales and zero points (the inverse of :func:`compressed_tensors`; a module whose
+    format is not an integer one is left out).
+
+    Example:
+        >>> import tempfile
+        >>> qt = IntFormat(bits=4, group_size=32).quantize(torch.randn(8, 64))
+        >>> with CompressedCheckpointWriter(Path(tempfile.mkdtemp()) / "ckpt") as w:
+        ...     w.add_quantized("model.layers.0.mlp.up_proj", qt)
+        ...     out = w.finish(config={"model_type": "llama"}, ignore=["lm_head"])
+        >>> import json
+        >>> back = read_quantized(out, json.loads((out / "config.json").read_text())["quantization_config"])
+        >>> torch.equal(back["model.layers.0.mlp.up_proj"].q, qt.q)
+        True
+    """
+    from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
+    from safetensors import safe_open
+
+    tensors = {}
+    for shard in sorted(Path(folder).glob("*.safetensors")):
+        with safe_open(str(shard), framework="pt") as f:
+            tensors.update({k: f.get_tensor(k) for k in f.keys() if k.endswith(
+                (".weight_scale", ".weight_packed", ".weight_shape", ".weight_zero_point", ".weight"))})
+    groups = (quantization_config.get("config_groups") or {}).values()
+    out = {}
+    for module in (k.removesuffix(".weight_scale") for k in tensors if k.endswith(".weight_scale")):
+        args = next((g["weights"] for g in groups if module in g.get("targets", []) or "Linear" in g.get("targets", [])),
+                    None)
+        fmt = None if args is None else _int_format(args, tensors[f"{module}.weight_scale"].dtype)
+        if fmt is None:
+            continue
+        if f"{module}.weight_packed" in tensors:
+            shape = tensors[f"{module}.weight_shape"].tolist()
+            q = unpack_from_int32(tensors[f"{module}.weight_packed"], fmt.bits, torch.Size(shape)).to(torch.int8)
+        else:
+            q = tensors[f"{module}.weight"].to(torch.int8)
+        rows = 1 if fmt.granularity == "tensor" else q.shape[0]
+        scale = tensors[f"{module}.weight_scale"].float().reshape(rows, -1)
+        zero = tensors.get(f"{module}.weight_zero_point")
+        out[module] = QuantizedTensor(q=q, scale=scale, zero_point=None if zero is None else zero.reshape(rows, -1),
+                                      fmt=fmt)
+    return out

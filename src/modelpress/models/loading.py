@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import logging
 import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -172,16 +173,23 @@ def load_tokenizer(source: ModelSource):
         raise _wrap_load_error(source, e) from None
 
 
-def _fp4_load_args(source: ModelSource) -> dict:
-    """compressed-tensors decompresses FP4 (NVFP4 / MXFP4) weights to bfloat16 at every forward,
-    which a float32 model cannot multiply on CPU: for those, decompress once at load instead."""
+def compressed_tensors_config(source: ModelSource) -> dict:
+    """The ``quantization_config`` of a compressed-tensors checkpoint folder, or ``{}``."""
     if source.kind != "folder":
         return {}
     import json
 
     qc = json.loads((Path(source.path) / "config.json").read_text()).get("quantization_config") or {}
+    return qc if qc.get("quant_method") == "compressed-tensors" else {}
+
+
+def _decompress_args(source: ModelSource, dequantize: bool = False) -> dict:
+    """compressed-tensors decompresses FP4 (NVFP4 / MXFP4) weights to bfloat16 at every forward,
+    which a float32 model cannot multiply on CPU: for those (or any, with ``dequantize``),
+    decompress once at load instead, into plain float Linears."""
+    qc = compressed_tensors_config(source)
     formats = [qc.get("format")] + [g.get("format") for g in (qc.get("config_groups") or {}).values()]
-    if qc.get("quant_method") != "compressed-tensors" or not any("fp4" in str(f) for f in formats):
+    if not qc or not (dequantize or any("fp4" in str(f) for f in formats)):
         return {}
     from transformers.utils.quantization_config import CompressedTensorsConfig
 
@@ -279,13 +287,15 @@ def checked(name: str, tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
-def load_model(source: ModelSource, dtype: torch.dtype = torch.float32, device: str = "cpu"):
+def load_model(source: ModelSource, dtype: torch.dtype = torch.float32, device: str = "cpu", dequantize: bool = False):
     """Load the whole model in ``dtype`` (evaluation; compression streams tensors instead).
 
     A GGUF file is dequantized to float by transformers; its quantizer is detached so the
     result behaves (and saves) like any float checkpoint. Checked before it is returned: every
     shard readable, every tensor where the config puts it with the config's shape (nothing
-    randomly initialised, nothing dropped), no NaN or inf.
+    randomly initialised, nothing dropped), no NaN or inf. With ``dequantize``, a
+    compressed-tensors checkpoint comes back as plain float Linears holding ``(q - z)·s``
+    (training starts from that; evaluation keeps the compressed modules).
 
     Raises:
         UserError: any of those checks fails, or transformers cannot load the model.
@@ -295,13 +305,15 @@ def load_model(source: ModelSource, dtype: torch.dtype = torch.float32, device: 
     name, kwargs = source.pretrained_args
     if source.kind != "gguf":
         kwargs["use_safetensors"] = True
-        kwargs.update(_fp4_load_args(source))
+        kwargs.update(_decompress_args(source, dequantize))
         index = shard_index(source)
         check_shapes(index, {k: tuple(v.shape) for k, v in meta_model(load_config(source)).state_dict().items()})
     try:
-        model, info = AutoModelForCausalLM.from_pretrained(
-            name, dtype=dtype, trust_remote_code=False, device_map=device, output_loading_info=True, **kwargs
-        )
+        with warnings.catch_warnings():  # "the model already has a quantization_config": we replace it on purpose
+            warnings.filterwarnings("ignore", message="You passed `quantization_config`")
+            model, info = AutoModelForCausalLM.from_pretrained(
+                name, dtype=dtype, trust_remote_code=False, device_map=device, output_loading_info=True, **kwargs
+            )
     except (OSError, ValueError, KeyError, RuntimeError) as e:
         raise _wrap_load_error(source, e) from None
     _check_loading_info(source, info)

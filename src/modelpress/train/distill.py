@@ -1,10 +1,19 @@
-"""Logit distillation (and plain fine-tuning) of a whole model, on ``accelerate``.
+"""Distillation, fine-tuning and QAT of a whole model, on ``accelerate``: the ``distill`` verb.
 
-The student trains on windows of the user's text; in ``logit`` mode the frozen teacher's
-next-token distribution on the same windows is the target (EQ 7.2, :mod:`modelpress.train.losses`),
-with ``alpha=0`` it is plain cross-entropy on the text (the baseline KD must beat).
+The student trains on windows of the user's text, in one of three modes:
 
-One :class:`~accelerate.Accelerator` loop, so ``accelerate launch`` runs the same command on
+- ``logit``: the frozen teacher's next-token distribution on the same windows is the target
+  (EQ 7.2, :mod:`modelpress.train.losses`); ``alpha=0`` is plain cross-entropy on the text (the
+  baseline KD must beat) and needs no teacher;
+- ``sequence``: the teacher's continuations of the text are the text (:mod:`modelpress.train.sequence`);
+- ``on-policy`` (GKD): a fraction of the micro-batches are the student's own continuations,
+  scored token by token by the teacher with the generalized JSD.
+
+The student keeps its kind (:func:`_student`): a float model stays float (or trains through
+``qat``'s fake quantization), a compressed-tensors integer checkpoint trains through its own
+formats from its stored scales, and a pruned model's zeros stay zero.
+
+One :class:`~accelerate.Accelerator` loop (:class:`~modelpress.train.loop.Trainer`), so ``accelerate launch`` runs the same command on
 several processes, GPUs or nodes (DDP, FSDP): mixed precision, gradient accumulation and
 ``save_state``/``load_state`` are accelerate's. What the loop adds is what a compression tool
 needs around it:
@@ -32,21 +41,22 @@ import logging
 import math
 import shutil
 import time
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from modelpress.data import WindowProtocol, read_text, token_windows
 from modelpress.errors import UserError
-from modelpress.eval.perplexity import evaluate
+from modelpress.formats.floats import parse_format
+from modelpress.formats.integer import IntFormat
 from modelpress.models import loading
-from modelpress.progress import fmt_seconds
-from modelpress.record import record_header, to_json
+from modelpress.record import record_header
+from modelpress.train import qat
 from modelpress.train.data import BatchOrder, train_windows
-from modelpress.train.student import StudentLoss, check_head, check_vocab, hidden_states, logit_head
+from modelpress.train.loop import Trainer
+from modelpress.train.workdir import Progress, Run, has_accelerator, save_weights, write_json
+from modelpress.train.student import StudentLoss, check_head, check_vocab, keep_zeros, logit_head
 
 logger = logging.getLogger("modelpress")
 
@@ -75,9 +85,15 @@ class DistillConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    mode: Literal["logit"] = "logit"
+    mode: Literal["logit", "sequence", "on-policy"] = "logit"
     temperature: float = Field(1.0, gt=0)
     alpha: float = Field(1.0, ge=0, le=1)
+    # on-policy (GKD): JSD(beta) between teacher and student; a fraction lmbda of the micro-batches
+    # are the student's own continuations of the first prompt_tokens of a window.
+    # sequence: the teacher's continuations of the same prompts are the student's training text
+    beta: float = Field(0.5, ge=0, le=1)
+    lmbda: float = Field(0.5, ge=0, le=1)
+    prompt_tokens: int | None = Field(None, ge=1)  # None: half the window
     steps: int | None = Field(None, ge=1)
     tokens: int | None = Field(None, ge=1)
     lr: float = Field(1e-4, gt=0)
@@ -97,6 +113,16 @@ class DistillConfig(BaseModel):
     teacher_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     chunk_tokens: int = Field(1024, ge=1)
     slice_teacher_vocab: bool = False
+    qat: str | None = None  # a weight format (int4-g128...): train through its fake quantization
+    qat_scales: Literal["fixed", "learned"] = "fixed"  # learned: LSQ
+
+    @field_validator("qat")
+    @classmethod
+    def _integer_format(cls, spec: str | None) -> str | None:
+        if spec is not None and not isinstance(parse_format(spec), IntFormat):
+            raise ValueError(f"QAT fake-quantizes integer formats (int4-g128, int3-g64, int8-channel...); "
+                             f"{spec} is not supported yet")
+        return spec
 
     @model_validator(mode="after")
     def _one_budget(self) -> DistillConfig:
@@ -106,7 +132,20 @@ class DistillConfig(BaseModel):
 
     @property
     def needs_teacher(self) -> bool:
-        return self.alpha > 0
+        """The teacher's logits enter the loss (sequence mode uses the teacher before training only)."""
+        return self.mode == "on-policy" or (self.mode == "logit" and self.alpha > 0)
+
+    @property
+    def prompt_len(self) -> int:
+        """Tokens of a window kept as the prompt of an on-policy continuation (BOS included)."""
+        return min(self.prompt_tokens or self.seq_len // 2, self.seq_len - 1)
+
+    def on_policy(self, m: int) -> bool:
+        """Whether micro-batch ``m`` is the student's own samples (a fixed draw per ``m`` and seed)."""
+        if self.mode != "on-policy" or self.lmbda == 0:
+            return False
+        u = torch.rand((), generator=torch.Generator().manual_seed(self.seed * 1_000_003 + m)).item()
+        return u < self.lmbda
 
     def total_steps(self, world: int) -> int:
         """Optimizer steps: ``steps``, or enough to see ``tokens`` tokens over all processes."""
@@ -119,114 +158,68 @@ class DistillConfig(BaseModel):
         return self.seq_len * self.batch_size * self.grad_accum * world
 
 
-@dataclass
-class Progress:
-    """What a resumed run needs besides accelerate's state (saved as ``trainer.json``)."""
+def _student(src, config: DistillConfig, device):
+    """The trainable student and how to write it, in the kind it came in (or ``--qat``'s).
 
-    step: int = 0
-    start_ppl: float | None = None
-    best_ppl: float | None = None
-    best_step: int | None = None
-    bad_evals: int = 0
-    stopped_early: bool = False
+    - a float checkpoint: trained as is, written as float; with ``config.qat``, trained through
+      that format's fake quantization (RTN scales to start) and written as compressed-tensors;
+    - a compressed-tensors integer checkpoint: trained through its own formats, starting from its
+      stored codes and scales (QAT), and written back in them;
+    - exact zeros (a pruned model): kept, their gradients masked (:func:`keep_zeros`).
 
-    def to_dict(self) -> dict:
-        return dict(self.__dict__)
+    Returns:
+        ``(model, save(model, folder, tokenizer), record entry)``.
+    """
+    from modelpress.export.compressed_tensors import read_quantized
+    from modelpress.models.tensors import plan_targets
+    from modelpress.pipeline.recipe import RTNConfig
 
-
-def has_accelerator() -> bool:
-    """A GPU (or another torch accelerator) is present."""
-    probe = getattr(torch, "accelerator", None)  # torch >= 2.6
-    return bool(probe.is_available()) if probe is not None else torch.cuda.is_available()
-
-
-def write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(to_json(data, indent=2))
-    tmp.replace(path)
-
-
-def append_log(path: Path, entry: dict) -> None:
-    with path.open("a") as f:
-        f.write(json.dumps(entry) + "\n")
-
-
-def replace_dir(src: Path, dst: Path) -> None:
-    """Move ``src`` to ``dst``, replacing it (the old one stays until the new one is complete)."""
-    old = dst.with_name(dst.name + ".old")
-    if dst.exists():
-        dst.rename(old)
-    src.rename(dst)
-    if old.exists():
-        shutil.rmtree(old)
+    qc = loading.compressed_tensors_config(src)
+    if qc and config.qat is not None:
+        raise UserError(f"{src.path} is already quantized; drop --qat (it is trained in its own format), "
+                        "or start from the float model")
+    model = loading.load_model(src, torch.float32, device=str(device), dequantize=bool(qc))
+    model.requires_grad_(True)
+    out_dtype = DTYPES.get(str(loading.load_config(src).dtype).removeprefix("torch."), torch.float32)
+    info = {"qat": None, "kept_zeros": None}
+    save = lambda m, folder, tokenizer=None: save_weights(m, folder, out_dtype, tokenizer)  # noqa: E731
+    start = read_quantized(src.path, qc) if qc else None
+    if qc and not start:
+        raise UserError(f"{src.path} holds no integer-quantized Linear that QAT can train (FP8/FP4 are not supported yet)")
+    if start or config.qat is not None:
+        formats = {m: qt.fmt for m, qt in start.items()} if start else \
+            plan_targets(model, RTNConfig(format=config.qat)).formats
+        fakes = qat.attach(model, formats, config.qat_scales, start=start)
+        names = set(loading.shard_index(src))
+        save = lambda m, folder, tokenizer=None: qat.save_compressed(m, fakes, folder, out_dtype, names, tokenizer)  # noqa: E731
+        info["qat"] = {"formats": sorted({f.name for f in formats.values()}), "scales": config.qat_scales,
+                       "start": "stored" if start else "rtn", "layers": len(fakes)}
+    info["kept_zeros"] = keep_zeros(model) or None
+    return model, save, info
 
 
-def time_left(start: float, done: int, total: int) -> float:
-    return (time.monotonic() - start) / max(done, 1) * (total - done)
-
-
-class Run:
-    """The work folder ``OUT.partial`` of one run: its saved state, best weights and log."""
-
-    def __init__(self, out_dir: str | Path, resume: bool):
-        self.out = Path(out_dir)
-        self.work = self.out.with_name(self.out.name + ".partial")
-        self.state, self.best, self.log = self.work / "state", self.work / "best", self.work / "train_log.jsonl"
-        if self.out.exists():
-            raise UserError(f"output {self.out} already exists; choose a new folder or remove it")
-        if self.state.is_dir() and not resume:
-            raise UserError(f"an interrupted run left {self.work}; add --resume to continue it, or delete it")
-        if resume and not self.state.is_dir():
-            logger.info("nothing to resume in %s; starting from step 0", self.work)
-        self.resuming = resume and self.state.is_dir()
-
-    def start(self, config: DistillConfig) -> Progress:
-        """A fresh work folder, or the saved progress of the run being resumed (same config only)."""
-        if not self.resuming:
-            if self.work.exists():
-                shutil.rmtree(self.work)
-            self.work.mkdir(parents=True)
-            return Progress()
-        saved = json.loads((self.state / "trainer.json").read_text())
-        if saved["config"] != config.model_dump():
-            changed = sorted(k for k, v in config.model_dump().items() if saved["config"].get(k) != v)
-            raise UserError(f"--resume needs the interrupted run's settings; changed: {', '.join(changed)}")
-        progress = Progress(**saved["progress"])
-        kept = [line for line in self.log.read_text().splitlines() if json.loads(line)["step"] <= progress.step]
-        self.log.write_text("".join(line + "\n" for line in kept))  # what a killed run logged past its state
-        return progress
-
-
-def _save_weights(model, folder: Path, dtype: torch.dtype) -> None:
-    """``model`` as a Hugging Face checkpoint in ``dtype``, written to ``folder.tmp`` then renamed."""
-    tmp = folder.with_name(folder.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    state = {k: v.detach().to(dtype) if v.is_floating_point() else v for k, v in model.state_dict().items()}
-    model.save_pretrained(tmp, state_dict=state)
-    config = json.loads((tmp / "config.json").read_text())
-    config["dtype"] = str(dtype).removeprefix("torch.")
-    (tmp / "config.json").write_text(json.dumps(config, indent=2))
-    replace_dir(tmp, folder)
+def _teacher(teacher: str | None, config: DistillConfig, student, device, probe: torch.Tensor):
+    if not config.needs_teacher:
+        return None, None
+    if teacher is None:
+        raise UserError(f"{config.mode} distillation needs --teacher MODEL (or, in logit mode, --alpha 0 for plain "
+                        "fine-tuning on the text)")
+    t_model = loading.load_model(loading.resolve(teacher), DTYPES[config.teacher_dtype], device=str(device))
+    t_model.requires_grad_(False)
+    t_vocab = check_vocab(student, t_model, config.slice_teacher_vocab)
+    check_head(t_model, probe.to(device), "teacher")
+    return t_model, t_vocab
 
 
 def _setup_models(student: str, teacher: str | None, config: DistillConfig, device, probe: torch.Tensor):
     src = loading.resolve(student)
-    model = loading.load_model(src, torch.float32, device=str(device))
-    model.requires_grad_(True)
+    model, save, info = _student(src, config, device)
     check_head(model, probe.to(device), "student")
-    t_model = t_vocab = None
-    if config.needs_teacher:
-        if teacher is None:
-            raise UserError("logit distillation needs --teacher MODEL (or --alpha 0 for plain fine-tuning on the text)")
-        t_model = loading.load_model(loading.resolve(teacher), DTYPES[config.teacher_dtype], device=str(device))
-        t_model.requires_grad_(False)
-        t_vocab = check_vocab(model, t_model, config.slice_teacher_vocab)
-        check_head(t_model, probe.to(device), "teacher")
+    t_model, t_vocab = _teacher(teacher, config, model, device, probe)
     if config.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
-    return src, model, t_model, t_vocab
+    return src, model, t_model, t_vocab, save, info
 
 
 def distill(student: str, data: list[str], out_dir: str, config: DistillConfig, teacher: str | None = None,
@@ -239,7 +232,7 @@ def distill(student: str, data: list[str], out_dir: str, config: DistillConfig, 
         The run record (also written as ``OUT/modelpress.json``).
     """
     from accelerate import Accelerator
-    from accelerate.utils import broadcast_object_list, set_seed
+    from accelerate.utils import set_seed
 
     start = time.monotonic()
     run = Run(out_dir, resume)
@@ -256,25 +249,33 @@ def distill(student: str, data: list[str], out_dir: str, config: DistillConfig, 
     if eval_text is not None:
         eval_ids = token_windows(tokenizer, read_text(eval_text),
                                  WindowProtocol("held-out", config.seq_len, config.eval_windows))
-    src, model, teacher_model, t_vocab = _setup_models(student, teacher, config, accelerator.device, windows[:1, :16])
-    out_dtype = loading.load_config(src).dtype or torch.float32
-    out_dtype = DTYPES.get(str(out_dtype).removeprefix("torch."), torch.float32)
     total = config.total_steps(accelerator.num_processes)
-    eval_every = config.eval_every or max(1, total // 10)
-    save_every = config.save_every or eval_every
-    warmup = config.warmup_steps if config.warmup_steps is not None else total // 20
+    if config.mode == "sequence" and teacher is None:
+        raise UserError("sequence distillation needs --teacher MODEL (its continuations are the training text)")
     if main:
         progress = run.start(config)
     accelerator.wait_for_everyone()
     if not main:
         progress = Progress(**json.loads((run.state / "trainer.json").read_text())["progress"]) if run.resuming \
             else Progress()
+    with run.cleanup_unless_saved():
+        if config.mode == "sequence":
+            corpus = _sequence_corpus(run, teacher, data, config, total * order.global_batch * config.grad_accum,
+                                      accelerator)
+            windows = train_windows(tokenizer, [corpus], config.seq_len)
+            order = BatchOrder(len(windows), config.batch_size, accelerator.num_processes, config.seed)
+            order.check(f"the teacher's corpus {corpus}")
+        src, model, teacher_model, t_vocab, save, info = _setup_models(student, teacher, config, accelerator.device,
+                                                                       windows[:1, :16])
 
     from transformers import get_cosine_schedule_with_warmup
 
-    loss_module = StudentLoss(model, config.temperature, config.alpha, config.chunk_tokens,
-                              logit_head(teacher_model) if teacher_model is not None else None, t_vocab)
+    alpha = config.alpha if config.mode == "logit" else 0.0  # sequence: CE on the teacher's text
+    loss_module = StudentLoss(model, config.temperature, alpha, config.chunk_tokens,
+                              logit_head(teacher_model) if teacher_model is not None else None, t_vocab,
+                              beta=config.beta if config.mode == "on-policy" else None)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    warmup = config.warmup_steps if config.warmup_steps is not None else total // 20
     # stepped by us once per optimizer step (accelerate's wrapper would step it once per process)
     scheduler = get_cosine_schedule_with_warmup(optimizer, warmup, total)
     loss_module, optimizer = accelerator.prepare(loss_module, optimizer)
@@ -282,127 +283,48 @@ def distill(student: str, data: list[str], out_dir: str, config: DistillConfig, 
     if run.resuming:
         accelerator.load_state(str(run.state))
         logger.info("resuming at step %d/%d", progress.step, total)
-    unwrapped = accelerator.unwrap_model(loss_module).student
-
-    def evaluate_now() -> float:
-        ppl = None
-        if main:
-            unwrapped.eval()
-            ppl = evaluate(unwrapped, eval_ids, protocol=f"held-out-{config.seq_len}").ppl
-            unwrapped.train()
-        return broadcast_object_list([ppl])[0]
-
-    def log(entry: dict) -> None:
-        if main:
-            append_log(run.log, entry)
-
-    def save_state() -> None:
-        tmp = run.work / "state.tmp"
-        accelerator.save_state(str(tmp))
-        if main:
-            write_json(tmp / "trainer.json", {"config": config.model_dump(), "progress": progress.to_dict()})
-            replace_dir(tmp, run.state)
-        accelerator.wait_for_everyone()
-
-    def after_eval(ppl: float) -> None:
-        log({"step": progress.step, "eval_ppl": ppl})
-        if progress.best_ppl is None or ppl < progress.best_ppl:
-            progress.best_ppl, progress.best_step, progress.bad_evals = ppl, progress.step, 0
-            if main:
-                _save_weights(unwrapped, run.best, out_dtype)
-            accelerator.wait_for_everyone()
-        else:
-            progress.bad_evals += 1
-            progress.stopped_early = progress.bad_evals >= config.patience
-
-    if eval_ids is not None and progress.step == 0:
-        progress.start_ppl = evaluate_now()
-        logger.info("step 0: held-out ppl %.3f", progress.start_ppl)
-        after_eval(progress.start_ppl)
-    tokens_per_step = config.tokens_per_step(accelerator.num_processes)
-    loop_start, last_line, first_step = time.monotonic(), 0.0, progress.step
-    while progress.step < total and not progress.stopped_early:
-        means = _train_step(accelerator, loss_module, optimizer, scheduler, teacher_model, windows, order,
-                            progress.step, config)
-        progress.step += 1
-        if not all(math.isfinite(v) for v in means.values()):
-            raise UserError(f"the loss became NaN at step {progress.step}; the last good state "
-                            f"({_saved_step(run)}) is in {run.work}; lower --lr and start again")
-        done = progress.step - first_step
-        rate = done * tokens_per_step / (time.monotonic() - loop_start)
-        log({"step": progress.step, "tokens": progress.step * tokens_per_step, **means,
-             "lr": scheduler.get_last_lr()[0], "tokens_per_s": rate})
-        if main and (time.monotonic() - last_line > 2 or progress.step == total):
-            last_line = time.monotonic()
-            logger.info("step %d/%d, loss %.4f (ce %.4f), %.0f tok/s, ETA %s", progress.step, total, means["loss"],
-                        means["ce"], rate, fmt_seconds(time_left(loop_start, done, total - first_step)))
-        if eval_ids is not None and (progress.step % eval_every == 0 or progress.step == total):
-            ppl = evaluate_now()
-            logger.info("step %d: held-out ppl %.3f (best %.3f)", progress.step, ppl, min(ppl, progress.best_ppl))
-            after_eval(ppl)
-        if progress.step % save_every == 0 and progress.step < total and not progress.stopped_early:
-            save_state()
-    if eval_ids is None and main:  # no held-out text: the last weights are the result
-        _save_weights(unwrapped, run.best, out_dtype)
-    accelerator.wait_for_everyone()
+    trainer = Trainer(accelerator, run, config, progress, loss_module, optimizer, scheduler, teacher_model,
+                      windows, order, total, lambda folder: save(model, folder, tokenizer))
+    trainer.train(eval_ids)
     record = None
-    if main:
-        record = _finish(run, src, teacher, data, config, tokenizer, progress, len(windows),
-                         total, tokens_per_step, accelerator.num_processes, time.monotonic() - start)
+    if accelerator.is_main_process:
+        record = _finish(run, src, teacher, data, config, progress, len(windows), total, trainer.tokens_per_step,
+                         accelerator.num_processes, time.monotonic() - start, info)
     accelerator.wait_for_everyone()
     return record
 
 
-def _saved_step(run: Run) -> str:
-    try:
-        return f"step {json.loads((run.state / 'trainer.json').read_text())['progress']['step']}"
-    except OSError:
-        return "none saved yet"
+def _sequence_corpus(run: Run, teacher: str, data: list[str], config: DistillConfig, n: int, accelerator):
+    """The teacher's continuations (written once by the main process, reused on resume)."""
+    from modelpress.train.sequence import teacher_corpus
+
+    corpus = run.work / "teacher_corpus.jsonl"
+    if accelerator.is_main_process and not corpus.exists():
+        logger.info("teacher: generating %d continuations of %d tokens", n, config.seq_len + 1 - config.prompt_len)
+        teacher_corpus(teacher, data, corpus, n, config.seq_len, config.prompt_len, config.batch_size, config.seed,
+                       DTYPES[config.teacher_dtype], str(accelerator.device))
+    accelerator.wait_for_everyone()
+    return corpus
 
 
-def _train_step(accelerator, loss_module, optimizer, scheduler, teacher, windows, order: BatchOrder, step: int,
-                config: DistillConfig) -> dict[str, float]:
-    """One optimizer step over ``grad_accum`` micro-batches; returns the mean loss terms (all processes)."""
-    from contextlib import nullcontext
-
-    sums = torch.zeros(3, device=accelerator.device)
-    for a in range(config.grad_accum):
-        m = step * config.grad_accum + a
-        ids = windows[order.indices(m, accelerator.process_index)].to(accelerator.device)
-        h_t = None
-        if teacher is not None:
-            with torch.no_grad():
-                h_t = hidden_states(teacher, ids[:, :-1])
-        sync = a == config.grad_accum - 1
-        with nullcontext() if sync else accelerator.no_sync(loss_module):
-            loss, ce, soft = loss_module(ids, h_t)
-            accelerator.backward(loss / config.grad_accum)
-        sums += torch.stack([loss.detach(), ce.detach(), soft.detach()]).float()
-    if config.max_grad_norm is not None:
-        accelerator.clip_grad_norm_(loss_module.parameters(), config.max_grad_norm)
-    optimizer.step()
-    scheduler.step()
-    optimizer.zero_grad(set_to_none=True)
-    sums = accelerator.reduce(sums, reduction="mean") / config.grad_accum
-    return dict(zip(("loss", "ce", "soft"), sums.tolist()))
-
-
-def _finish(run: Run, src, teacher, data, config: DistillConfig, tokenizer, progress: Progress, n_windows: int, total: int, tokens_per_step: int, world: int, elapsed_s: float) -> dict:
-    """Complete ``OUT.partial/best`` (tokenizer, record, log) and rename it to ``OUT``."""
-    tokenizer.save_pretrained(run.best)
+def _finish(run: Run, src, teacher, data, config: DistillConfig, progress: Progress, n_windows: int, total: int,
+            tokens_per_step: int, world: int, elapsed_s: float, info: dict) -> dict:
+    """Complete ``OUT.partial/best`` (record, log) and rename it to ``OUT``."""
     record = {
         **record_header(src, config, elapsed_s),
         "teacher": teacher,
         "data": {"files": [str(f) for f in data], "windows": n_windows, "tokens_per_window": config.seq_len},
         "processes": world,
+        **info,
         "steps": {"planned": total, "done": progress.step, "tokens": progress.step * tokens_per_step,
                   "stopped_early": progress.stopped_early},
         "held_out": None if progress.best_ppl is None else
         {"start_ppl": progress.start_ppl, "best_ppl": progress.best_ppl, "best_step": progress.best_step},
     }
     write_json(run.best / "modelpress.json", record)
-    if run.log.exists():
-        shutil.copy(run.log, run.best / "train_log.jsonl")
+    for kept in (run.log, run.work / "teacher_corpus.jsonl"):  # the corpus: reusable with --alpha 0 --data
+        if kept.exists():
+            shutil.copy(kept, run.best / kept.name)
     run.best.rename(run.out)
     shutil.rmtree(run.work)
     return record

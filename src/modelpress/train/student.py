@@ -49,7 +49,8 @@ class StudentLoss(torch.nn.Module):
     so that every student computation happens inside the wrapped forward.
 
     ``forward(ids, teacher_hidden)`` returns per-token means ``(loss, ce, soft)`` of EQ 7.2
-    (:func:`modelpress.train.losses.kd_sums`); ``teacher_hidden=None`` with ``alpha=0`` is plain CE.
+    (:func:`modelpress.train.losses.kd_sums`); ``teacher_hidden=None`` with ``alpha=0`` is plain CE;
+    with ``beta`` set, the loss is GKD's JSD(β) (:func:`modelpress.train.losses.jsd_sums`).
 
     Args:
         student: a causal LM (trained).
@@ -58,21 +59,25 @@ class StudentLoss(torch.nn.Module):
     """
 
     def __init__(self, student, temperature: float, alpha: float, chunk_tokens: int,
-                 teacher_head: losses.Head | None = None, teacher_vocab: int | None = None):
+                 teacher_head: losses.Head | None = None, teacher_vocab: int | None = None, beta: float | None = None):
         super().__init__()
         self.student = student
-        self.temperature, self.alpha, self.chunk_tokens = temperature, alpha, chunk_tokens
+        self.temperature, self.alpha, self.chunk_tokens, self.beta = temperature, alpha, chunk_tokens, beta
         self.teacher_head = teacher_head
         if teacher_head is not None and teacher_vocab is not None:
             self.teacher_head = lambda h: teacher_head(h)[..., :teacher_vocab]
 
-    def forward(self, ids: torch.Tensor, teacher_hidden: torch.Tensor | None = None):
-        h_s = hidden_states(self.student, ids[:, :-1])
+    def forward(self, ids: torch.Tensor, teacher_hidden: torch.Tensor | None = None, start: int = 0):
+        """Means over the predictions of tokens ``start + 1 ...`` of each window (0: all of them)."""
+        h_s = hidden_states(self.student, ids[:, :-1])[:, start:]
         h_s = h_s.reshape(-1, h_s.shape[-1])
-        h_t = None if teacher_hidden is None else teacher_hidden.reshape(-1, teacher_hidden.shape[-1])
-        s = losses.chunked(losses.kd_sums, h_s, logit_head(self.student), ids[:, 1:].reshape(-1), h_t,
-                           self.teacher_head, chunk_tokens=self.chunk_tokens, temperature=self.temperature,
-                           alpha=self.alpha)
+        h_t = None if teacher_hidden is None else teacher_hidden[:, start:].reshape(-1, teacher_hidden.shape[-1])
+        if self.beta is None:
+            sums, kwargs = losses.kd_sums, {"alpha": self.alpha}
+        else:
+            sums, kwargs = losses.jsd_sums, {"beta": self.beta}
+        s = losses.chunked(sums, h_s, logit_head(self.student), ids[:, start + 1:].reshape(-1), h_t,
+                           self.teacher_head, chunk_tokens=self.chunk_tokens, temperature=self.temperature, **kwargs)
         return s.loss / s.n, s.ce / s.n, s.soft / s.n
 
 
@@ -92,3 +97,25 @@ def check_vocab(student, teacher, slice_teacher: bool) -> int | None:
                     f"{hint}; for models with different tokenizers use sequence-level distillation")
 
 
+
+
+def keep_zeros(model, min_fraction: float = 0.01) -> dict[str, float]:
+    """Hold every exact zero of a pruned decoder Linear at zero while training: each weight with at
+    least ``min_fraction`` exact zeros (a trained dense weight has essentially none) gets a gradient
+    hook that masks them. Adam then never moves them (zero gradient, zero moments, zero step) and
+    decoupled weight decay keeps 0 at 0, so the written weights have the same zeros.
+
+    Returns:
+        module name -> its fraction of zeros, for the record.
+    """
+    kept = {}
+    for name, module in model.named_modules():
+        if not isinstance(module, torch.nn.Linear) or name.endswith("lm_head"):
+            continue
+        plain = module.parametrizations.weight.original if hasattr(module, "parametrizations") else module.weight
+        mask = plain.detach() != 0
+        fraction = 1.0 - mask.float().mean().item()
+        if fraction >= min_fraction:
+            plain.register_hook(lambda g, mask=mask: g * mask)
+            kept[name] = round(fraction, 4)
+    return kept
