@@ -342,3 +342,49 @@ def test_sequence_distillation_across_tokenizers_trains_on_the_teachers_text(tea
     assert sum(e["ce"] for e in log[-5:]) < sum(e["ce"] for e in log[:5])
     record = json.loads((tmp_path / "a" / "modelpress.json").read_text())
     assert record["config"]["mode"] == "sequence"
+
+
+def test_qat_to_gguf_writes_exactly_the_weights_it_trained(damaged, texts, tmp_path):
+    """q4_k_m on a tiny model (k-quants fall back to q5_0 on 64-wide rows, as llama.cpp does):
+    the GGUF's decoded weights give the held-out perplexity measured while training, and
+    llama.cpp runs the file to within its own int8-activation rounding."""
+    import math
+
+    from conftest import llama_cpp_logits
+
+    out = tmp_path / "qat"
+    assert main(["distill", str(damaged), "--alpha", "0", "--data", str(texts["train"]), "--steps", "4",
+                 *FAST, "--qat", "q4_k_m", "--eval-text", str(texts["held_out"]), "--eval-every", "2",
+                 "-o", str(out)]) == 0
+    record = json.loads((out / "modelpress.json").read_text())
+    assert record["qat"]["file_type"] == "q4_k_m" and record["qat"]["layers"] == 16  # 14 Linears, output, embeddings
+    assert record["held_out"]["best_step"] > 0
+    gguf = out / "model.gguf"
+    ids = token_windows(loading.load_tokenizer(loading.resolve(damaged)), read_text(texts["held_out"]),
+                        WindowProtocol("held-out-32", 32, 4))
+    decoded = loading.load_model(loading.resolve(gguf))  # transformers decodes the blocks as gguf-py does
+    assert evaluate(decoded, ids).ppl == pytest.approx(record["held_out"]["best_ppl"], rel=1e-5)
+    nll = 0.0
+    for window in ids:
+        logits = torch.from_numpy(llama_cpp_logits(gguf, window.tolist()))
+        nll -= torch.log_softmax(logits[:-1], -1).gather(1, window[1:, None]).sum().item()
+    assert math.exp(nll / (ids.shape[0] * (ids.shape[1] - 1))) == pytest.approx(record["held_out"]["best_ppl"],
+                                                                                rel=1e-2)
+
+
+def test_qat_to_gguf_with_tied_embeddings(tiny_models, texts, tmp_path):
+    """Gemma ties its output to the embeddings: both see the one quantized token_embd, as in llama.cpp."""
+    out = tmp_path / "qat"
+    student = tiny_models["gemma3_text"]
+    assert main(["distill", str(student), "--alpha", "0", "--data", str(texts["train"]), "--steps", "4", *FAST,
+                 "--qat", "q8_0", "--eval-text", str(texts["held_out"]), "--eval-every", "2", "-o", str(out)]) == 0
+    record = json.loads((out / "modelpress.json").read_text())
+    assert record["qat"]["layers"] == 15 and record["held_out"]["best_step"] > 0  # 14 Linears + token_embd
+    ids = token_windows(loading.load_tokenizer(loading.resolve(student)), read_text(texts["held_out"]),
+                        WindowProtocol("held-out-32", 32, 4))
+    # the GGUF's decoded weights in the student's own config (transformers' GGUF config for Gemma 3
+    # does not carry every field of a tiny test config, e.g. query_pre_attn_scalar)
+    decoded = loading.load_model(loading.resolve(out / "model.gguf")).state_dict()
+    model = loading.load_model(loading.resolve(student))
+    model.load_state_dict(decoded)
+    assert evaluate(model, ids).ppl == pytest.approx(record["held_out"]["best_ppl"], rel=1e-5)

@@ -147,7 +147,8 @@ class CheckpointWriter:
             extra_files: file name -> text or bytes, written as is.
             copy_files_from: a folder whose non-weight side files (generation config, tokenizer,
                 chat template) are copied when not already written.
-            tokenizer: a tokenizer to ``save_pretrained`` into the checkpoint.
+            tokenizer: a tokenizer to ``save_pretrained`` into the checkpoint when
+                ``copy_files_from`` gave none.
 
         Returns:
             The final folder.
@@ -158,14 +159,14 @@ class CheckpointWriter:
         for leftover in self.tmp_dir.glob(RESUME_PREFIX + "*"):
             leftover.unlink()
         (self.tmp_dir / "config.json").write_text(to_json(config, indent=2, sort_keys=True))
-        if tokenizer is not None:
-            tokenizer.save_pretrained(self.tmp_dir)
         for name, content in (extra_files or {}).items():
             mode = "wb" if isinstance(content, bytes) else "w"
             with open(self.tmp_dir / name, mode) as f:
                 f.write(content)
         if copy_files_from is not None:
-            _copy_side_files(Path(copy_files_from), self.tmp_dir)
+            copy_side_files(Path(copy_files_from), self.tmp_dir)
+        if tokenizer is not None and not has_tokenizer(self.tmp_dir):
+            tokenizer.save_pretrained(self.tmp_dir)
         _normal_permissions(self.tmp_dir)
         if self.out_dir.exists():
             raise UserError(f"output {self.out_dir} appeared while writing; not overwriting it")
@@ -189,11 +190,25 @@ class CheckpointWriter:
 
 
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
-_NOT_COPIED = {"config.json", "model.safetensors.index.json", "modelpress.json"}
+# a run's own records are never carried into another run's output
+_NOT_COPIED = {"config.json", "model.safetensors.index.json", "modelpress.json", "train_log.jsonl",
+               "teacher_corpus.jsonl"}
 
 
-def _copy_side_files(src: Path, dst: Path) -> None:
-    for path in src.iterdir():
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
+
+
+def has_tokenizer(folder: Path) -> bool:
+    return any((Path(folder) / name).is_file() for name in TOKENIZER_FILES)
+
+
+def copy_side_files(src: Path, dst: Path) -> None:
+    """Copy the source's non-weight files (tokenizer, generation config, chat template) that ``dst``
+    does not have yet, byte for byte. The tokenizer comes from here rather than from
+    ``save_pretrained``: a tokenizer class re-saving can change the files (transformers' Qwen2
+    tokenizer adds ``<|endoftext|>`` to a vocabulary that lacks it, one token more than the
+    embedding has rows, which llama.cpp then refuses)."""
+    for path in Path(src).iterdir():
         if path.is_file() and path.suffix not in _WEIGHT_SUFFIXES and path.name not in _NOT_COPIED:
             if not (dst / path.name).exists():
                 shutil.copy2(path, dst / path.name)

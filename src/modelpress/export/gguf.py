@@ -53,12 +53,15 @@ class GGUFArch:
     name: str  # gguf.MODEL_ARCH member
     permute_qk: bool = False  # q/k rows from HF's half-split RoPE order to llama.cpp's interleaved pairs
     sliding_window: bool = False  # per-layer sliding-window pattern and its RoPE base (Gemma 3)
+    # llama.cpp builds attn_q as n_embd x n_embd for this architecture (heads x head_dim must be the
+    # hidden size; llama's and qwen3's loaders use heads x head_dim)
+    q_is_square: bool = False
 
 
 GGUF_ARCHITECTURES: dict[str, GGUFArch] = {
     "llama": GGUFArch("LLAMA", permute_qk=True),
     "mistral": GGUFArch("LLAMA", permute_qk=True),
-    "qwen2": GGUFArch("QWEN2"),
+    "qwen2": GGUFArch("QWEN2", q_is_square=True),
     "qwen3": GGUFArch("QWEN3"),
     "gemma3_text": GGUFArch("GEMMA3", sliding_window=True),
 }
@@ -104,6 +107,12 @@ class GGUFLayout:
         if arch is None:
             raise UserError(f"GGUF export does not support {config.model_type!r} yet; supported: "
                             f"{', '.join(GGUF_ARCHITECTURES)}")
+        head_dim = getattr(tc, "head_dim", None) or tc.hidden_size // tc.num_attention_heads
+        if arch.q_is_square and tc.num_attention_heads * head_dim != tc.hidden_size:
+            raise UserError(f"llama.cpp's {arch.name.lower()} architecture needs attention heads x head size = hidden "
+                            f"size; this model has {tc.num_attention_heads} x {head_dim} = "
+                            f"{tc.num_attention_heads * head_dim}, not {tc.hidden_size} (heads removed by structured "
+                            "pruning?); keep it as safetensors, or prune only MLP channels and layers for GGUF")
         self.config, self.tc, self.arch, self.ftype = config, tc, arch, ftype
         self.norm_offset = arch_for(config).norm_offset
         model_arch = getattr(gguf.MODEL_ARCH, arch.name)

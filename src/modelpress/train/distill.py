@@ -41,6 +41,7 @@ import logging
 import math
 import shutil
 import time
+from pathlib import Path
 from typing import Literal
 
 import torch
@@ -118,16 +119,17 @@ class DistillConfig(BaseModel):
 
     @field_validator("qat")
     @classmethod
-    def _integer_format(cls, spec: str | None) -> str | None:
-        if spec is not None and not isinstance(parse_format(spec), IntFormat):
-            raise ValueError(f"QAT fake-quantizes integer formats (int4-g128, int3-g64, int8-channel...); "
-                             f"{spec} is not supported yet")
+    def _qat_format(cls, spec: str | None) -> str | None:
+        if spec is not None:
+            qat_kind(spec)
         return spec
 
     @model_validator(mode="after")
     def _one_budget(self) -> DistillConfig:
         if (self.steps is None) == (self.tokens is None):
             raise ValueError("give the budget as exactly one of steps or tokens")
+        if self.qat is not None and self.qat_scales == "learned" and qat_kind(self.qat) == "gguf":
+            raise ValueError("learned scales are for integer formats; a GGUF type keeps llama.cpp's block scales")
         return self
 
     @property
@@ -158,6 +160,25 @@ class DistillConfig(BaseModel):
         return self.seq_len * self.batch_size * self.grad_accum * world
 
 
+def qat_kind(spec: str) -> Literal["int", "gguf"]:
+    """``int`` for an integer weight format (compressed-tensors), ``gguf`` for a llama.cpp file type."""
+    from modelpress.export.gguf_mix import FILE_TYPES, FLOAT_TYPES, file_type
+
+    try:
+        if isinstance(parse_format(spec), IntFormat):
+            return "int"
+    except (UserError, ValueError):
+        pass
+    try:
+        name = file_type(spec)
+    except UserError:
+        name = None
+    if name is not None and name not in FLOAT_TYPES and name in FILE_TYPES:
+        return "gguf"
+    raise ValueError(f"QAT fake-quantizes integer formats (int4-g128, int3-g64, int8-channel...) and GGUF types "
+                     f"(q4_0, q4_k_m...); {spec} is not one")
+
+
 def _student(src, config: DistillConfig, device):
     """The trainable student and how to write it, in the kind it came in (or ``--qat``'s).
 
@@ -182,16 +203,27 @@ def _student(src, config: DistillConfig, device):
     model.requires_grad_(True)
     out_dtype = DTYPES.get(str(loading.load_config(src).dtype).removeprefix("torch."), torch.float32)
     info = {"qat": None, "kept_zeros": None}
-    save = lambda m, folder, tokenizer=None: save_weights(m, folder, out_dtype, tokenizer)  # noqa: E731
+    side = Path(src.path) if src.kind == "folder" else None  # tokenizer and generation config, byte for byte
+    save = lambda m, folder, tokenizer=None: save_weights(m, folder, out_dtype, tokenizer, side)  # noqa: E731
     start = read_quantized(src.path, qc) if qc else None
     if qc and not start:
         raise UserError(f"{src.path} holds no integer-quantized Linear that QAT can train (FP8/FP4 are not supported yet)")
-    if start or config.qat is not None:
+    if config.qat is not None and qat_kind(config.qat) == "gguf":
+        from modelpress.export.gguf import GGUFLayout
+        from modelpress.export.gguf_mix import file_type
+
+        fakes = qat.attach_gguf(model, GGUFLayout(model.config, file_type(config.qat)))
+        save = lambda m, folder, tokenizer=None: qat.save_gguf(m, fakes, folder, config.qat, tokenizer, side)  # noqa: E731
+        info["qat"] = {"formats": sorted({f.fmt.name for f in fakes.values()}), "file_type": config.qat,
+                       "scales": "fixed (llama.cpp's search on the starting weights)", "start": "rtn",
+                       "layers": len(fakes)}
+    elif start or config.qat is not None:
         formats = {m: qt.fmt for m, qt in start.items()} if start else \
             plan_targets(model, RTNConfig(format=config.qat)).formats
         fakes = qat.attach(model, formats, config.qat_scales, start=start)
         names = set(loading.shard_index(src))
-        save = lambda m, folder, tokenizer=None: qat.save_compressed(m, fakes, folder, out_dtype, names, tokenizer)  # noqa: E731
+        save = lambda m, folder, tokenizer=None: qat.save_compressed(m, fakes, folder, out_dtype, names, tokenizer,  # noqa: E731
+                                                                     side)
         info["qat"] = {"formats": sorted({f.name for f in formats.values()}), "scales": config.qat_scales,
                        "start": "stored" if start else "rtn", "layers": len(fakes)}
     info["kept_zeros"] = keep_zeros(model) or None

@@ -16,8 +16,15 @@ fixed (the default) or are learned with LSQ (Esser et al. 2020, arXiv:1902.08153
 outside), scaled by ``g = 1/sqrt(group·qmax)`` as the paper does so that scale and weight steps
 are of comparable size.
 
-Integer formats only for now (what compressed-tensors stores as ``pack-quantized`` /
-``int-quantized``); NVFP4 and GGUF block types are refused with a clear message.
+**GGUF block types** (``q4_0``, ``q4_k_m``...: llama.cpp file types) go the same way on each
+tensor's block grid: the layout ``export --to gguf`` would write gives every quantized tensor its
+type (embeddings and output included, as llama.cpp quantizes them), llama.cpp's own reference
+search picks each matrix's block parameters on the starting weights, and those stay fixed while
+training (:class:`FakeGGUF`); the forward pass is ``grid_dequant(quantize_with(W))``, bit for bit
+what llama.cpp decodes, and the file is written from the same codes (:func:`save_gguf`). Learned
+scales are integer formats only (a k-quant's scales are jointly searched 6-bit sub-scales).
+
+Float formats (NVFP4, FP8...) are refused with a clear message.
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from modelpress.errors import UserError
+from modelpress.formats.gguf_blocks import BlockParams, GGUFBlockFormat
 from modelpress.formats.integer import SCALE_DTYPES, IntFormat, QuantizedTensor
 
 
@@ -75,6 +83,44 @@ def fake_quantize_ste(W: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor |
     return _FakeQuantSTE.apply(W, scale, zero, fmt, grad_scale)
 
 
+class _StraightThrough(torch.autograd.Function):
+    """Forward ``W_hat`` (computed without grad); backward the upstream gradient where ``inside``."""
+
+    @staticmethod
+    def forward(ctx, W, W_hat, inside):
+        ctx.save_for_backward(inside)
+        return W_hat
+
+    @staticmethod
+    def backward(ctx, grad):
+        (inside,) = ctx.saved_tensors
+        return grad * inside, None, None
+
+
+class FakeGGUF(nn.Module):
+    """The parametrization ``W -> Ŵ`` on one matrix's GGUF block grid, its block parameters fixed."""
+
+    def __init__(self, fmt: GGUFBlockFormat, params: BlockParams):
+        super().__init__()
+        self.fmt, self.params = fmt, params
+
+    def forward(self, W: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            Wf = W.detach().float()
+            W_hat = self.fmt.grid_dequant(self.fmt.quantize_with(Wf, self.params), self.params).to(W.dtype)
+            step, offset = self.fmt.grid(self.params)  # (rows, n_groups)
+            g = Wf.reshape(W.shape[0], step.shape[1], -1)
+            lo = (step * self.fmt.qmin + (0 if offset is None else offset))[..., None]
+            hi = (step * self.fmt.qmax + (0 if offset is None else offset))[..., None]
+            lo, hi = torch.minimum(lo, hi), torch.maximum(lo, hi)
+            inside = ((g >= lo) & (g <= hi)).reshape(W.shape)
+        return _StraightThrough.apply(W, W_hat, inside)
+
+    def stored(self, W: torch.Tensor) -> torch.Tensor:
+        """The GGUF bytes of ``Ŵ``: the same codes the forward pass used, packed."""
+        return self.fmt.pack(self.fmt.quantize_with(W.detach().float(), self.params), self.params)
+
+
 class FakeQuant(nn.Module):
     """The parametrization ``W -> Ŵ`` of one Linear: its format, scales and zero points.
 
@@ -113,13 +159,38 @@ def attach(model: nn.Module, formats: dict[str, IntFormat], scales: Literal["fix
     out = {}
     for name, fmt in formats.items():
         if not isinstance(fmt, IntFormat):
-            raise UserError(f"QAT fake-quantizes integer formats (int4-g128, int8-channel...); {fmt.name} "
-                            "is not supported yet")
+            raise UserError(f"QAT fake-quantizes integer formats (int4-g128, int8-channel...) and GGUF types; "
+                            f"{fmt.name} is not supported yet")
         linear = model.get_submodule(name)
         qt = (start or {}).get(name) or fmt.quantize(linear.weight.detach())
         fq = FakeQuant(fmt, qt, learn_scale=scales == "learned").to(linear.weight.device)
         parametrize.register_parametrization(linear, "weight", fq, unsafe=True)
         out[name] = fq
+    return out
+
+
+def attach_gguf(model: nn.Module, layout) -> dict[str, FakeGGUF]:
+    """Fake-quantize every tensor a GGUF ``layout`` stores in a block type (Linear and embedding
+    weights); returns module name -> its :class:`FakeGGUF`."""
+    from modelpress.formats.gguf_blocks import GGUF_FORMATS, gguf_format
+
+    out = {}
+    for e in layout.entries:
+        module = e.name.removesuffix(".weight")
+        if e.type not in GGUF_FORMATS or not e.name.endswith(".weight"):
+            continue
+        target = model.get_submodule(module)
+        if not isinstance(target, (nn.Linear, nn.Embedding)):
+            continue
+        fmt = gguf_format(e.type)
+        weight = target.weight
+        fq = FakeGGUF(fmt, fmt.choose_params(weight.detach().float()))
+        parametrize.register_parametrization(target, "weight", fq, unsafe=True)
+        out[module] = fq
+        head = model.get_output_embeddings()
+        if isinstance(target, nn.Embedding) and head is not None and head.weight is weight:
+            # tied output: llama.cpp multiplies by the same quantized token_embd
+            parametrize.register_parametrization(head, "weight", fq, unsafe=True)
     return out
 
 
@@ -129,7 +200,7 @@ def original_weight(linear: nn.Module) -> torch.Tensor:
 
 
 def save_compressed(model: nn.Module, fakes: dict[str, FakeQuant], folder, dtype: torch.dtype,
-                    stored_names: set[str], tokenizer=None) -> None:
+                    stored_names: set[str], tokenizer=None, side_files=None) -> None:
     """Write ``model`` as a compressed-tensors checkpoint: each fake-quantized Linear as the codes
     and scales it trained with (:meth:`FakeQuant.stored`), every other tensor of ``stored_names``
     (the source checkpoint's names: a tied output embedding is not written twice) in ``dtype``."""
@@ -145,4 +216,39 @@ def save_compressed(model: nn.Module, fakes: dict[str, FakeQuant], folder, dtype
         config = clean_config(model.config)
         config.dtype = str(dtype).removeprefix("torch.")
         ignore = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in fakes]
-        writer.finish(config=config.to_dict(), ignore=ignore, tokenizer=tokenizer)
+        writer.finish(config=config.to_dict(), ignore=ignore, tokenizer=tokenizer, copy_files_from=side_files)
+
+
+def plain_state(model: nn.Module, fakes: dict) -> dict[str, torch.Tensor]:
+    """The model's tensors under their own names, each fake-quantized weight as ``Ŵ``."""
+    state = {k: v for k, v in model.state_dict().items() if ".parametrizations." not in k}
+    for name in fakes:
+        state[name + ".weight"] = model.get_submodule(name).weight.detach()
+    return state
+
+
+def save_gguf(model: nn.Module, fakes: dict[str, FakeGGUF], folder, type_name: str, tokenizer,
+              side_files=None) -> None:
+    """Write ``folder/model.gguf``: each fake-quantized tensor as the bytes of the codes it trained
+    with, every other tensor as ``export --to gguf`` encodes it (through a float copy beside it)."""
+    import shutil
+    from pathlib import Path
+
+    from modelpress.export.checkpoint import copy_side_files, has_tokenizer
+    from modelpress.export.gguf import export_gguf
+
+    folder = Path(folder)
+    floats = folder.with_name(folder.name + ".float")
+    if floats.exists():
+        shutil.rmtree(floats)
+    model.save_pretrained(floats, state_dict=plain_state(model, fakes))
+    if side_files is not None:
+        copy_side_files(side_files, floats)
+    if not has_tokenizer(floats):
+        tokenizer.save_pretrained(floats)
+    encoded = {name + ".weight": fq.stored(original_weight(model.get_submodule(name))) for name, fq in fakes.items()}
+    folder.mkdir(parents=True)
+    try:
+        export_gguf(str(floats), str(folder / "model.gguf"), type_name, encoded=encoded)
+    finally:
+        shutil.rmtree(floats)

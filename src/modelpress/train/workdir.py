@@ -123,14 +123,19 @@ def replace_with(folder: Path, write) -> None:
     replace_dir(tmp, folder)
 
 
-def save_weights(model, folder: Path, dtype: torch.dtype, tokenizer=None) -> None:
-    """``model`` as a plain Hugging Face checkpoint in ``dtype``."""
+def save_weights(model, folder: Path, dtype: torch.dtype, tokenizer=None, side_files: Path | None = None) -> None:
+    """``model`` as a plain Hugging Face checkpoint in ``dtype``, with the source's side files
+    (tokenizer byte for byte, generation config) from ``side_files`` (else ``tokenizer`` saved)."""
+    from modelpress.export.checkpoint import copy_side_files, has_tokenizer
+
     state = {k: v.detach().to(dtype) if v.is_floating_point() else v for k, v in model.state_dict().items()}
     model.save_pretrained(folder, state_dict=state)
     config = json.loads((folder / "config.json").read_text())
     config["dtype"] = str(dtype).removeprefix("torch.")
     (folder / "config.json").write_text(json.dumps(config, indent=2))
-    if tokenizer is not None:
+    if side_files is not None:
+        copy_side_files(side_files, folder)
+    if tokenizer is not None and not has_tokenizer(folder):
         tokenizer.save_pretrained(folder)
 
 
