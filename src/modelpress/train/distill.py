@@ -186,7 +186,7 @@ def _student(src, config: DistillConfig, device):
       that format's fake quantization (RTN scales to start) and written as compressed-tensors;
     - a compressed-tensors integer checkpoint: trained through its own formats, starting from its
       stored codes and scales (QAT), and written back in them;
-    - exact zeros (a pruned model): kept, their gradients masked (:func:`keep_zeros`).
+    - exact zeros of a float model (a pruned one): kept, their gradients masked (:func:`keep_zeros`).
 
     Returns:
         ``(model, save(model, folder, tokenizer), record entry)``.
@@ -226,7 +226,9 @@ def _student(src, config: DistillConfig, device):
                                                                      side)
         info["qat"] = {"formats": sorted({f.name for f in formats.values()}), "scales": config.qat_scales,
                        "start": "stored" if start else "rtn", "layers": len(fakes)}
-    info["kept_zeros"] = keep_zeros(model) or None
+    # a float source's exact zeros are pruned weights; a quantized one's are also code 0 of its grid,
+    # which QAT must be free to move (so a pruned-then-quantized checkpoint's zeros are not held: noted)
+    info["kept_zeros"] = None if start else keep_zeros(model) or None
     return model, save, info
 
 
