@@ -70,12 +70,19 @@ def model_path(name: str) -> Path:
     return _convert_gguf(assemble(CACHE / "gemma-3-270m-q4_k_m.gguf"), CACHE / "gemma-3-270m")
 
 
-def timed(cmd: list[str]) -> dict:
-    """Run ``cmd`` under /usr/bin/time; wall seconds and peak RSS (MB)."""
+def timed(cmd: list[str], log: Path | None = None) -> dict:
+    """Run ``cmd`` under /usr/bin/time; wall seconds and peak RSS (MB). With ``log``, its stderr goes
+    there as it runs (to follow a long run's progress lines)."""
     with tempfile.NamedTemporaryFile("r", suffix=".time") as t:
-        proc = subprocess.run(["/usr/bin/time", "-f", "%e %M", "-o", t.name, *cmd], capture_output=True, text=True)
+        if log is None:
+            proc = subprocess.run(["/usr/bin/time", "-f", "%e %M", "-o", t.name, *cmd], capture_output=True, text=True)
+            stderr = proc.stderr
+        else:
+            with open(log, "w") as f:
+                proc = subprocess.run(["/usr/bin/time", "-f", "%e %M", "-o", t.name, *cmd], stdout=f, stderr=f)
+            stderr = Path(log).read_text()
         if proc.returncode != 0:
-            raise RuntimeError(f"{' '.join(cmd[:4])} failed:\n{proc.stderr[-3000:]}")
+            raise RuntimeError(f"{' '.join(cmd[:4])} failed:\n{stderr[-3000:]}")
         wall, rss_kb = t.read().split()[-2:]
     return {"wall_s": float(wall), "peak_rss_mb": int(rss_kb) / 1024}
 

@@ -21,7 +21,9 @@ Usage (from the project root, after scripts/setup.sh):
     .venv/bin/python benchmarks/distill.py [--students drop4,mlp75,gptq3] [--modes kd,ce,gkd] [--tokens 200000]
 
 Writes benchmarks/results/distill.md and .json after every row; rows accumulate across runs and a
-later run replaces the rows it measures. Take each row alone on the machine.
+later run replaces the rows it measures. The students are kept in ``--work`` and reused (delete a
+student's folder to make it again); each training's progress lines go to ``WORK/STUDENT-MODE.log``.
+Take each row alone on the machine.
 """
 
 from __future__ import annotations
@@ -95,7 +97,8 @@ def main() -> None:
     args = parser.parse_args()
     import time
 
-    work = scratch(args.work)
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
     src = model_path("smollm2")
     tokenizer = loading.load_tokenizer(loading.resolve(src))
     eval_file = work / "eval.safetensors"
@@ -106,15 +109,18 @@ def main() -> None:
     rows = {(r["student"], r["mode"]): r for r in json.loads(saved.read_text())["rows"]} if saved.exists() else {}
     fill = {"src": str(src), "emma": str(austen("emma.txt"))}
     for student in args.students.split(","):
-        made = work / student
-        timed([MP, *[a.format(**fill) for a in STUDENTS[student]], "-o", str(made), "--no-quality-guard"])
-        start_ppl = perplexity(made, eval_file)
+        made = work / student  # kept between runs: the same student for every mode
+        if not (made / "start_ppl.txt").exists():
+            scratch(str(made)).rmdir()
+            timed([MP, *[a.format(**fill) for a in STUDENTS[student]], "-o", str(made), "--no-quality-guard"])
+            (made / "start_ppl.txt").write_text(repr(perplexity(made, eval_file)))
+        start_ppl = float((made / "start_ppl.txt").read_text())
         for mode in args.modes.split(","):
             out = work / f"{student}-{mode}"
             cmd = [MP, *[a.format(student=made, **fill) for a in MODES[mode]], "--data",
                    *[str(austen(t)) for t in TRAIN], "--tokens", str(args.tokens), "--lr", args.lr,
                    "--batch-size", args.batch_size, "--eval-text", str(austen(HELD_OUT)), "-o", str(out)]
-            stats = timed(cmd)
+            stats = timed(cmd, log=work / f"{student}-{mode}.log")
             record = json.loads((out / "modelpress.json").read_text())
             rows[(student, mode)] = {"student": student, "mode": mode, "start_ppl": start_ppl,
                                      "ppl": perplexity(out, eval_file), "float_ppl": float_ppl,
@@ -123,7 +129,6 @@ def main() -> None:
             save(rows, args)
             print(json.dumps(rows[(student, mode)]), flush=True)
             shutil.rmtree(out)
-        shutil.rmtree(made)
     print((RESULTS / "distill.md").read_text())
 
 
