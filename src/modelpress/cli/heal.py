@@ -2,7 +2,9 @@
 
 A structurally pruned model gets logit distillation and stays a smaller float model; a
 compressed-tensors integer checkpoint is trained through its own format from its stored scales
-(QAT + KD) and written back in it; a model with pruned zeros keeps them. Same options as `distill`.
+(QAT + KD) and written back in it; a GGUF file is trained in each tensor's own block type from
+its stored codes and written as OUT/model.gguf; a model with pruned zeros keeps them. Same options
+as `distill`.
 
 Example:
     modelpress heal smollm2-small --teacher smollm2-135m --data emma.txt mansfield.txt --tokens 400000 \

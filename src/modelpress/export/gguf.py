@@ -34,7 +34,7 @@ import torch
 
 from modelpress.errors import UserError
 from modelpress.export.gguf_mix import FILE_TYPES, FLOAT_TYPES, file_type, tensor_types
-from modelpress.formats.gguf_blocks import gguf_format
+from modelpress.formats.gguf_blocks import GGUF_FORMATS, BlockParams, gguf_format
 from modelpress.models import loading
 from modelpress.models.arch import arch_for, text_config
 from modelpress.models.layers import WeightReader
@@ -99,7 +99,9 @@ def _unpermute_rope(W: torch.Tensor, n_head: int) -> torch.Tensor:
 class GGUFLayout:
     """The file a model becomes: entries in write order, and the weight transforms of its architecture."""
 
-    def __init__(self, config, ftype: str, pure: bool = False):
+    def __init__(self, config, ftype: str, pure: bool = False, types: dict[str, str] | None = None):
+        """``types``: GGUF tensor name -> type, where they are given rather than chosen by
+        llama.cpp's rules for ``ftype`` (an existing file's, :func:`layout_of_file`)."""
         import gguf
 
         tc = text_config(config)
@@ -128,7 +130,8 @@ class GGUFLayout:
         n_layer = tc.num_hidden_layers
         n_gqa = tc.num_attention_heads // tc.num_key_value_heads
         large_attn_v = n_layer == 80 and n_gqa > 1  # llama.cpp's "70B" rule
-        types = tensor_types([(g, s) for _, g, s in rows], ftype, n_layer, n_gqa, large_attn_v, pure)
+        types = {**tensor_types([(g, s) for _, g, s in rows], ftype, n_layer, n_gqa, large_attn_v, pure),
+                 **(types or {})}
         self.entries = [GGUFEntry(n, g, s, types[g]) for n, g, s in rows]
 
     def to_gguf(self, name: str, W: torch.Tensor) -> torch.Tensor:
@@ -172,9 +175,53 @@ def _file_position(gguf_name: str) -> tuple[int, str]:
     return (0 if gguf_name.startswith("token_embd") else 1 << 30), gguf_name
 
 
-def gguf_layout(model: str, out_file: str | Path, type_name: str, pure: bool = False) -> tuple[loading.ModelSource, GGUFLayout]:
+def layout_of_file(gguf_file: str | Path, config) -> GGUFLayout:
+    """The layout of an existing GGUF file of ``config``'s model: its file type and the type each
+    tensor is stored in (a file's mixture may differ from the rules', e.g. another quantizer's)."""
+    import gguf
+
+    reader = gguf.GGUFReader(gguf_file)
+    field = reader.fields.get("general.file_type")
+    by_value = {}
+    for name, (_, llama_name) in FILE_TYPES.items():
+        by_value.setdefault(getattr(gguf.LlamaFileType, llama_name).value, name)
+    ftype = by_value.get(int(field.parts[-1][0])) if field is not None else None
+    types = {t.name: t.tensor_type.name.lower() for t in reader.tensors}
+    unknown = sorted({t for t in types.values() if t not in FLOAT_TYPES and t not in GGUF_FORMATS})
+    if ftype is None or unknown:
+        raise UserError(f"{gguf_file} is stored in {', '.join(unknown) or 'a file type'} that modelpress does not "
+                        f"encode; supported: {', '.join(FILE_TYPES)}")
+    return GGUFLayout(config, ftype, types=types)
+
+
+def read_gguf_blocks(gguf_file: str | Path, layout: GGUFLayout) -> dict[str, tuple[torch.Tensor, BlockParams]]:
+    """Checkpoint name -> the codes and block params a GGUF file stores for each block-quantized
+    tensor, rows in checkpoint order (q/k RoPE rows un-permuted, as :meth:`GGUFLayout.from_gguf`)."""
+    from dataclasses import fields, replace
+
+    from gguf import GGUFReader
+
+    tensors = {t.name: t for t in GGUFReader(gguf_file).tensors}
+    out = {}
+    for e in layout.entries:
+        if e.type not in GGUF_FORMATS:
+            continue
+        data = torch.from_numpy(np.array(tensors[e.gguf_name].data)).reshape(e.shape[0], -1)
+        codes, params = gguf_format(e.type).unpack(data, e.shape)
+        heads = layout._rope_heads(e.name)
+        if heads:
+            codes = _unpermute_rope(codes, heads)
+            params = replace(params, **{f.name: _unpermute_rope(getattr(params, f.name), heads)
+                                        for f in fields(params) if getattr(params, f.name) is not None})
+        out[e.name] = (codes, params)
+    return out
+
+
+def gguf_layout(model: str, out_file: str | Path, type_name: str, pure: bool = False,
+                layout: GGUFLayout | None = None) -> tuple[loading.ModelSource, GGUFLayout]:
     """Check what an export needs before any work (a new output name, a checkpoint folder with a
-    ``tokenizer.json``, a supported architecture and type); return the source and the file's layout."""
+    ``tokenizer.json``, a supported architecture and type); return the source and the file's layout
+    (``layout`` when it is given)."""
     ftype = file_type(type_name)
     if Path(out_file).exists():
         raise UserError(f"output {out_file} already exists; choose a new file or remove it")
@@ -182,11 +229,11 @@ def gguf_layout(model: str, out_file: str | Path, type_name: str, pure: bool = F
     if source.kind != "folder" or not (Path(source.path) / "tokenizer.json").is_file():
         raise UserError("GGUF export reads a checkpoint folder with a tokenizer.json; "
                         "convert first with `modelpress export MODEL --to hf -o DIR`")
-    return source, GGUFLayout(loading.load_config(source), ftype, pure)
+    return source, layout or GGUFLayout(loading.load_config(source), ftype, pure)
 
 
 def export_gguf(model: str, out_file: str, type_name: str = "f16", pure: bool = False,
-                encoded: dict[str, torch.Tensor] | None = None) -> dict:
+                encoded: dict[str, torch.Tensor] | None = None, layout: GGUFLayout | None = None) -> dict:
     """Write ``model`` as a GGUF file of llama.cpp file type ``type_name`` (``f16``, ``q4_k_m``...).
 
     Args:
@@ -197,6 +244,7 @@ def export_gguf(model: str, out_file: str, type_name: str = "f16", pure: bool = 
         encoded: checkpoint weight name -> GGUF bytes (rows in checkpoint order) chosen by a
             calibrated method (:func:`modelpress.calibrated_gguf.export_calibrated_gguf`); every
             other tensor gets llama.cpp's plain round-to-nearest encoding.
+        layout: the file's layout when the caller built it already (QAT trained on it).
 
     Returns:
         ``{"bytes": file size, "tensors": n, "types": {gguf type: count}}``.
@@ -204,7 +252,7 @@ def export_gguf(model: str, out_file: str, type_name: str = "f16", pure: bool = 
     import gguf
 
     out = Path(out_file)
-    source, layout = gguf_layout(model, out, type_name, pure)
+    source, layout = gguf_layout(model, out, type_name, pure, layout)
     encoded = encoded or {}
     reader = WeightReader(source, {e.name: e.shape for e in layout.entries})
     tmp = out.with_name(out.name + f".partial-{os.getpid()}")

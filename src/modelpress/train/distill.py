@@ -208,15 +208,24 @@ def _student(src, config: DistillConfig, device):
     start = read_quantized(src.path, qc) if qc else None
     if qc and not start:
         raise UserError(f"{src.path} holds no integer-quantized Linear that QAT can train (FP8/FP4 are not supported yet)")
-    if config.qat is not None and qat_kind(config.qat) == "gguf":
-        from modelpress.export.gguf import GGUFLayout
+    if src.kind == "gguf" or (config.qat is not None and qat_kind(config.qat) == "gguf"):
+        from modelpress.export.gguf import GGUFLayout, layout_of_file, read_gguf_blocks
         from modelpress.export.gguf_mix import file_type
 
-        fakes = qat.attach_gguf(model, GGUFLayout(model.config, file_type(config.qat)))
-        save = lambda m, folder, tokenizer=None: qat.save_gguf(m, fakes, folder, config.qat, tokenizer, side)  # noqa: E731
-        info["qat"] = {"formats": sorted({f.fmt.name for f in fakes.values()}), "file_type": config.qat,
-                       "scales": "fixed (llama.cpp's search on the starting weights)", "start": "rtn",
-                       "layers": len(fakes)}
+        if src.kind == "gguf":  # trained in the file's own types from its stored codes, written as GGUF again
+            if config.qat is not None:
+                raise UserError(f"{src.path} is already a GGUF file; drop --qat (it is trained in its own types)")
+            layout = layout_of_file(src.path, model.config)
+            blocks = read_gguf_blocks(src.path, layout)
+        else:
+            layout, blocks = GGUFLayout(model.config, file_type(config.qat)), None
+        fakes = qat.attach_gguf(model, layout, start=blocks)
+        save = lambda m, folder, tokenizer=None: qat.save_gguf(m, fakes, folder, layout, tokenizer, side)  # noqa: E731
+        info["qat"] = {"formats": sorted({f.fmt.name for f in fakes.values()}), "file_type": layout.ftype,
+                       "scales": "fixed (the file's)" if blocks is not None else
+                       "fixed (llama.cpp's search on the starting weights)",
+                       "start": "stored" if blocks is not None else "rtn", "layers": len(fakes)}
+        start = start or blocks
     elif start or config.qat is not None:
         formats = {m: qt.fmt for m, qt in start.items()} if start else \
             plan_targets(model, RTNConfig(format=config.qat)).formats
@@ -273,6 +282,7 @@ def distill(student: str, data: list[str], out_dir: str, config: DistillConfig, 
     # cpu=True on a machine without an accelerator, so that `torchrun`/`accelerate launch --multi_gpu`
     # processes there form one gloo group (accelerate only looks for CPU peers when told it is on CPUs)
     accelerator = Accelerator(mixed_precision=config.mixed_precision, cpu=not has_accelerator())
+    _check_sharding(accelerator.distributed_type.value)
     main = accelerator.is_main_process
     set_seed(config.seed)
     tokenizer = loading.load_tokenizer(loading.resolve(student))
@@ -326,6 +336,14 @@ def distill(student: str, data: list[str], out_dir: str, config: DistillConfig, 
                          accelerator.num_processes, time.monotonic() - start, info)
     accelerator.wait_for_everyone()
     return record
+
+
+def _check_sharding(kind: str) -> None:
+    """Refuse the sharded launch modes: every process holds the whole student here, and the best
+    weights are written by the main process from its own copy (data parallel, DDP)."""
+    if kind in ("FSDP", "DEEPSPEED", "MEGATRON_LM"):
+        raise UserError(f"distill runs data-parallel (DDP: `accelerate launch --multi_gpu`, one or several "
+                        f"nodes); {kind} sharding is not supported yet: launch without it")
 
 
 def _sequence_corpus(run: Run, teacher: str, data: list[str], config: DistillConfig, n: int, accelerator):

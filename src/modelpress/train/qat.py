@@ -169,9 +169,11 @@ def attach(model: nn.Module, formats: dict[str, IntFormat], scales: Literal["fix
     return out
 
 
-def attach_gguf(model: nn.Module, layout) -> dict[str, FakeGGUF]:
+def attach_gguf(model: nn.Module, layout, start: dict | None = None) -> dict[str, FakeGGUF]:
     """Fake-quantize every tensor a GGUF ``layout`` stores in a block type (Linear and embedding
-    weights); returns module name -> its :class:`FakeGGUF`."""
+    weights), with the block params llama.cpp picks for the current weight, or those of ``start``
+    (checkpoint name -> ``(codes, params)`` read from a GGUF file, :func:`read_gguf_blocks`);
+    returns module name -> its :class:`FakeGGUF`."""
     from modelpress.formats.gguf_blocks import GGUF_FORMATS, gguf_format
 
     out = {}
@@ -184,7 +186,8 @@ def attach_gguf(model: nn.Module, layout) -> dict[str, FakeGGUF]:
             continue
         fmt = gguf_format(e.type)
         weight = target.weight
-        fq = FakeGGUF(fmt, fmt.choose_params(weight.detach().float()))
+        params = start[e.name][1] if start and e.name in start else fmt.choose_params(weight.detach().float())
+        fq = FakeGGUF(fmt, params)
         parametrize.register_parametrization(target, "weight", fq, unsafe=True)
         out[module] = fq
         head = model.get_output_embeddings()
@@ -227,10 +230,10 @@ def plain_state(model: nn.Module, fakes: dict) -> dict[str, torch.Tensor]:
     return state
 
 
-def save_gguf(model: nn.Module, fakes: dict[str, FakeGGUF], folder, type_name: str, tokenizer,
-              side_files=None) -> None:
-    """Write ``folder/model.gguf``: each fake-quantized tensor as the bytes of the codes it trained
-    with, every other tensor as ``export --to gguf`` encodes it (through a float copy beside it)."""
+def save_gguf(model: nn.Module, fakes: dict[str, FakeGGUF], folder, layout, tokenizer, side_files=None) -> None:
+    """Write ``folder/model.gguf`` in ``layout`` (the one the fakes were attached with): each
+    fake-quantized tensor as the bytes of the codes it trained with, every other tensor as
+    ``export --to gguf`` encodes it (through a float copy beside it)."""
     import shutil
     from pathlib import Path
 
@@ -249,6 +252,6 @@ def save_gguf(model: nn.Module, fakes: dict[str, FakeGGUF], folder, type_name: s
     encoded = {name + ".weight": fq.stored(original_weight(model.get_submodule(name))) for name, fq in fakes.items()}
     folder.mkdir(parents=True)
     try:
-        export_gguf(str(floats), str(folder / "model.gguf"), type_name, encoded=encoded)
+        export_gguf(str(floats), str(folder / "model.gguf"), layout.ftype, encoded=encoded, layout=layout)
     finally:
         shutil.rmtree(floats)
