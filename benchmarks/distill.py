@@ -32,6 +32,7 @@ import argparse
 import json
 import shutil
 import sys
+import time
 from pathlib import Path
 
 from safetensors.torch import save_file
@@ -86,6 +87,38 @@ def save(rows: dict, args) -> None:
     (RESULTS / "distill.md").write_text(f"{caption}\n\n{render(data)}\n")
 
 
+MEMORY_SETTINGS = {  # name -> extra options of a short `heal` run, for its peak RSS
+    "teacher float32": [],
+    "teacher bfloat16": ["--teacher-dtype", "bfloat16"],
+    "teacher bfloat16, gradient checkpointing": ["--teacher-dtype", "bfloat16", "--gradient-checkpointing"],
+    "no teacher (ce)": None,
+}
+
+
+def memory(args, work: Path, src: Path, fill: dict) -> None:
+    """Peak RSS of a few steps of healing the drop4 student under each of :data:`MEMORY_SETTINGS`
+    (the peak is reached in the first step; the rest of a run repeats it)."""
+    made = work / "drop4"
+    if not made.exists():
+        timed([MP, *[a.format(**fill) for a in STUDENTS["drop4"]], "-o", str(made), "--no-quality-guard"])
+    rows = []
+    for name, extra in MEMORY_SETTINGS.items():
+        out = work / "memory"
+        mode = MODES["ce"] if extra is None else [*MODES["kd"], *extra]
+        cmd = [MP, *[a.format(student=made, **fill) for a in mode], "--data", *[str(austen(t)) for t in TRAIN],
+               "--steps", "3", "--batch-size", args.batch_size, "-o", str(out)]
+        stats = timed(cmd, log=work / "memory.log")
+        rows.append(f"| {name} | {stats['peak_rss_mb']:.0f} |")
+        print(rows[-1], flush=True)
+        shutil.rmtree(out)
+    params = json.loads((made / "modelpress.json").read_text())["structured"]["params"]
+    (RESULTS / "distill_memory.md").write_text(
+        f"Peak RSS (/usr/bin/time) of `modelpress heal` on SmolLM2-135M with 4 layers dropped "
+        f"({params['after'] / 1e6:.1f}M parameters) as student, SmolLM2-135M as teacher, batch {args.batch_size} x 512 tokens, "
+        f"float32 student with AdamW, 3 steps, each run alone ({time.strftime('%Y-%m-%d')}).\n\n"
+        "| setting | peak RSS MB |\n| --- | ---: |\n" + "\n".join(rows) + "\n")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--students", default=",".join(STUDENTS))
@@ -94,12 +127,14 @@ def main() -> None:
     parser.add_argument("--lr", default="1e-4")
     parser.add_argument("--batch-size", default="4")
     parser.add_argument("--work", default=str(ROOT / "runs" / "distill-bench"))
+    parser.add_argument("--memory", action="store_true", help="only the peak-memory table (distill_memory.md)")
     args = parser.parse_args()
-    import time
 
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     src = model_path("smollm2")
+    if args.memory:
+        return memory(args, work, src, {"src": str(src), "emma": str(austen("emma.txt"))})
     tokenizer = loading.load_tokenizer(loading.resolve(src))
     eval_file = work / "eval.safetensors"
     save_file({"input_ids": token_windows(tokenizer, read_text(austen("pride_and_prejudice.txt")), PPL_512)
