@@ -10,15 +10,18 @@ and Sensibility and Northanger Abbey (512-token windows, shuffled), by:
 - ``ce``: ``modelpress distill --alpha 0`` (cross-entropy on the same text, no teacher), the
   baseline the soft targets must beat;
 - ``gkd``: ``modelpress heal --mode on-policy`` (GKD: JSD(0.5), half the micro-batches the
-  student's own continuations of the windows' first halves, scored by the teacher).
+  student's own continuations of the windows' first halves, scored by the teacher);
+- ``trl-gkd``: TRL's ``GKDTrainer`` with the same settings (``benchmarks/trl_gkd_side.py`` in
+  ``.venv-bench``; its loss covers the windows' second halves, and it trains to the end).
 
 Persuasion's first 16 windows are the held-out text that picks the best checkpoint; the reported
 perplexity is ppl-512 on Pride and Prejudice (40 windows), never trained or selected on. Columns:
 start and final ppl, the fraction of the gap to float recovered ``(start − final) / (start −
 float)``, tokens, wall time and peak RSS of the training process (/usr/bin/time).
 
-Usage (from the project root, after scripts/setup.sh):
-    .venv/bin/python benchmarks/distill.py [--students drop4,mlp75,gptq3] [--modes kd,ce,gkd] [--tokens 200000]
+Usage (from the project root, after scripts/setup.sh; trl-gkd after scripts/setup_bench.sh):
+    .venv/bin/python benchmarks/distill.py [--students drop4,mlp75,gptq3] [--modes kd,ce,gkd,trl-gkd]
+        [--tokens 100000] [--memory]
 
 Writes benchmarks/results/distill.md and .json after every row; rows accumulate across runs and a
 later run replaces the rows it measures. The students are kept in ``--work`` and reused (delete a
@@ -87,6 +90,23 @@ def save(rows: dict, args) -> None:
     (RESULTS / "distill.md").write_text(f"{caption}\n\n{render(data)}\n")
 
 
+def trl_gkd(args, work: Path, made: Path, src: Path, out: Path, log: Path) -> tuple[dict, int]:
+    """TRL's GKDTrainer (benchmarks/trl_gkd_side.py, in .venv-bench) on the same windows, student,
+    teacher and budget; it trains to the end (no held-out selection)."""
+    from modelpress.train.data import train_windows
+
+    windows = work / "train_windows.safetensors"
+    if not windows.exists():
+        ids = train_windows(loading.load_tokenizer(loading.resolve(made)), [austen(t) for t in TRAIN], 512)
+        save_file({"input_ids": ids.contiguous()}, windows)
+    steps = args.tokens // (int(args.batch_size) * 512)
+    stats = timed([str(ROOT / ".venv-bench/bin/python"), str(ROOT / "benchmarks/trl_gkd_side.py"), str(made), str(src),
+                   str(windows), str(steps), args.lr, args.batch_size, str(out)], log=log)
+    shutil.rmtree(out.with_name(out.name + ".trainer"), ignore_errors=True)
+    last = [line for line in log.read_text().splitlines() if line.startswith("{\"steps\"")][-1]
+    return stats, json.loads(last)["tokens"]
+
+
 MEMORY_SETTINGS = {  # name -> extra options of a short `heal` run, for its peak RSS
     "teacher float32": [],
     "teacher bfloat16": ["--teacher-dtype", "bfloat16"],
@@ -123,7 +143,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--students", default=",".join(STUDENTS))
     parser.add_argument("--modes", default="kd,ce")
-    parser.add_argument("--tokens", type=int, default=200_000)
+    parser.add_argument("--tokens", type=int, default=100_000)
     parser.add_argument("--lr", default="1e-4")
     parser.add_argument("--batch-size", default="4")
     parser.add_argument("--work", default=str(ROOT / "runs" / "distill-bench"))
@@ -152,15 +172,18 @@ def main() -> None:
         start_ppl = float((made / "start_ppl.txt").read_text())
         for mode in args.modes.split(","):
             out = work / f"{student}-{mode}"
-            cmd = [MP, *[a.format(student=made, **fill) for a in MODES[mode]], "--data",
-                   *[str(austen(t)) for t in TRAIN], "--tokens", str(args.tokens), "--lr", args.lr,
-                   "--batch-size", args.batch_size, "--eval-text", str(austen(HELD_OUT)), "-o", str(out)]
-            stats = timed(cmd, log=work / f"{student}-{mode}.log")
-            record = json.loads((out / "modelpress.json").read_text())
+            log = work / f"{student}-{mode}.log"
+            if mode == "trl-gkd":
+                stats, tokens = trl_gkd(args, work, made, src, out, log)
+            else:
+                cmd = [MP, *[a.format(student=made, **fill) for a in MODES[mode]], "--data",
+                       *[str(austen(t)) for t in TRAIN], "--tokens", str(args.tokens), "--lr", args.lr,
+                       "--batch-size", args.batch_size, "--eval-text", str(austen(HELD_OUT)), "-o", str(out)]
+                stats = timed(cmd, log=log)
+                tokens = json.loads((out / "modelpress.json").read_text())["steps"]["tokens"]
             rows[(student, mode)] = {"student": student, "mode": mode, "start_ppl": start_ppl,
                                      "ppl": perplexity(out, eval_file), "float_ppl": float_ppl,
-                                     "tokens": record["steps"]["tokens"], **stats,
-                                     "measured": time.strftime("%Y-%m-%d")}
+                                     "tokens": tokens, **stats, "measured": time.strftime("%Y-%m-%d")}
             save(rows, args)
             print(json.dumps(rows[(student, mode)]), flush=True)
             shutil.rmtree(out)
