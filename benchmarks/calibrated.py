@@ -87,14 +87,17 @@ def timed(cmd: list[str], log: Path | None = None) -> dict:
     return {"wall_s": float(wall), "peak_rss_mb": int(rss_kb) / 1024}
 
 
-def perplexity(path: Path, ids_file: Path, venv: str = ".venv") -> float:
-    """ppl by our evaluator, in a fresh process of ``venv`` (each tool's output loads in its own stack)."""
+def perplexity(path: Path, ids_file: Path, venv: str = ".venv", baseline: Path | None = None):
+    """ppl by our evaluator, in a fresh process of ``venv`` (each tool's output loads in its own stack);
+    with ``baseline``, ``(ppl, mean KL(baseline || model) per token)``."""
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
     proc = subprocess.run([str(ROOT / venv / "bin/python"), str(ROOT / "benchmarks/eval_side.py"), str(path),
-                           str(ids_file)], capture_output=True, text=True, env=env)
+                           str(ids_file), *([str(baseline)] if baseline is not None else [])],
+                          capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         raise RuntimeError(f"evaluating {path} failed:\n{proc.stderr[-3000:]}")
-    return float(proc.stdout.split()[-1])
+    values = [float(v) for v in proc.stdout.split()[-2:]]
+    return tuple(values) if baseline is not None else values[-1]
 
 
 RESULTS = ROOT / "benchmarks" / "results"

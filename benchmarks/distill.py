@@ -17,15 +17,20 @@ and Sensibility and Northanger Abbey (512-token windows, shuffled), by:
 Persuasion's first 16 windows are the held-out text that picks the best checkpoint; the reported
 perplexity is ppl-512 on Pride and Prejudice (40 windows), never trained or selected on. Columns:
 start and final ppl, the fraction of the gap to float recovered ``(start − final) / (start −
-float)``, tokens, wall time and peak RSS of the training process (/usr/bin/time).
+float)``, start and final KL (the mean per-token KL(float ‖ student) on the same windows: how
+close the student is to the model it was made from, which is what healing aims at; ppl on Austen
+also rewards adapting to Austen's prose, which cross-entropy on Austen does directly and the
+teacher's soft targets do not), tokens, wall time and peak RSS of the training process
+(/usr/bin/time).
 
 Usage (from the project root, after scripts/setup.sh; trl-gkd after scripts/setup_bench.sh):
     .venv/bin/python benchmarks/distill.py [--students drop4,mlp75,gptq3] [--modes kd,ce,gkd,trl-gkd]
-        [--tokens 100000] [--memory]
+        [--tokens 100000] [--memory] [--rescore]
 
 Writes benchmarks/results/distill.md and .json after every row; rows accumulate across runs and a
-later run replaces the rows it measures. The students are kept in ``--work`` and reused (delete a
-student's folder to make it again); each training's progress lines go to ``WORK/STUDENT-MODE.log``.
+later run replaces the rows it measures. The students and the trained outputs are kept in ``--work``
+(a student is reused: delete its folder to make it again; ``--rescore`` scores the kept outputs
+again); each training's progress lines go to ``WORK/STUDENT-MODE.log``.
 Take each row alone on the machine.
 """
 
@@ -67,14 +72,15 @@ MODES = {
 
 
 def render(rows: list[dict]) -> str:
-    lines = ["| student | training | start ppl | final ppl | float ppl | gap recovered | tokens | wall s | "
-             "peak RSS MB | measured |",
-             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
+    lines = ["| student | training | start ppl | final ppl | float ppl | gap recovered | start KL | final KL | "
+             "tokens | wall s | peak RSS MB | measured |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
     for r in rows:
         gap = (r["start_ppl"] - r["ppl"]) / (r["start_ppl"] - r["float_ppl"])
+        kls = [f"{r[k]:.4f}" if r.get(k) is not None else "" for k in ("start_kl", "kl")]
         lines.append(f"| {r['student']} | {r['mode']} | {r['start_ppl']:.3f} | {r['ppl']:.3f} | {r['float_ppl']:.3f} | "
-                     f"{100 * gap:.1f}% | {r['tokens']:,} | {r['wall_s']:.0f} | {r['peak_rss_mb']:.0f} | "
-                     f"{r['measured']} |")
+                     f"{100 * gap:.1f}% | {' | '.join(kls)} | {r['tokens']:,} | {r['wall_s']:.0f} | "
+                     f"{r['peak_rss_mb']:.0f} | {r['measured']} |")
     return "\n".join(lines)
 
 
@@ -84,10 +90,22 @@ def save(rows: dict, args) -> None:
     (RESULTS / "distill.json").write_text(json.dumps({"rows": data}, indent=2))
     caption = (f"SmolLM2-135M (float32) teaches students made from it; training text: {', '.join(TRAIN)} "
                f"(512-token windows, batch {args.batch_size}, lr {args.lr}, cosine); held-out for the best "
-               f"checkpoint: {HELD_OUT} (16 windows); ppl: ppl-512 on pride_and_prejudice.txt (40 windows). "
+               f"checkpoint: {HELD_OUT} (16 windows); ppl and KL(float ‖ student) per token: ppl-512 on "
+               "pride_and_prejudice.txt (40 windows). "
                "kd: `modelpress heal` (forward KL, τ 1; QAT + KD for the quantized student); ce: `modelpress "
                "distill --alpha 0`. Each row alone on the machine.")
     (RESULTS / "distill.md").write_text(f"{caption}\n\n{render(data)}\n")
+
+
+def train(args, mode: str, work: Path, made: Path, src: Path, out: Path, log: Path, fill: dict) -> tuple[dict, int]:
+    """One row's training; its wall time and peak RSS, and the tokens it trained on."""
+    if mode == "trl-gkd":
+        return trl_gkd(args, work, made, src, out, log)
+    cmd = [MP, *[a.format(student=made, **fill) for a in MODES[mode]], "--data", *[str(austen(t)) for t in TRAIN],
+           "--tokens", str(args.tokens), "--lr", args.lr, "--batch-size", args.batch_size,
+           "--eval-text", str(austen(HELD_OUT)), "-o", str(out)]
+    stats = timed(cmd, log=log)
+    return stats, json.loads((out / "modelpress.json").read_text())["steps"]["tokens"]
 
 
 def trl_gkd(args, work: Path, made: Path, src: Path, out: Path, log: Path) -> tuple[dict, int]:
@@ -148,6 +166,7 @@ def main() -> None:
     parser.add_argument("--batch-size", default="4")
     parser.add_argument("--work", default=str(ROOT / "runs" / "distill-bench"))
     parser.add_argument("--memory", action="store_true", help="only the peak-memory table (distill_memory.md)")
+    parser.add_argument("--rescore", action="store_true", help="score the kept outputs again; train nothing")
     args = parser.parse_args()
 
     work = Path(args.work)
@@ -169,24 +188,29 @@ def main() -> None:
             scratch(str(made)).rmdir()
             timed([MP, *[a.format(**fill) for a in STUDENTS[student]], "-o", str(made), "--no-quality-guard"])
             (made / "start_ppl.txt").write_text(repr(perplexity(made, eval_file)))
-        start_ppl = float((made / "start_ppl.txt").read_text())
+        if not (made / "start_kl.txt").exists():
+            (made / "start_kl.txt").write_text(repr(perplexity(made, eval_file, baseline=src)[1]))
+        start = {"start_ppl": float((made / "start_ppl.txt").read_text()),
+                 "start_kl": float((made / "start_kl.txt").read_text())}
         for mode in args.modes.split(","):
-            out = work / f"{student}-{mode}"
+            out = work / f"{student}-{mode}"  # kept until the row is measured again
             log = work / f"{student}-{mode}.log"
-            if mode == "trl-gkd":
-                stats, tokens = trl_gkd(args, work, made, src, out, log)
+            if args.rescore and out.is_dir():  # a kept output scored again (by a newer evaluator)
+                stats, tokens = {k: rows[(student, mode)][k] for k in ("wall_s", "peak_rss_mb")}, \
+                    rows[(student, mode)]["tokens"]
+            elif args.rescore:
+                continue
             else:
-                cmd = [MP, *[a.format(student=made, **fill) for a in MODES[mode]], "--data",
-                       *[str(austen(t)) for t in TRAIN], "--tokens", str(args.tokens), "--lr", args.lr,
-                       "--batch-size", args.batch_size, "--eval-text", str(austen(HELD_OUT)), "-o", str(out)]
-                stats = timed(cmd, log=log)
-                tokens = json.loads((out / "modelpress.json").read_text())["steps"]["tokens"]
-            rows[(student, mode)] = {"student": student, "mode": mode, "start_ppl": start_ppl,
-                                     "ppl": perplexity(out, eval_file), "float_ppl": float_ppl,
-                                     "tokens": tokens, **stats, "measured": time.strftime("%Y-%m-%d")}
+                if out.exists():
+                    shutil.rmtree(out)
+                stats, tokens = train(args, mode, work, made, src, out, log, fill)
+            ppl, kl = perplexity(out, eval_file, baseline=src)
+            rows[(student, mode)] = {"student": student, "mode": mode, **start, "ppl": ppl, "kl": kl,
+                                     "float_ppl": float_ppl, "tokens": tokens, **stats,
+                                     "measured": rows[(student, mode)]["measured"] if args.rescore
+                                     else time.strftime("%Y-%m-%d")}
             save(rows, args)
             print(json.dumps(rows[(student, mode)]), flush=True)
-            shutil.rmtree(out)
     print((RESULTS / "distill.md").read_text())
 
 
