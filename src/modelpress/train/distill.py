@@ -283,47 +283,26 @@ def distill(student: str, data: list[str], out_dir: str, config: DistillConfig, 
     # processes there form one gloo group (accelerate only looks for CPU peers when told it is on CPUs)
     accelerator = Accelerator(mixed_precision=config.mixed_precision, cpu=not has_accelerator())
     _check_sharding(accelerator.distributed_type.value)
-    main = accelerator.is_main_process
     set_seed(config.seed)
     tokenizer = loading.load_tokenizer(loading.resolve(student))
-    windows = train_windows(tokenizer, data, config.seq_len)
-    order = BatchOrder(len(windows), config.batch_size, accelerator.num_processes, config.seed)
-    order.check(" + ".join(map(str, data)))
+    world = accelerator.num_processes
+    windows, order = _windows(tokenizer, data, config, world, " + ".join(map(str, data)))
     eval_ids = None
     if eval_text is not None:
         eval_ids = token_windows(tokenizer, read_text(eval_text),
                                  WindowProtocol("held-out", config.seq_len, config.eval_windows))
-    total = config.total_steps(accelerator.num_processes)
+    total = config.total_steps(world)
     if config.mode == "sequence" and teacher is None:
         raise UserError("sequence distillation needs --teacher MODEL (its continuations are the training text)")
-    if main:
-        progress = run.start(config)
-    accelerator.wait_for_everyone()
-    if not main:
-        progress = Progress(**json.loads((run.state / "trainer.json").read_text())["progress"]) if run.resuming \
-            else Progress()
+    progress = _progress(run, config, accelerator)
     with run.cleanup_unless_saved():
         if config.mode == "sequence":
             corpus = _sequence_corpus(run, teacher, data, config, total * order.global_batch * config.grad_accum,
                                       accelerator)
-            windows = train_windows(tokenizer, [corpus], config.seq_len)
-            order = BatchOrder(len(windows), config.batch_size, accelerator.num_processes, config.seed)
-            order.check(f"the teacher's corpus {corpus}")
+            windows, order = _windows(tokenizer, [corpus], config, world, f"the teacher's corpus {corpus}")
         src, model, teacher_model, t_vocab, save, info = _setup_models(student, teacher, config, accelerator.device,
                                                                        windows[:1, :16])
-
-    from transformers import get_cosine_schedule_with_warmup
-
-    alpha = config.alpha if config.mode == "logit" else 0.0  # sequence: CE on the teacher's text
-    loss_module = StudentLoss(model, config.temperature, alpha, config.chunk_tokens,
-                              logit_head(teacher_model) if teacher_model is not None else None, t_vocab,
-                              beta=config.beta if config.mode == "on-policy" else None)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    warmup = config.warmup_steps if config.warmup_steps is not None else total // 20
-    # stepped by us once per optimizer step (accelerate's wrapper would step it once per process)
-    scheduler = get_cosine_schedule_with_warmup(optimizer, warmup, total)
-    loss_module, optimizer = accelerator.prepare(loss_module, optimizer)
-    accelerator.register_for_checkpointing(scheduler)
+    loss_module, optimizer, scheduler = _optimization(accelerator, model, teacher_model, t_vocab, config, total)
     if run.resuming:
         accelerator.load_state(str(run.state))
         logger.info("resuming at step %d/%d", progress.step, total)
@@ -336,6 +315,42 @@ def distill(student: str, data: list[str], out_dir: str, config: DistillConfig, 
                          accelerator.num_processes, time.monotonic() - start, info)
     accelerator.wait_for_everyone()
     return record
+
+
+def _windows(tokenizer, files: list, config: DistillConfig, world: int, what: str) -> tuple[torch.Tensor, BatchOrder]:
+    """The training windows of ``files`` and the order the processes see them in (checked to fill a batch)."""
+    windows = train_windows(tokenizer, files, config.seq_len)
+    order = BatchOrder(len(windows), config.batch_size, world, config.seed)
+    order.check(what)
+    return windows, order
+
+
+def _progress(run: Run, config: DistillConfig, accelerator) -> Progress:
+    """The main process starts (or resumes) the work folder; the others read where it stands."""
+    if accelerator.is_main_process:
+        progress = run.start(config)
+    accelerator.wait_for_everyone()
+    if not accelerator.is_main_process:
+        progress = Progress(**json.loads((run.state / "trainer.json").read_text())["progress"]) if run.resuming \
+            else Progress()
+    return progress
+
+
+def _optimization(accelerator, model, teacher_model, t_vocab, config: DistillConfig, total: int):
+    """The loss module (student and heads), AdamW and the cosine schedule, prepared by ``accelerator``."""
+    from transformers import get_cosine_schedule_with_warmup
+
+    alpha = config.alpha if config.mode == "logit" else 0.0  # sequence: CE on the teacher's text
+    loss_module = StudentLoss(model, config.temperature, alpha, config.chunk_tokens,
+                              logit_head(teacher_model) if teacher_model is not None else None, t_vocab,
+                              beta=config.beta if config.mode == "on-policy" else None)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    warmup = config.warmup_steps if config.warmup_steps is not None else total // 20
+    # stepped by us once per optimizer step (accelerate's wrapper would step it once per process)
+    scheduler = get_cosine_schedule_with_warmup(optimizer, warmup, total)
+    loss_module, optimizer = accelerator.prepare(loss_module, optimizer)
+    accelerator.register_for_checkpointing(scheduler)
+    return loss_module, optimizer, scheduler
 
 
 def _check_sharding(kind: str) -> None:
