@@ -21,7 +21,8 @@ float)``, start and final KL (the mean per-token KL(float ‖ student) on the sa
 close the student is to the model it was made from, which is what healing aims at; ppl on Austen
 also rewards adapting to Austen's prose, which cross-entropy on Austen does directly and the
 teacher's soft targets do not), tokens, wall time and peak RSS of the training process
-(/usr/bin/time).
+(/usr/bin/time). "modern" columns: ppl over the 512-token windows of modelpress's built-in text
+(contemporary fiction, not Austen): what adapting to Austen's prose costs elsewhere.
 
 Usage (from the project root, after scripts/setup.sh; trl-gkd after scripts/setup_bench.sh):
     .venv/bin/python benchmarks/distill.py [--students drop4,mlp75,gptq3] [--modes kd,ce,gkd,trl-gkd]
@@ -51,7 +52,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from calibrated import RESULTS, model_path, perplexity, scratch, timed  # noqa: E402
 from conftest import austen  # noqa: E402  (on the path through calibrated)
 
-from modelpress.data import PPL_512, read_text, token_windows  # noqa: E402
+from modelpress.data import PPL_512, WindowProtocol, builtin_text, read_text, token_windows  # noqa: E402
 from modelpress.models import loading  # noqa: E402
 
 TRAIN = ("emma.txt", "mansfield_park.txt", "sense_and_sensibility.txt", "northanger_abbey.txt")
@@ -73,13 +74,14 @@ MODES = {
 
 def render(rows: list[dict]) -> str:
     lines = ["| student | training | start ppl | final ppl | float ppl | gap recovered | start KL | final KL | "
-             "tokens | wall s | peak RSS MB | measured |",
-             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
+             "modern start | modern final | modern float | tokens | wall s | peak RSS MB | measured |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
     for r in rows:
         gap = (r["start_ppl"] - r["ppl"]) / (r["start_ppl"] - r["float_ppl"])
-        kls = [f"{r[k]:.4f}" if r.get(k) is not None else "" for k in ("start_kl", "kl")]
+        extra = [f"{r[k]:.4f}" if r.get(k) is not None else "" for k in ("start_kl", "kl")] + \
+            [f"{r[k]:.3f}" if r.get(k) is not None else "" for k in ("start_modern_ppl", "modern_ppl", "float_modern_ppl")]
         lines.append(f"| {r['student']} | {r['mode']} | {r['start_ppl']:.3f} | {r['ppl']:.3f} | {r['float_ppl']:.3f} | "
-                     f"{100 * gap:.1f}% | {' | '.join(kls)} | {r['tokens']:,} | {r['wall_s']:.0f} | "
+                     f"{100 * gap:.1f}% | {' | '.join(extra)} | {r['tokens']:,} | {r['wall_s']:.0f} | "
                      f"{r['peak_rss_mb']:.0f} | {r['measured']} |")
     return "\n".join(lines)
 
@@ -179,6 +181,10 @@ def main() -> None:
     save_file({"input_ids": token_windows(tokenizer, read_text(austen("pride_and_prejudice.txt")), PPL_512)
                .contiguous()}, eval_file)
     float_ppl = perplexity(src, eval_file)
+    modern_file = work / "modern.safetensors"  # not Austen: what adapting to Austen's prose costs elsewhere
+    save_file({"input_ids": token_windows(tokenizer, builtin_text(), WindowProtocol("modern-512", 512, 40))
+               .contiguous()}, modern_file)
+    float_modern = perplexity(src, modern_file)
     saved = RESULTS / "distill.json"
     rows = {(r["student"], r["mode"]): r for r in json.loads(saved.read_text())["rows"]} if saved.exists() else {}
     fill = {"src": str(src), "emma": str(austen("emma.txt"))}
@@ -190,8 +196,9 @@ def main() -> None:
             (made / "start_ppl.txt").write_text(repr(perplexity(made, eval_file)))
         if not (made / "start_kl.txt").exists():
             (made / "start_kl.txt").write_text(repr(perplexity(made, eval_file, baseline=src)[1]))
-        start = {"start_ppl": float((made / "start_ppl.txt").read_text()),
-                 "start_kl": float((made / "start_kl.txt").read_text())}
+        if not (made / "start_modern_ppl.txt").exists():
+            (made / "start_modern_ppl.txt").write_text(repr(perplexity(made, modern_file)))
+        start = {k: float((made / f"{k}.txt").read_text()) for k in ("start_ppl", "start_kl", "start_modern_ppl")}
         for mode in args.modes.split(","):
             out = work / f"{student}-{mode}"  # kept until the row is measured again
             log = work / f"{student}-{mode}.log"
@@ -206,7 +213,8 @@ def main() -> None:
                 stats, tokens = train(args, mode, work, made, src, out, log, fill)
             ppl, kl = perplexity(out, eval_file, baseline=src)
             rows[(student, mode)] = {"student": student, "mode": mode, **start, "ppl": ppl, "kl": kl,
-                                     "float_ppl": float_ppl, "tokens": tokens, **stats,
+                                     "modern_ppl": perplexity(out, modern_file), "float_ppl": float_ppl,
+                                     "float_modern_ppl": float_modern, "tokens": tokens, **stats,
                                      "measured": rows[(student, mode)]["measured"] if args.rescore
                                      else time.strftime("%Y-%m-%d")}
             save(rows, args)
