@@ -186,6 +186,8 @@ def _student(src, config: DistillConfig, device):
       that format's fake quantization (RTN scales to start) and written as compressed-tensors;
     - a compressed-tensors integer checkpoint: trained through its own formats, starting from its
       stored codes and scales (QAT), and written back in them;
+    - a GGUF file: trained through each tensor's own block type with the block params the file
+      stores, and written as ``model.gguf`` with the same per-tensor types;
     - exact zeros of a float model (a pruned one): kept, their gradients masked (:func:`keep_zeros`).
 
     Returns:
