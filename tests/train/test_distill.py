@@ -307,7 +307,7 @@ def test_on_policy_distillation_is_deterministic_given_the_seed_and_moves_toward
     c = checkpoint_tensors(tmp_path / "c")
     assert any(not torch.equal(a[k], c[k]) for k in a)  # another seed, other samples: the test can fail
     before, after = _kl_to(teacher, damaged, texts["held_out"]), _kl_to(teacher, tmp_path / "a", texts["held_out"])
-    assert after < 0.95 * before, (before, after)
+    assert after < 0.8 * before, (before, after)
 
 
 def test_on_policy_samples_continue_the_prompt(tiny_llama, texts):
