@@ -194,9 +194,10 @@ def layout_of_file(gguf_file: str | Path, config) -> GGUFLayout:
     return GGUFLayout(config, ftype, types=types)
 
 
-def read_gguf_blocks(gguf_file: str | Path, layout: GGUFLayout) -> dict[str, tuple[torch.Tensor, BlockParams]]:
-    """Checkpoint name -> the codes and block params a GGUF file stores for each block-quantized
-    tensor, rows in checkpoint order (q/k RoPE rows un-permuted, as :meth:`GGUFLayout.from_gguf`)."""
+def read_gguf_params(gguf_file: str | Path, layout: GGUFLayout) -> dict[str, BlockParams]:
+    """Checkpoint name -> the block params a GGUF file stores for each block-quantized tensor, rows
+    in checkpoint order (q/k RoPE rows un-permuted, as :meth:`GGUFLayout.from_gguf`). The codes are
+    not kept: the weights hold them, one tensor's at a time is decoded here."""
     from dataclasses import fields, replace
 
     from gguf import GGUFReader
@@ -207,13 +208,12 @@ def read_gguf_blocks(gguf_file: str | Path, layout: GGUFLayout) -> dict[str, tup
         if e.type not in GGUF_FORMATS:
             continue
         data = torch.from_numpy(np.array(tensors[e.gguf_name].data)).reshape(e.shape[0], -1)
-        codes, params = gguf_format(e.type).unpack(data, e.shape)
+        _, params = gguf_format(e.type).unpack(data, e.shape)
         heads = layout._rope_heads(e.name)
         if heads:
-            codes = _unpermute_rope(codes, heads)
             params = replace(params, **{f.name: _unpermute_rope(getattr(params, f.name), heads)
                                         for f in fields(params) if getattr(params, f.name) is not None})
-        out[e.name] = (codes, params)
+        out[e.name] = params
     return out
 
 

@@ -211,14 +211,14 @@ def _student(src, config: DistillConfig, device):
     if qc and not start:
         raise UserError(f"{src.path} holds no integer-quantized Linear that QAT can train (FP8/FP4 are not supported yet)")
     if src.kind == "gguf" or (config.qat is not None and qat_kind(config.qat) == "gguf"):
-        from modelpress.export.gguf import GGUFLayout, layout_of_file, read_gguf_blocks
+        from modelpress.export.gguf import GGUFLayout, layout_of_file, read_gguf_params
         from modelpress.export.gguf_mix import file_type
 
         if src.kind == "gguf":  # trained in the file's own types from its stored codes, written as GGUF again
             if config.qat is not None:
                 raise UserError(f"{src.path} is already a GGUF file; drop --qat (it is trained in its own types)")
             layout = layout_of_file(src.path, model.config)
-            blocks = read_gguf_blocks(src.path, layout)
+            blocks = read_gguf_params(src.path, layout)
         else:
             layout, blocks = GGUFLayout(model.config, file_type(config.qat)), None
         fakes = qat.attach_gguf(model, layout, start=blocks)

@@ -172,7 +172,7 @@ def attach(model: nn.Module, formats: dict[str, IntFormat], scales: Literal["fix
 def attach_gguf(model: nn.Module, layout, start: dict | None = None) -> dict[str, FakeGGUF]:
     """Fake-quantize every tensor a GGUF ``layout`` stores in a block type (Linear and embedding
     weights), with the block params llama.cpp picks for the current weight, or those of ``start``
-    (checkpoint name -> ``(codes, params)`` read from a GGUF file, :func:`read_gguf_blocks`);
+    (checkpoint name -> params read from a GGUF file, :func:`read_gguf_params`);
     returns module name -> its :class:`FakeGGUF`."""
     from modelpress.formats.gguf_blocks import GGUF_FORMATS, gguf_format
 
@@ -186,7 +186,7 @@ def attach_gguf(model: nn.Module, layout, start: dict | None = None) -> dict[str
             continue
         fmt = gguf_format(e.type)
         weight = target.weight
-        params = start[e.name][1] if start and e.name in start else fmt.choose_params(weight.detach().float())
+        params = start[e.name] if start and e.name in start else fmt.choose_params(weight.detach().float())
         fq = FakeGGUF(fmt, params)
         parametrize.register_parametrization(target, "weight", fq, unsafe=True)
         out[module] = fq
