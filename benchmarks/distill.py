@@ -136,8 +136,9 @@ MEMORY_SETTINGS = {  # name -> extra options of a short `heal` run, for its peak
 
 
 def memory(args, work: Path, src: Path, fill: dict) -> None:
-    """Peak RSS of a few steps of healing the drop4 student under each of :data:`MEMORY_SETTINGS`
-    (the peak is reached in the first step; the rest of a run repeats it)."""
+    """Peak RSS of 3 steps of healing the drop4 student under each of :data:`MEMORY_SETTINGS` (AdamW's
+    moments and a step's activations all exist from the first step on; a longer run was not
+    measured, and its held-out evaluations are not in these numbers)."""
     made = work / "drop4"
     if not made.exists():
         timed([MP, *[a.format(**fill) for a in STUDENTS["drop4"]], "-o", str(made), "--no-quality-guard"])
