@@ -17,7 +17,7 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 
 import modelpress
 from modelpress import __version__
-from modelpress.cli import compress, distill, evaluate, export, heal, plan, prune
+from modelpress.cli import compress, distill, evaluate, export, heal, plan, prune, run
 from modelpress.errors import UserError
 
 SUBCOMMANDS = {
@@ -28,6 +28,7 @@ SUBCOMMANDS = {
     "heal": heal,
     "eval": evaluate,
     "export": export,
+    "run": run,
 }
 
 
@@ -51,11 +52,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _interrupt(signum, frame):
+def interrupt(signum, frame):
     raise KeyboardInterrupt
 
 
-def _quiet_third_party() -> None:
+def quiet_third_party() -> None:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
@@ -71,8 +72,8 @@ def main(argv: list[str] | None = None) -> int:
         format="%(message)s",
         stream=sys.stderr,
     )
-    _quiet_third_party()
-    signal.signal(signal.SIGTERM, _interrupt)  # `kill` cleans up like Ctrl-C: no half-written output
+    quiet_third_party()
+    signal.signal(signal.SIGTERM, interrupt)  # `kill` cleans up like Ctrl-C: no half-written output
     try:
         return args.handler(args)
     except UserError as e:
@@ -82,11 +83,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"modelpress {args.command}: interrupted", file=sys.stderr)
         return 130
     except OSError as e:  # the disk or the file system refused: full, read-only, not a folder
-        print(f"modelpress {args.command}: error: {_os_error(e)}", file=sys.stderr)
+        print(f"modelpress {args.command}: error: {os_error(e)}", file=sys.stderr)
         return 2
 
 
-def _os_error(e: OSError) -> str:
+def os_error(e: OSError) -> str:
     where = f" {e.filename}" if e.filename else ""
     return f"cannot write or read{where}: {e.strerror or e}; check the path, its permissions and free space"
 

@@ -190,23 +190,23 @@ def build_plan(shape: ModelShape, hardware_name: str, formats: list[str], contex
     }
 
 
-def _gb(n: float) -> str:
+def human_bytes(n: float) -> str:
     return f"{n / 1e9:,.1f} GB" if n >= 1e8 else f"{n / 1e6:,.1f} MB"
 
 
-def _console():
-    """A rich console; wide when writing to a pipe or file, so tables do not wrap."""
+def wide_console(width: int = 150):
+    """A rich console; ``width`` columns wide when writing to a pipe or file, so tables do not wrap."""
     import sys
 
     from rich.console import Console
 
-    return Console() if sys.stdout.isatty() else Console(width=150)
+    return Console() if sys.stdout.isatty() else Console(width=width)
 
 
 def print_plan(plan: dict) -> None:
     from rich.table import Table
 
-    console = _console()
+    console = wide_console()
     m, hw = plan["model"], plan["hardware"]
     active = f", {human_count(m['active_params'])} active per token" if m["active_params"] != m["params"] else ""
     console.print(f"[bold]{m['name']}[/]: {human_count(m['params'])} parameters{active}; "
@@ -216,7 +216,7 @@ def print_plan(plan: dict) -> None:
     if plan["kv_cache_bytes"] is None:
         console.print("KV cache: unknown for a bare size (pass a config.json); fit counts weights only")
     else:
-        console.print(f"KV cache: {_gb(plan['kv_cache_bytes'])}; activations ~{_gb(plan['activation_bytes'])}; "
+        console.print(f"KV cache: {human_bytes(plan['kv_cache_bytes'])}; activations ~{human_bytes(plan['activation_bytes'])}; "
                       f"engines keep {plan['runtime_reserve_fraction']:.0%} of device memory free")
     t = Table(title=f"weights and decode speed of light on {hw['name']} "
                     f"({hw['bandwidth_bytes_per_s'] / 1e12:.2f} TB/s, ridge {hw['ridge_point_fp16']:.0f} FLOP/byte)")
@@ -224,7 +224,7 @@ def print_plan(plan: dict) -> None:
                 "FLOP/byte", "bound", "compute-bound from b="):
         t.add_column(col, justify="left" if col == "format" else "right")
     for r in plan["formats"]:
-        t.add_row(r["name"], f"{r['bits_per_weight']:.3f}", _gb(r["weight_bytes"]), f"{r['weight_gib']:,.1f}",
+        t.add_row(r["name"], f"{r['bits_per_weight']:.3f}", human_bytes(r["weight_bytes"]), f"{r['weight_gib']:,.1f}",
                   f"{r['decode_tokens_per_s']:,.1f}", f"{r['decode_tokens_per_s_at_context']:,.1f}",
                   f"{r['arithmetic_intensity']:.1f}", r["bound"], str(r["batch_to_compute_bound"]))
     console.print(t)
@@ -249,7 +249,7 @@ def print_catalogue() -> None:
         low = hw.flops.get("fp8") or hw.flops.get("int8")
         t.add_row(hw.name, ", ".join(hw.aliases), f"{hw.memory / 1e9:.0f} GB", f"{hw.bandwidth / 1e12:.3g} TB/s",
                   f"{hw.flops['fp16'] / 1e12:.0f}", f"{low / 1e12:.0f}" if low else "-")
-    _console().print(t)
+    wide_console().print(t)
 
 
 def main(args: argparse.Namespace) -> int:

@@ -1,0 +1,118 @@
+"""Run a YAML recipe (prune -> heal -> quantize -> export, in the order it gives), measuring every
+step: the seed's stage table. Two or more recipes run side by side on the same model.
+
+A rerun of the same command continues where a previous one stopped. See
+modelpress.pipeline.yaml_recipe for the recipe's fields.
+
+Example:
+    modelpress run recipes/prune-then-quantize.yaml -o runs/ptq
+    modelpress run recipes/prune-then-quantize.yaml recipes/quantize-only.yaml -o runs/orders
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from modelpress.cli import options
+from modelpress.cli.plan import human_bytes, wide_console
+from modelpress.errors import UserError
+from modelpress.pipeline.run import run_recipe
+from modelpress.pipeline.yaml_recipe import load_recipe
+from modelpress.record import to_json
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("recipes", nargs="+", metavar="RECIPE", help="YAML recipe(s); several run side by side")
+    parser.add_argument("-o", "--output", required=True, metavar="OUT",
+                        help="run folder: each stage's output under it (several recipes: one subfolder each); "
+                             "rerun the same command to continue an interrupted run")
+    options.add_json(parser)
+
+
+def main(args: argparse.Namespace) -> int:
+    recipes = [load_recipe(path) for path in args.recipes]  # every recipe is checked before any work
+    models = {r.model for r in recipes}
+    if len(models) > 1:
+        raise UserError(f"recipes compared side by side start from one model; these name {', '.join(sorted(models))}")
+    if len(recipes) > 1:
+        stems = [Path(r.path).stem for r in recipes]
+        if len(set(stems)) < len(stems):
+            raise UserError("two recipes have the same file name; their runs would share a folder under -o")
+        outs = [Path(args.output) / stem for stem in stems]
+    else:
+        outs = [Path(args.output)]
+    records = []
+    for recipe, out in zip(recipes, outs):
+        records.append(run_recipe(recipe, out, original=records[0]["original"] if records else None))
+    if args.json:
+        print(to_json(records[0] if len(records) == 1 else records, indent=2))
+        return 0
+    for record, out in zip(records, outs):
+        print_steps(record, out)
+    if len(records) > 1:
+        print_comparison(records)
+    return 0
+
+
+def _pct(x: float | None) -> str:
+    return "" if x is None else f"{100 * x:+.1f}%"
+
+
+def _num(x, fmt: str) -> str:
+    return "" if x is None else format(x, fmt)
+
+
+def print_steps(record: dict, out: Path) -> None:
+    """The seed's stage table: step, technique, memory, accuracy impact (this step and cumulative)."""
+    from rich.table import Table
+
+    original, steps = record["original"], record["steps"]
+    device = next((s.get("device") for s in [original, *steps] if s.get("device")), None)
+    t = Table(title=f"{record['recipe']['path']}: {record['recipe']['model']} -> {record['output']}\n"
+                    f"ppl-512 on {Path(original['text']).name} ({original['n_windows']} windows); accuracy impact is "
+                    "the relative change in perplexity", title_justify="left")
+    for col in ("step", "technique", "params", "weights (plan)", "on disk", "bits/param", "ppl", "this step",
+                "cumulative", "KL", "top-1"):
+        t.add_column(col, justify="left" if col == "technique" else "right")
+    if device:
+        t.add_column(f"tok/s {device}", justify="right")
+    t.add_column("time", justify="right")
+    t.add_column("peak RSS", justify="right")
+    previous = original["ppl"]
+    rows = [("0", f"original ({original.get('format') or '?'})", original, None, None, None)]
+    for s in steps:
+        rows.append((str(s["stage"]), s["title"], s, s["ppl"] / previous - 1, s["ppl"] / original["ppl"] - 1, s))
+        previous = s["ppl"]
+    for step, title, m, impact, cumulative, timing in rows:
+        cells = [step, title, f"{m['params'] / 1e6:,.1f}M",
+                 "" if m.get("planner_bytes") is None else human_bytes(m["planner_bytes"]),
+                 "" if m.get("size_bytes") is None else human_bytes(m["size_bytes"]),
+                 _num(m.get("bits_per_param"), ".2f"), f"{m['ppl']:.3f}", _pct(impact), _pct(cumulative),
+                 _num(m.get("kl"), ".4f"), _num(m.get("top1_agreement"), ".1%")]
+        if device:
+            cells.append(_num(m.get("decode_tok_s"), ",.0f"))
+        cells += ["" if not timing or timing.get("seconds") is None else f"{timing['seconds']:,.0f} s",
+                  "" if not timing or timing.get("peak_rss_mb") is None else f"{timing['peak_rss_mb']:,.0f} MB"]
+        t.add_row(*cells)
+    console = wide_console(220)
+    console.print(t)
+    console.print(f"record: {out / 'modelpress.json'}")
+
+
+def print_comparison(records: list[dict]) -> None:
+    """One row per recipe: where each ends."""
+    from rich.table import Table
+
+    t = Table(title="recipes side by side (each one's last step)", title_justify="left")
+    for col in ("recipe", "stages", "on disk", "bits/param", "ppl", "vs original", "KL", "top-1", "total time"):
+        t.add_column(col, justify="left" if col in ("recipe", "stages") else "right")
+    for r in records:
+        last, original = r["steps"][-1], r["original"]
+        seconds = [s["seconds"] for s in r["steps"] if s.get("seconds") is not None]
+        t.add_row(Path(r["recipe"]["path"]).name, " -> ".join(s["title"] for s in r["steps"]),
+                  "" if last.get("size_bytes") is None else human_bytes(last["size_bytes"]),
+                  _num(last.get("bits_per_param"), ".2f"), f"{last['ppl']:.3f}", _pct(last["ppl"] / original["ppl"] - 1),
+                  _num(last.get("kl"), ".4f"), _num(last.get("top1_agreement"), ".1%"),
+                  f"{sum(seconds):,.0f} s" if seconds else "")
+    wide_console(220).print(t)

@@ -1,0 +1,114 @@
+"""What one child process of a recipe run does: run one stage, or measure one model.
+
+A job is plain JSON written by :mod:`modelpress.pipeline.run`; ``python -m modelpress.cli.worker
+JOB RESULT`` calls :func:`run_job` and writes its result (or its one-line error) to ``RESULT``.
+The stages call the same library verbs as the commands (``prune``, ``compress``, ``distill``,
+``export``), so a stage of a recipe is exactly the command it names.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+from modelpress.errors import UserError
+from modelpress.pipeline.recipe import METHODS, CalibrationConfig
+from modelpress.pipeline.yaml_recipe import Stage, stage_from_dump
+from modelpress.record import to_json
+
+
+def run_job(job: dict) -> dict:
+    """Run a ``"stage"`` or ``"measure"`` job; its plain-data result."""
+    if job["what"] == "stage":
+        run_stage(stage_from_dump(job["index"], job["kind"], job["config"]), job["source"], job["output"],
+                  original=job["original"], calibration=CalibrationConfig(**job["calibration"]), resume=job["resume"])
+        return {}
+    return measure_model(job["model"], job["text"], job["windows"], job["baseline"], job["format"], job["device"])
+
+
+def resumable(stage: Stage) -> bool:
+    """Whether the stage's verb continues from its ``OUT.partial`` (the layer-pass and training verbs)."""
+    if stage.kind in ("prune", "quantize"):
+        return stage.config.method != "structured" and METHODS[stage.config.method].calibrated
+    return stage.kind in ("heal", "qat", "distill")
+
+
+def run_stage(stage: Stage, source: str, output: str, original: str, calibration: CalibrationConfig,
+              resume: bool = False) -> None:
+    """Run ``stage`` on ``source`` into the folder ``output`` (see :mod:`modelpress.pipeline.run`)."""
+    partial = Path(f"{output}.partial")
+    if resume and not resumable(stage):  # a quick stage's scratch from an interrupted run: redo it
+        shutil.rmtree(partial, ignore_errors=True)
+        resume = False
+    c = stage.config
+    if stage.kind == "prune":
+        from modelpress.prune import prune
+
+        prune(source, c, output, resume=resume)
+    elif stage.kind == "quantize":
+        from modelpress.compress import compress
+
+        compress(source, c, output, resume=resume)
+    elif stage.kind == "export":
+        _export(c, source, output, calibration)
+    else:
+        from modelpress.train.distill import distill
+
+        teacher = c.teacher or (original if stage.kind != "distill" else None)
+        distill(source, c.data, output, c.train, teacher=teacher, eval_text=c.eval_text, resume=resume)
+
+
+def _export(c, source: str, output: str, calibration: CalibrationConfig) -> None:
+    if c.to == "hf":
+        from modelpress.export.hf import export_hf
+
+        export_hf(source, output, c.dtype or "bfloat16")
+        return
+    from modelpress.export.gguf import export_gguf
+
+    tmp = Path(f"{output}.partial-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        if c.calibrate:
+            from modelpress.calibrated_gguf import export_calibrated_gguf
+
+            result = export_calibrated_gguf(source, str(tmp / "model.gguf"), c.type or "f16", calibration, pure=c.pure)
+        else:
+            result = export_gguf(source, str(tmp / "model.gguf"), c.type or "f16", pure=c.pure)
+        (tmp / "modelpress.json").write_text(to_json({"command": "export", "source": source, "to": "gguf",
+                                                      "type": c.type or "f16", **result}, indent=2))
+        tmp.replace(output)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def measure_model(model: str, text: str, windows: int, baseline: str | None, spec: str | None,
+                  device: str | None) -> dict:
+    """:func:`~modelpress.eval.compare.measure` plus the planner's view of ``model`` in format
+    ``spec``: parameters, weight bytes, bits per parameter on disk, decode speed of light on ``device``."""
+    from modelpress.eval.compare import measure
+    from modelpress.models import loading
+    from modelpress.models.shape import shape_from_config
+    from modelpress.plan.formats import plan_format
+    from modelpress.plan.memory import weight_bytes
+
+    result = measure(model, text, windows, baseline=baseline)
+    shape = shape_from_config(loading.load_config(loading.resolve(model)), Path(model).name)
+    fmt = None
+    if spec is not None:
+        try:
+            fmt = plan_format(spec)
+        except UserError:  # a format the planner does not price (it is still measured on disk)
+            fmt = None
+    result.update(windows_asked=windows, params=shape.total_params, format=spec,
+                  planner_bytes=None if fmt is None else weight_bytes(shape, fmt),
+                  bits_per_param=None if not result.get("size_bytes") else 8 * result["size_bytes"] / shape.total_params)
+    if device is not None and fmt is not None:
+        from modelpress.plan.hardware import find_hardware
+        from modelpress.plan.roofline import decode_roofline
+
+        hw = find_hardware(device)
+        result.update(device=hw.name, decode_tok_s=decode_roofline(shape, fmt, hw).tokens_per_s)
+    return result

@@ -1,0 +1,244 @@
+"""Running a recipe: every stage in its own process, every step measured, a rerun resumes.
+
+``run_recipe(recipe, OUT)`` runs the stages of a :class:`~modelpress.pipeline.yaml_recipe.Recipe`
+in order, each reading the output of the one before, and keeps each stage's output under
+``OUT/NN-kind[-method]/`` (a checkpoint folder; a GGUF stage's folder holds ``model.gguf``).
+After every stage the new model is measured against the recipe's model: parameters, the
+planner's weight bytes for its format and the bytes on disk, bits per parameter, ``ppl-512`` on
+the evaluation text, KL and top-1 agreement, the decode speed of light on the recipe's device,
+the stage's wall time and peak memory. The result is the seed's stage table (each step's
+accuracy impact and the cumulative one), printed by the CLI and kept in ``OUT/modelpress.json``.
+
+Each stage, and each measurement, runs in a child process (``python -m modelpress.cli.worker``):
+its peak resident memory is its own (``wait4``'s ``ru_maxrss``), not the largest of any step
+before it, and the memory of one stage is returned to the system before the next starts.
+
+Resume: ``OUT/pipeline-state.json`` records each stage's fingerprint (its settings and those of
+every stage before it) when it starts, and its numbers when it ends. A rerun of the same recipe
+skips finished stages and measurements and continues an interrupted stage through that verb's
+own resume (``OUT/NN-....partial``); a changed recipe is refused rather than mixed with the old
+outputs. Every stage's output appears by one rename, so a kill at any point leaves either a
+finished output or a resumable one, and the files equal an uninterrupted run's.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from modelpress.data import builtin_text
+from modelpress.errors import UserError
+from modelpress.pipeline.yaml_recipe import TRAIN_KINDS, Recipe, Stage
+from modelpress.record import to_json, versions
+
+logger = logging.getLogger("modelpress")
+
+STATE = "pipeline-state.json"
+RECORD = "modelpress.json"
+JOBS = ".jobs"
+_SHORT_DTYPES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
+
+
+def run_recipe(recipe: Recipe, out_dir: str | Path, original: dict | None = None) -> dict:
+    """Run ``recipe`` into ``out_dir`` (resuming what a previous run of it left there).
+
+    ``original``: the recipe's model already measured the same way (another recipe's
+    ``record["original"]``), so that recipes compared side by side measure it once.
+
+    Returns:
+        The run record (also ``OUT/modelpress.json``): the recipe, the original model's numbers
+        and one entry per stage (see :func:`step_table`).
+    """
+    out = Path(out_dir)
+    check_inputs(recipe)
+    state = _open_state(out, recipe)
+    text = _evaluation_text(recipe, out)
+    if original is not None and state.get("original") is None and original.get("text") == text \
+            and original.get("windows_asked") == recipe.evaluate.windows:
+        state["original"] = original
+    original = state.get("original")
+    if original is None:
+        logger.info("measuring the original model %s", recipe.model)
+        original = _measure(out, "00-original", recipe.model, text, recipe, baseline=None, spec=_float_spec(recipe.model))
+        state["original"] = original
+        _save_state(out, state)
+    source, spec, fingerprint = recipe.model, original.get("format"), _model_fingerprint(recipe.model)
+    steps = []
+    for stage in recipe.stages:
+        fingerprint = stage.fingerprint(fingerprint)
+        folder = out / stage.name
+        done = state["stages"].get(stage.name, {})
+        if done.get("fingerprint") not in (None, fingerprint):
+            raise UserError(f"{out} holds a run of another recipe from stage {stage.index} ({stage.name}) on; "
+                            "write to a new output folder, or delete that stage's folder and the ones after it")
+        if not folder.exists():
+            state["stages"][stage.name] = done = {"fingerprint": fingerprint, "title": stage.title}
+            _save_state(out, state)
+            logger.info("stage %d/%d: %s", stage.index, len(recipe.stages), stage.title)
+            done.update(_run_stage(out, stage, source, folder, recipe))
+            _save_state(out, state)
+        elif "seconds" not in done:
+            done.update({"fingerprint": fingerprint, "title": stage.title, "seconds": None, "peak_rss_mb": None})
+        source = str(model_in(folder))
+        spec = format_spec(stage, spec, source)
+        if "measured" not in done:
+            logger.info("measuring stage %d/%d: %s", stage.index, len(recipe.stages), stage.title)
+            done["measured"] = _measure(out, stage.name, source, text, recipe, baseline=recipe.model, spec=spec)
+            _save_state(out, state)
+        steps.append({"stage": stage.index, "kind": stage.kind, "title": stage.title, "output": source,
+                      "seconds": done["seconds"], "peak_rss_mb": done["peak_rss_mb"], **done["measured"]})
+    record = {
+        "command": "run",
+        "recipe": _recipe_dump(recipe),
+        "original": original,
+        "steps": steps,
+        "output": source,
+        "versions": versions(),
+    }
+    tmp = out / f"{RECORD}.tmp"
+    tmp.write_text(to_json(record, indent=2))
+    tmp.replace(out / RECORD)
+    return record
+
+
+def check_inputs(recipe: Recipe) -> None:
+    """Every file a recipe names exists, and its device is in the catalogue, before any work."""
+    from modelpress.models import loading
+
+    loading.resolve(recipe.model)
+    files = [("evaluate.text", recipe.evaluate.text), ("calibration.text", recipe.calibration.text)]
+    for stage in recipe.stages:
+        if stage.kind in TRAIN_KINDS:
+            files += [(f"stage {stage.index}: data", f) for f in stage.config.data]
+            files.append((f"stage {stage.index}: eval_text", stage.config.eval_text))
+    for what, f in files:
+        if f is not None and not f.startswith("hf:") and not Path(f).exists():
+            raise UserError(f"{what}: file not found: {f}")
+    if recipe.evaluate.device is not None:
+        from modelpress.plan.hardware import find_hardware
+
+        find_hardware(recipe.evaluate.device)
+
+
+def model_in(folder: Path) -> Path:
+    """The model a stage wrote: its folder, or the GGUF file in it."""
+    gguf = folder / "model.gguf"
+    return gguf if gguf.is_file() else folder
+
+
+def format_spec(stage: Stage, previous: str | None, model: str) -> str | None:
+    """The planner's name for the weight format of ``stage``'s output (``int4-g64``, ``q4_k_m``,
+    ``bf16``), or ``None`` when it has none."""
+    c = stage.config
+    if stage.kind == "quantize":
+        return c.weight_format().name
+    if stage.kind in TRAIN_KINDS and c.train.qat:
+        return c.train.qat
+    if stage.kind == "export":
+        return (c.type or "f16") if c.to == "gguf" else _SHORT_DTYPES[c.dtype or "bfloat16"]
+    float_before = previous in _SHORT_DTYPES.values() or previous is None
+    return _float_spec(model) if float_before else previous
+
+
+def _float_spec(model: str) -> str | None:
+    """``fp32``/``bf16``/``fp16`` from a float checkpoint's config, else ``None``."""
+    config = Path(model) / "config.json"
+    if not config.is_file():
+        return None
+    data = json.loads(config.read_text())
+    dtype = data.get("dtype") or data.get("torch_dtype") or (data.get("text_config") or {}).get("dtype")
+    return _SHORT_DTYPES.get(str(dtype))
+
+
+def _model_fingerprint(model: str) -> str:
+    path = Path(model)
+    return str(path.resolve()) if path.exists() else model
+
+
+def _open_state(out: Path, recipe: Recipe) -> dict:
+    path = out / STATE
+    if path.is_file():
+        state = json.loads(path.read_text())
+        if state.get("model") != _model_fingerprint(recipe.model):
+            raise UserError(f"{out} holds a run on another model ({state.get('model')}); write to a new output folder")
+        logger.info("resuming the run in %s", out)
+        return state
+    if out.exists() and any(out.iterdir()):
+        raise UserError(f"{out} exists and is not a recipe run; choose a new output folder")
+    out.mkdir(parents=True, exist_ok=True)
+    state = {"model": _model_fingerprint(recipe.model), "stages": {}}
+    _save_state(out, state)
+    return state
+
+
+def _save_state(out: Path, state: dict) -> None:
+    tmp = out / f"{STATE}.tmp"
+    tmp.write_text(to_json(state, indent=2))
+    tmp.replace(out / STATE)
+
+
+def _evaluation_text(recipe: Recipe, out: Path) -> str:
+    if recipe.evaluate.text is not None:
+        return recipe.evaluate.text
+    path = out / "builtin-eval-text.txt"
+    if not path.is_file():
+        logger.info("no evaluate.text in the recipe: measuring on modelpress's built-in text, which is not "
+                    "held out from calibration; give your own text for numbers that mean something")
+        path.write_text(builtin_text(), encoding="utf-8")
+    return str(path)
+
+
+def _run_stage(out: Path, stage: Stage, source: str, folder: Path, recipe: Recipe) -> dict:
+    partial = folder.with_name(f"{folder.name}.partial")
+    job = {"what": "stage", "index": stage.index, "kind": stage.kind, "config": stage.config.model_dump(mode="json"),
+           "source": source, "output": str(folder), "original": recipe.model, "resume": partial.exists(),
+           "calibration": recipe.calibration.model_dump(mode="json")}
+    _, seconds, peak = _child(out, stage.name, job, f"stage {stage.index} ({stage.title})")
+    return {"seconds": round(seconds, 2), "peak_rss_mb": peak}
+
+
+def _measure(out: Path, name: str, model: str, text: str, recipe: Recipe, baseline: str | None,
+             spec: str | None) -> dict:
+    job = {"what": "measure", "model": model, "text": text, "windows": recipe.evaluate.windows,
+           "baseline": baseline, "format": spec, "device": recipe.evaluate.device}
+    result, _, _ = _child(out, f"{name}.measure", job, f"measuring {model}")
+    return result
+
+
+def _child(out: Path, name: str, job: dict, what: str) -> tuple[dict, float, float]:
+    """Run ``job`` in a child process; its result, wall seconds and peak RSS in MB."""
+    jobs = out / JOBS
+    jobs.mkdir(exist_ok=True)
+    job_file, result_file = jobs / f"{name}.json", jobs / f"{name}.result.json"
+    result_file.unlink(missing_ok=True)
+    job_file.write_text(to_json(job, indent=2))
+    t0 = time.monotonic()
+    proc = subprocess.Popen([sys.executable, "-m", "modelpress.cli.worker", str(job_file), str(result_file)])
+    try:
+        _, status, usage = os.wait4(proc.pid, 0)
+    except KeyboardInterrupt:  # Ctrl-C reached both; a SIGTERM only us: pass it on, let it clean up
+        proc.send_signal(signal.SIGTERM)
+        os.wait4(proc.pid, 0)
+        raise
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    seconds = time.monotonic() - t0
+    result = json.loads(result_file.read_text()) if result_file.is_file() else {}
+    if proc.returncode != 0 or "error" in result:
+        if proc.returncode == 130 or proc.returncode == -signal.SIGINT:
+            raise KeyboardInterrupt
+        message = result.get("error") or f"the process stopped with exit code {proc.returncode} (its output is above)"
+        raise UserError(f"{what}: {message}; fix it and rerun the same command to continue from this stage")
+    return result.get("result") or {}, seconds, round(usage.ru_maxrss / 1024, 1)
+
+
+def _recipe_dump(recipe: Recipe) -> dict:
+    return {"path": recipe.path, "model": recipe.model, "calibration": recipe.calibration.model_dump(mode="json"),
+            "evaluate": recipe.evaluate.model_dump(mode="json"),
+            "stages": [{stage.kind: stage.config.model_dump(mode="json")} for stage in recipe.stages]}
+

@@ -1,0 +1,151 @@
+"""`modelpress run`: stages in order, each in its own process, every step measured, resumable."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from modelpress.data import builtin_text
+from modelpress.errors import UserError
+from modelpress.eval.compare import measure
+from modelpress.pipeline.run import run_recipe
+from modelpress.pipeline.yaml_recipe import load_recipe
+from tests.conftest import TINY, checkpoint_tensors
+
+PRUNE_QUANTIZE = [{"prune": {"method": "sparsegpt", "sparsity": 0.5}},
+                  {"quantize": {"method": "gptq", "bits": 4, "group_size": 32}}]
+
+
+@pytest.fixture(scope="module")
+def deep_llama(tmp_path_factory, tiny_tokenizer) -> Path:
+    """A tiny llama with 8 layers: enough layer passes for a kill to land inside one."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    torch.manual_seed(0)
+    config = LlamaConfig(**{**TINY, "num_hidden_layers": 8}, vocab_size=len(tiny_tokenizer), bos_token_id=1, eos_token_id=2)
+    path = tmp_path_factory.mktemp("deep") / "llama8"
+    AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(path)
+    tiny_tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def text(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("text") / "builtin.txt"
+    path.write_text(builtin_text())
+    return path
+
+
+def write_recipe(path: Path, model: Path, text: Path, stages: list) -> Path:
+    path.write_text(yaml.safe_dump({
+        "model": str(model),
+        "calibration": {"text": str(text), "samples": 32, "seq_len": 128, "batch_size": 8},
+        "stages": stages,
+        "evaluate": {"text": str(text), "windows": 2, "device": "rtx4090"},
+    }))
+    return path
+
+
+def run_cli(*args: str, **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "modelpress", "run", *args], capture_output=True, text=True,
+                          timeout=600, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def compared(deep_llama, text, tmp_path_factory):
+    """`modelpress run prune-first.yaml quantize-only.yaml`: the run every test here reads."""
+    root = tmp_path_factory.mktemp("compared")
+    a = write_recipe(root / "prune-first.yaml", deep_llama, text, PRUNE_QUANTIZE)
+    b = write_recipe(root / "quantize-only.yaml", deep_llama, text, PRUNE_QUANTIZE[1:])
+    run = run_cli(str(a), str(b), "-o", str(root / "cmp"))
+    assert run.returncode == 0, run.stderr
+    return root, run.stdout
+
+
+def test_the_cli_prints_the_stage_table_and_compares_recipes(compared):
+    root, stdout = compared
+    for needle in ("prune sparsegpt 50%", "quantize gptq int4-g32", "this step", "cumulative",
+                   "recipes side by side", "prune-first.yaml", "quantize-only.yaml", "tok/s RTX 4090"):
+        assert needle in stdout
+    assert (root / "cmp" / "quantize-only" / "01-quantize-gptq").is_dir()
+
+
+def test_every_step_is_measured_on_its_own_checkpoint(compared, deep_llama, text):
+    out = compared[0] / "cmp" / "prune-first"
+    record = json.loads((out / "modelpress.json").read_text())
+    pruned, quantized = out / "01-prune-sparsegpt", out / "02-quantize-gptq"
+    assert [s["output"] for s in record["steps"]] == [str(pruned), str(quantized)]
+    assert record["output"] == str(quantized)
+    zeros = [(t == 0).float().mean().item() for n, t in checkpoint_tensors(pruned).items() if "proj" in n]
+    assert min(zeros) >= 0.5  # the quantize stage read the pruned model...
+    assert json.loads((quantized / "modelpress.json").read_text())["config"]["keep_zeros"] is True  # ...as pruned
+
+    original, (p, q) = record["original"], record["steps"]
+    for step, folder in ((p, pruned), (q, quantized)):  # every number is the stage's own checkpoint's
+        again = measure(str(folder), str(text), 2, baseline=str(deep_llama))
+        assert step["ppl"] == pytest.approx(again["ppl"], rel=1e-6)
+        assert step["kl"] == pytest.approx(again["kl"], rel=1e-6) and step["kl"] > 0
+        assert step["seconds"] > 0 and step["peak_rss_mb"] > 50
+    assert original.get("kl") is None and original["format"] == "fp32"
+    assert p["params"] == q["params"] == original["params"]
+    assert q["format"] == "int4-g32" and q["size_bytes"] < 0.6 * p["size_bytes"]
+    assert q["planner_bytes"] < p["planner_bytes"] and q["decode_tok_s"] > p["decode_tok_s"]
+
+
+def test_a_rerun_skips_finished_stages_and_a_changed_recipe_is_refused(compared, deep_llama, text):
+    root = compared[0]
+    out = root / "cmp" / "prune-first"
+    stamp = (out / "02-quantize-gptq" / "modelpress.json").stat().st_mtime_ns
+    before = json.loads((out / "modelpress.json").read_text())
+    again = run_recipe(load_recipe(root / "prune-first.yaml"), out)
+    assert again["steps"] == before["steps"]
+    assert (out / "02-quantize-gptq" / "modelpress.json").stat().st_mtime_ns == stamp  # not redone
+
+    changed = write_recipe(root / "changed.yaml", deep_llama, text,
+                           [PRUNE_QUANTIZE[0], {"quantize": {"method": "gptq", "bits": 3, "group_size": 32}}])
+    with pytest.raises(UserError, match=r"another recipe from stage 2 \(02-quantize-gptq\) on"):
+        run_recipe(load_recipe(changed), out)
+
+
+def test_a_failing_stage_is_one_line_naming_it(deep_llama, text, tmp_path):
+    # group size 48 divides no Linear of the tiny model: compress refuses it inside the stage's process
+    path = write_recipe(tmp_path / "r.yaml", deep_llama, text, [{"quantize": {"method": "rtn", "bits": 4, "group_size": 48}}])
+    run = run_cli(str(path), "-o", str(tmp_path / "run"))
+    assert run.returncode == 2
+    last = run.stderr.strip().splitlines()[-1]
+    assert last.startswith("modelpress run: error: stage 1 (quantize rtn int4-g48): ") and "rerun the same command" in last
+    assert "Traceback" not in run.stderr
+    assert not (tmp_path / "run" / "01-quantize-rtn").exists()
+
+
+def test_a_run_killed_inside_a_stage_resumes_to_the_uninterrupted_files(compared, deep_llama, text, tmp_path):
+    path = write_recipe(tmp_path / "prune-first.yaml", deep_llama, text, PRUNE_QUANTIZE)
+    out = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "modelpress", "run", str(path), "-o", str(out)],
+                            stderr=subprocess.PIPE, text=True)
+    state = out / "02-quantize-gptq.partial" / "resume-state.json"
+    deadline = time.monotonic() + 300
+    while not (state.is_file() and json.loads(state.read_text() or "{}").get("layers_done", 0) >= 1):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read() if proc.poll() else "timeout"
+        time.sleep(0.01)
+    os.kill(proc.pid, signal.SIGTERM)  # the first of 8 layers of the second stage is written
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert not (out / "02-quantize-gptq").exists()
+
+    resumed = run_cli(str(path), "-o", str(out))
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming at layer" in resumed.stderr
+    whole = compared[0] / "cmp" / "prune-first"
+    for stage in ("01-prune-sparsegpt", "02-quantize-gptq"):
+        a, b = checkpoint_tensors(whole / stage), checkpoint_tensors(out / stage)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    ppl = [s["ppl"] for s in json.loads((out / "modelpress.json").read_text())["steps"]]
+    assert ppl == [s["ppl"] for s in json.loads((whole / "modelpress.json").read_text())["steps"]]

@@ -1,0 +1,94 @@
+"""YAML recipes: typos and impossible orders are refused before any work, naming the stage."""
+
+import pytest
+import yaml
+
+from modelpress.errors import UserError
+from modelpress.pipeline.yaml_recipe import load_recipe, parse_recipe
+
+GOOD = {
+    "model": "some/model",
+    "calibration": {"text": "calib.txt", "samples": 8, "seq_len": 64},
+    "stages": [
+        {"prune": {"method": "wanda", "sparsity": 0.5}},
+        {"heal": {"steps": 10}},
+        {"quantize": {"method": "gptq", "bits": 4, "group_size": 32}},
+    ],
+    "evaluate": {"text": "eval.txt", "windows": 4},
+}
+
+
+def recipe(*stages, **top):
+    return {**GOOD, "stages": list(stages), **top}
+
+
+def refused(data) -> str:
+    with pytest.raises(UserError) as e:
+        parse_recipe(data)
+    return str(e.value)
+
+
+def test_a_good_recipe_is_typed_and_shares_its_calibration():
+    r = parse_recipe(GOOD)
+    assert [s.kind for s in r.stages] == ["prune", "heal", "quantize"]
+    assert [s.name for s in r.stages] == ["01-prune-wanda", "02-heal", "03-quantize-gptq"]
+    assert r.stages[0].config.calibration.samples == 8  # the recipe's calibration reaches every calibrated stage
+    assert r.stages[2].config.calibration.text == "calib.txt"
+    assert r.stages[1].config.data == ["calib.txt"]  # training text defaults to the calibration text
+    assert r.stages[2].title == "quantize gptq int4-g32"
+
+
+def test_a_stage_can_override_one_calibration_field():
+    r = parse_recipe(recipe({"quantize": {"method": "gptq", "calibration": {"samples": 2}}}))
+    assert (r.stages[0].config.calibration.samples, r.stages[0].config.calibration.seq_len) == (2, 64)
+
+
+@pytest.mark.parametrize("stage, expected", [
+    ({"quantize": {"method": "gptq", "bitz": 4}}, "stage 1 (quantize): bitz: unknown field, did you mean 'bits'? (the fields are: "),
+    ({"quantize": {"method": "gptq", "bits": "four"}}, "stage 1 (quantize): bits:"),
+    ({"quantize": {"method": "gptqq"}}, "stage 1 (quantize): method: unknown 'gptqq' (one of awq, gptq, rtn, smoothquant)"),
+    ({"prune": {"sparsity": 0.5}}, "stage 1 (prune): method: give one"),
+    ({"prune": {"method": "wanda"}}, "stage 1 (prune): pruning needs --sparsity"),
+    ({"heal": {"steps": 10, "lrr": 0.1}}, "stage 1 (heal): lrr: unknown field"),
+    ({"heal": {"steps": 10, "tokens": 100}}, "stage 1 (heal): give the budget as exactly one of steps or tokens"),
+    ({"qat": {"steps": 10}}, "stage 1 (qat): qat: a qat stage trains through a format"),
+    ({"distill": {"steps": 10}}, "stage 1 (distill): teacher: a distill stage names its teacher"),
+    ({"export": {"to": "gguf", "dtype": "float32"}}, "stage 1 (export): dtype applies to to: hf"),
+    ({"kv_cache": {"dtype": "int8"}}, "stage 1: unknown stage kind 'kv_cache'"),
+    ({"prune": {"method": "wanda"}, "heal": {}}, "stage 1: a stage is one kind and its settings"),
+])
+def test_a_typo_names_the_stage_and_the_field(stage, expected):
+    assert expected in refused(recipe(stage))
+
+
+@pytest.mark.parametrize("stages, expected", [
+    ([{"export": {"to": "gguf", "type": "q8_0"}}, {"heal": {"steps": 1}}],
+     "stage 2 (heal) comes after the export at stage 1"),
+    ([{"quantize": {"method": "rtn"}}, {"quantize": {"method": "gptq"}}], "already quantized at stage 1"),
+    ([{"quantize": {"method": "rtn"}}, {"prune": {"method": "magnitude", "sparsity": 0.5}}],
+     "stage 2 (prune): pruning a model quantized at stage 1"),
+    ([{"quantize": {"method": "gptq"}}, {"export": {"to": "gguf", "type": "q4_0"}}],
+     "a GGUF export quantizes into llama.cpp's block types itself"),
+    ([{"qat": {"steps": 5, "qat": "int4-g32"}}, {"quantize": {"method": "rtn"}}], "already quantized at stage 1"),
+    ([{"quantize": {"method": "rtn"}}, {"heal": {"steps": 5, "qat": "int4-g32"}}], "drop qat"),
+])
+def test_an_order_that_cannot_work_is_refused_with_the_reason(stages, expected):
+    assert expected in refused(recipe(*stages))
+
+
+def test_top_level_typos_and_missing_parts():
+    assert "unknown top-level field 'stagse'" in refused({"model": "m", "stagse": []})
+    assert "model: give the model" in refused({"stages": [{"quantize": {"method": "rtn"}}]})
+    assert "stages: give a list" in refused({"model": "m", "stages": []})
+    assert "evaluate: windowz: unknown field" in refused({**GOOD, "evaluate": {"windowz": 3}})
+
+
+def test_a_file_that_is_not_yaml_names_the_line(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text("model: m\nstages:\n  - quantize: {method: rtn\n")
+    with pytest.raises(UserError, match=r"is not valid YAML at line \d"):
+        load_recipe(path)
+    with pytest.raises(UserError, match="recipe not found"):
+        load_recipe(tmp_path / "missing.yaml")
+    path.write_text(yaml.safe_dump(GOOD))
+    assert load_recipe(path).model == "some/model"
