@@ -27,12 +27,13 @@ from modelpress.models import loading
 from modelpress.models.arch import arch_for
 from modelpress.models.layers import LayerwiseModel
 from modelpress.models.loading import meta_model
-from modelpress.models.tensors import plan_targets, tensor_stream
+from modelpress.models.tensors import plan_targets, prune_targets, tensor_stream
 from modelpress.pipeline.recipe import (  # noqa: F401 (the configs, importable from here as before)
     METHODS,
     AWQConfig,
     CalibrationConfig,
     GPTQConfig,
+    PruneConfig,
     QuantConfig,
     RTNConfig,
     SmoothQuantConfig,
@@ -46,17 +47,18 @@ from modelpress.record import build_record, calibration_summary, read_record, to
 logger = logging.getLogger("modelpress")
 
 
-def compress(model: str, config: QuantConfig, out_dir: str, resume: bool = False, quality_guard: bool = True) -> dict:
+def compress(model: str, config: QuantConfig, out_dir: str, resume: bool = False, quality_guard: bool = True,
+             prune: PruneConfig | None = None, prune_after: bool = False) -> dict:
     """Compress ``model`` with the method ``config`` names; see :func:`compress_rtn` and
-    :func:`compress_calibrated`.
+    :func:`compress_calibrated` (which also prunes in the same layer pass when given ``prune``).
 
     With ``quality_guard`` the written model is then scored against ``model`` on a little of the
     calibration text (:mod:`modelpress.eval.guard`): an exploded perplexity fails the run and the
     output is renamed ``OUT.rejected``; the two perplexities go into the record.
     """
     config.act_format()  # W8A8's constraints on the weight format fail before any work
-    if METHODS[config.method].calibrated:
-        record = compress_calibrated(model, config, out_dir, resume=resume)
+    if METHODS[config.method].calibrated or prune is not None:
+        record = compress_calibrated(model, config, out_dir, resume=resume, prune=prune, prune_after=prune_after)
     else:
         if resume:
             raise UserError("--resume applies to calibrated methods; an RTN run is quick to redo")
@@ -122,8 +124,17 @@ def compress_rtn(model: str, config: RTNConfig, out_dir: str) -> dict:
 
 
 def compress_calibrated(model: str, config: QuantConfig, out_dir: str, resume: bool = False,
-                        make_sink=CompressedTensorsSink) -> dict:
-    """Compress ``model`` layer by layer with the calibrated method ``config`` names.
+                        make_sink=CompressedTensorsSink, prune: PruneConfig | None = None,
+                        prune_after: bool = False) -> dict:
+    """Compress ``model`` layer by layer with the calibrated method ``config`` names (or RTN, when
+    it shares the pass with ``prune``).
+
+    With ``prune`` (magnitude, Wanda or SparseGPT), each layer is pruned and quantized in the
+    same pass: pruned first (the quantizer keeps the zeros, ``keep_zeros``), or with
+    ``prune_after`` quantized first and then pruned on the quantized weights, whose pruned codes
+    are set to the zero point so the weight stays on its grid (a mask-only method: SparseGPT's
+    update would move the kept weights off it). Either way each layer is calibrated on the
+    outputs of the layers before it as they are written.
 
     Peak memory is one decoder layer plus the calibration activations; each layer is written as
     soon as it is done, and ``OUT.partial`` holds the resume point (see
@@ -143,25 +154,67 @@ def compress_calibrated(model: str, config: QuantConfig, out_dir: str, resume: b
     t0 = time.monotonic()
     source = loading.resolve(model)
     if "keep_zeros" in type(config).model_fields and config.keep_zeros is None:
-        config = config.model_copy(update={"keep_zeros": written_by_prune(source)})
+        pruned_first = prune is not None and not prune_after
+        config = config.model_copy(update={"keep_zeros": pruned_first or written_by_prune(source)})
     lm = LayerwiseModel(source)
     targets = plan_targets(lm.model, config)
     tokenizer = loading.load_tokenizer(source)
-    ids = calibration_ids(tokenizer, config.calibration)
+    calibration = _pass_calibration(config, prune)
+    ids = calibration_ids(tokenizer, calibration)
     check_expert_formats(lm, targets, config)
     warn_if_too_few_tokens(ids.numel(), max((targets.in_features[n] for n in targets.formats), default=0))
-    stage = stage_for(config, lm.arch)
+    stages = [stage_for(config, lm.arch)]
+    if prune is not None:
+        _check_prune_in_pass(lm, targets, prune, prune_after)
+        stages.insert(len(stages) if prune_after else 0, stage_for(prune, lm.arch))
+    run_id = fingerprint(model, config) + ("" if prune is None else fingerprint(model, prune) + str(prune_after))
     with make_sink(out_dir, resume=resume) as sink:
-        run = run_layers(lm, [stage], targets.formats, sink, ids, config.calibration.batch_size,
-                         run_id=fingerprint(model, config))
+        run = run_layers(lm, stages, targets.formats, sink, ids, calibration.batch_size, run_id=run_id)
         record = build_record(source, config, targets, run.layers, run.elapsed_s)
         record["kept_unquantized"] = {lm.checkpoint_name(n): why for n, why in targets.kept.items()}
-        record["calibration"] = calibration_summary(ids, config.calibration)
+        record["calibration"] = calibration_summary(ids, calibration)
+        if prune is not None:
+            record["pruned"] = pruned_summary(prune, run.layers, "after quantizing" if prune_after else "before quantizing")
         if run.resumed_at is not None:
             record["resumed_at_layer"] = run.resumed_at
         finish_checkpoint(sink, source, lm.config, lm.model, targets, tokenizer, record, lm.checkpoint_name)
     logger.info("wrote %s in %.1fs", out_dir, time.monotonic() - t0)
     return record
+
+
+def _pass_calibration(config: QuantConfig, prune: PruneConfig | None) -> CalibrationConfig:
+    """The calibration text of a pass: the quantizer's, else the pruner's, else one short window
+    (RTN and magnitude read no data; the runner still passes each layer's outputs on)."""
+    for c in (config, prune):
+        if getattr(c, "calibration", None) is not None:
+            return c.calibration
+    return CalibrationConfig(samples=1, seq_len=16, batch_size=1)
+
+
+def _check_prune_in_pass(lm: LayerwiseModel, targets, prune: PruneConfig, prune_after: bool) -> None:
+    if prune.method == "structured":
+        raise UserError("structured pruning changes the model's shapes: it runs as its own pass, before quantizing")
+    if prune_after and prune.method == "sparsegpt":
+        raise UserError("SparseGPT after quantizing would move the kept weights off the quantization grid "
+                        "(its update changes them); prune with wanda or magnitude after a quantize stage, or prune first")
+    pruned = set(prune_targets(lm.model, prune).formats)
+    if pruned != set(targets.formats):
+        odd = sorted(pruned ^ set(targets.formats))[0]
+        raise UserError(f"in one pass the pruner and the quantizer take the same Linears, but {odd} is in one "
+                        "and not the other; give both the same exclude list")
+
+
+def pruned_summary(prune: PruneConfig, layers: dict[str, dict], when: str) -> dict:
+    """The record's ``pruned`` entry for a pass that pruned: pattern, sparsity, what it buys."""
+    from modelpress.prune import what_it_buys
+
+    pattern = prune.sparsity_pattern()
+    sparsities = [info["sparsity"] for info in layers.values() if "sparsity" in info]
+    numels = [info["numel"] for info in layers.values() if "sparsity" in info]
+    total = sum(numels)
+    return {"method": prune.method, "pattern": pattern.name, "when": when,
+            "sparsity": sum(s * n for s, n in zip(sparsities, numels)) / total if total else None,  # of the masks
+            "what_it_buys": what_it_buys(pattern)}
 
 
 def written_by_prune(source) -> bool:

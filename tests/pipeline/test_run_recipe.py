@@ -21,6 +21,8 @@ from tests.conftest import TINY, checkpoint_tensors
 
 PRUNE_QUANTIZE = [{"prune": {"method": "sparsegpt", "sparsity": 0.5}},
                   {"quantize": {"method": "gptq", "bits": 4, "group_size": 32}}]
+QUANTIZE_PRUNE = [{"quantize": {"method": "gptq", "bits": 4, "group_size": 32}},
+                  {"prune": {"method": "wanda", "sparsity": 0.5}}]
 
 
 @pytest.fixture(scope="module")
@@ -43,8 +45,8 @@ def text(tmp_path_factory) -> Path:
     return path
 
 
-def write_recipe(path: Path, model: Path, text: Path, stages: list) -> Path:
-    path.write_text(yaml.safe_dump({
+def write_recipe(path: Path, model: Path, text: Path, stages: list, **top) -> Path:
+    path.write_text(yaml.safe_dump({**top,
         "model": str(model),
         "calibration": {"text": str(text), "samples": 32, "seq_len": 128, "batch_size": 8},
         "stages": stages,
@@ -60,10 +62,10 @@ def run_cli(*args: str, **kwargs) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="module")
 def compared(deep_llama, text, tmp_path_factory):
-    """`modelpress run prune-first.yaml quantize-only.yaml`: the run every test here reads."""
+    """`modelpress run prune-first.yaml quantize-first.yaml`: the run every test here reads."""
     root = tmp_path_factory.mktemp("compared")
-    a = write_recipe(root / "prune-first.yaml", deep_llama, text, PRUNE_QUANTIZE)
-    b = write_recipe(root / "quantize-only.yaml", deep_llama, text, PRUNE_QUANTIZE[1:])
+    a = write_recipe(root / "prune-first.yaml", deep_llama, text, PRUNE_QUANTIZE, one_pass=False)
+    b = write_recipe(root / "quantize-first.yaml", deep_llama, text, QUANTIZE_PRUNE)
     run = run_cli(str(a), str(b), "-o", str(root / "cmp"))
     assert run.returncode == 0, run.stderr
     return root, run.stdout
@@ -71,10 +73,25 @@ def compared(deep_llama, text, tmp_path_factory):
 
 def test_the_cli_prints_the_stage_table_and_compares_recipes(compared):
     root, stdout = compared
-    for needle in ("prune sparsegpt 50%", "quantize gptq int4-g32", "this step", "cumulative",
-                   "recipes side by side", "prune-first.yaml", "quantize-only.yaml", "tok/s RTX 4090"):
+    for needle in ("prune sparsegpt 50%", "quantize gptq int4-g32", "quantize gptq int4-g32 + prune wanda 50%",
+                   "this step", "cumulative", "recipes side by side", "prune-first.yaml", "quantize-first.yaml",
+                   "tok/s RTX 4090"):
         assert needle in stdout
-    assert (root / "cmp" / "quantize-only" / "01-quantize-gptq").is_dir()
+
+
+def test_a_prune_after_a_quantize_prunes_its_codes_in_the_same_pass(compared):
+    out = compared[0] / "cmp" / "quantize-first"
+    folder = out / "01-quantize-gptq+02-prune-wanda"
+    record = json.loads((out / "modelpress.json").read_text())
+    assert [s["stages"] for s in record["steps"]] == [[1, 2]] and record["output"] == str(folder)
+    stage_record = json.loads((folder / "modelpress.json").read_text())
+    assert stage_record["pruned"]["when"] == "after quantizing" and stage_record["pruned"]["sparsity"] == 0.5
+    config = json.loads((folder / "config.json").read_text())["quantization_config"]
+    from modelpress.export.compressed_tensors import read_quantized
+
+    for name, qt in read_quantized(folder, config).items():  # still int4: half the codes are the zero code
+        assert (qt.q == 0).float().mean() >= 0.5, name
+        assert qt.fmt.bits == 4
 
 
 def test_every_step_is_measured_on_its_own_checkpoint(compared, deep_llama, text):
@@ -109,9 +126,13 @@ def test_a_rerun_skips_finished_stages_and_a_changed_recipe_is_refused(compared,
     assert (out / "02-quantize-gptq" / "modelpress.json").stat().st_mtime_ns == stamp  # not redone
 
     changed = write_recipe(root / "changed.yaml", deep_llama, text,
-                           [PRUNE_QUANTIZE[0], {"quantize": {"method": "gptq", "bits": 3, "group_size": 32}}])
-    with pytest.raises(UserError, match=r"another recipe from stage 2 \(02-quantize-gptq\) on"):
+                           [PRUNE_QUANTIZE[0], {"quantize": {"method": "gptq", "bits": 3, "group_size": 32}}],
+                           one_pass=False)
+    with pytest.raises(UserError, match=r"another recipe \(from stage 2 on\).*delete 02-quantize-gptq"):
         run_recipe(load_recipe(changed), out)
+    fused = write_recipe(root / "fused.yaml", deep_llama, text, PRUNE_QUANTIZE)  # the same stages in one pass
+    with pytest.raises(UserError, match=r"another recipe \(from stage 1 on\)"):
+        run_recipe(load_recipe(fused), out)
 
 
 def test_a_failing_stage_is_one_line_naming_it(deep_llama, text, tmp_path):
@@ -126,14 +147,14 @@ def test_a_failing_stage_is_one_line_naming_it(deep_llama, text, tmp_path):
 
 
 def test_a_run_killed_inside_a_stage_resumes_to_the_uninterrupted_files(compared, deep_llama, text, tmp_path):
-    path = write_recipe(tmp_path / "prune-first.yaml", deep_llama, text, PRUNE_QUANTIZE)
+    path = write_recipe(tmp_path / "prune-first.yaml", deep_llama, text, PRUNE_QUANTIZE, one_pass=False)
     out = tmp_path / "killed"
     proc = subprocess.Popen([sys.executable, "-m", "modelpress", "run", str(path), "-o", str(out)],
                             stderr=subprocess.PIPE, text=True)
     state = out / "02-quantize-gptq.partial" / "resume-state.json"
     deadline = time.monotonic() + 300
     while not (state.is_file() and json.loads(state.read_text() or "{}").get("layers_done", 0) >= 1):
-        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read() if proc.poll() else "timeout"
+        assert proc.poll() is None and time.monotonic() < deadline, "ended" if proc.poll() is not None else "timeout"
         time.sleep(0.01)
     os.kill(proc.pid, signal.SIGTERM)  # the first of 8 layers of the second stage is written
     _, err = proc.communicate(timeout=120)

@@ -65,8 +65,12 @@ def test_a_typo_names_the_stage_and_the_field(stage, expected):
     ([{"export": {"to": "gguf", "type": "q8_0"}}, {"heal": {"steps": 1}}],
      "stage 2 (heal) comes after the export at stage 1"),
     ([{"quantize": {"method": "rtn"}}, {"quantize": {"method": "gptq"}}], "already quantized at stage 1"),
-    ([{"quantize": {"method": "rtn"}}, {"prune": {"method": "magnitude", "sparsity": 0.5}}],
-     "stage 2 (prune): pruning a model quantized at stage 1"),
+    ([{"quantize": {"method": "rtn"}}, {"prune": {"method": "sparsegpt", "sparsity": 0.5}}],
+     "stage 2 (prune): after quantizing, prune with magnitude or wanda"),
+    ([{"quantize": {"method": "rtn", "format": "fp8"}}, {"prune": {"method": "wanda", "sparsity": 0.5}}],
+     "fp8 is not one: prune before quantizing"),
+    ([{"quantize": {"method": "rtn"}}, {"heal": {"steps": 5}}, {"prune": {"method": "wanda", "sparsity": 0.5}}],
+     "the prune stage must come right after a quantize stage (stage 1 is quantize)"),
     ([{"quantize": {"method": "gptq"}}, {"export": {"to": "gguf", "type": "q4_0"}}],
      "a GGUF export quantizes into llama.cpp's block types itself"),
     ([{"qat": {"steps": 5, "qat": "int4-g32"}}, {"quantize": {"method": "rtn"}}], "already quantized at stage 1"),
@@ -74,6 +78,22 @@ def test_a_typo_names_the_stage_and_the_field(stage, expected):
 ])
 def test_an_order_that_cannot_work_is_refused_with_the_reason(stages, expected):
     assert expected in refused(recipe(*stages))
+
+
+def test_layer_stages_side_by_side_share_one_pass():
+    from modelpress.pipeline.yaml_recipe import passes
+
+    def units(*stages, **top):
+        return [[s.index for s in unit] for unit in passes(parse_recipe(recipe(*stages, **top)))]
+
+    prune, quantize, heal = GOOD["stages"][0], GOOD["stages"][2], GOOD["stages"][1]
+    structured = {"prune": {"method": "structured", "mlp_keep": 0.5}}
+    assert units(prune, quantize) == [[1, 2]]
+    assert units(prune, quantize, one_pass=False) == [[1], [2]]
+    assert units(quantize, prune, one_pass=False) == [[1, 2]]  # pruning codes happens in the quantizer's pass
+    assert units(prune, heal, quantize) == [[1], [2], [3]]
+    assert units(structured, quantize) == [[1], [2]]  # structured pruning changes shapes: a pass of its own
+    assert units(prune, prune, quantize) == [[1], [2, 3]]
 
 
 def test_top_level_typos_and_missing_parts():

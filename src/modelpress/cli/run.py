@@ -82,7 +82,7 @@ def print_steps(record: dict, out: Path) -> None:
     previous = original["ppl"]
     rows = [("0", f"original ({original.get('format') or '?'})", original, None, None, None)]
     for s in steps:
-        rows.append((str(s["stage"]), s["title"], s, s["ppl"] / previous - 1, s["ppl"] / original["ppl"] - 1, s))
+        rows.append(("+".join(map(str, s["stages"])), s["title"], s, s["ppl"] / previous - 1, s["ppl"] / original["ppl"] - 1, s))
         previous = s["ppl"]
     for step, title, m, impact, cumulative, timing in rows:
         cells = [step, title, f"{m['params'] / 1e6:,.1f}M",

@@ -244,6 +244,14 @@ class QuantizedTensor:
         Wg = (Wg - zero if zero is not None else Wg) * self.scale.unsqueeze(-1)
         return Wg.reshape(out_features, in_features)
 
+    def masked(self, keep: torch.Tensor) -> QuantizedTensor:
+        """This weight with the codes where ``keep`` is ``False`` set to the zero point, so that
+        they dequantize to exactly 0 (pruning a quantized weight keeps it on its grid)."""
+        zero = torch.zeros_like(self.q) if self.zero_point is None else \
+            self.zero_point.repeat_interleave(self.q.shape[1] // self.zero_point.shape[1], dim=1).expand_as(self.q)
+        return QuantizedTensor(q=torch.where(keep, self.q, zero.to(self.q.dtype)), scale=self.scale,
+                               zero_point=self.zero_point, fmt=self.fmt)
+
     def rows(self, start: int, stop: int) -> QuantizedTensor:
         """Output rows ``start:stop`` as a weight of their own (not for per-tensor formats)."""
         if self.fmt.granularity == "tensor":

@@ -21,26 +21,40 @@ from modelpress.record import to_json
 def run_job(job: dict) -> dict:
     """Run a ``"stage"`` or ``"measure"`` job; its plain-data result."""
     if job["what"] == "stage":
-        run_stage(stage_from_dump(job["index"], job["kind"], job["config"]), job["source"], job["output"],
-                  original=job["original"], calibration=CalibrationConfig(**job["calibration"]), resume=job["resume"])
+        stages = tuple(stage_from_dump(s["index"], s["kind"], s["config"]) for s in job["stages"])
+        run_stage(stages, job["source"], job["output"], original=job["original"],
+                  calibration=CalibrationConfig(**job["calibration"]), resume=job["resume"])
         return {}
     return measure_model(job["model"], job["text"], job["windows"], job["baseline"], job["format"], job["device"])
 
 
-def resumable(stage: Stage) -> bool:
-    """Whether the stage's verb continues from its ``OUT.partial`` (the layer-pass and training verbs)."""
+def resumable(stages: tuple[Stage, ...]) -> bool:
+    """Whether the unit's verb continues from its ``OUT.partial`` (the layer-pass and training verbs)."""
+    if len(stages) > 1:  # prune and quantize in one layer pass
+        return True
+    stage, = stages
     if stage.kind in ("prune", "quantize"):
         return stage.config.method != "structured" and METHODS[stage.config.method].calibrated
     return stage.kind in ("heal", "qat", "distill")
 
 
-def run_stage(stage: Stage, source: str, output: str, original: str, calibration: CalibrationConfig,
+def run_stage(stages: tuple[Stage, ...], source: str, output: str, original: str, calibration: CalibrationConfig,
               resume: bool = False) -> None:
-    """Run ``stage`` on ``source`` into the folder ``output`` (see :mod:`modelpress.pipeline.run`)."""
+    """Run one stage, or a prune and a quantize stage in one layer pass, on ``source`` into the
+    folder ``output`` (see :mod:`modelpress.pipeline.run`)."""
     partial = Path(f"{output}.partial")
-    if resume and not resumable(stage):  # a quick stage's scratch from an interrupted run: redo it
+    if resume and not resumable(stages):  # a quick stage's scratch from an interrupted run: redo it
         shutil.rmtree(partial, ignore_errors=True)
         resume = False
+    if len(stages) == 2:
+        from modelpress.compress import compress
+
+        quantize, = (s for s in stages if s.kind == "quantize")
+        prune, = (s for s in stages if s.kind == "prune")
+        compress(source, quantize.config, output, resume=resume, prune=prune.config,
+                 prune_after=prune.index > quantize.index)
+        return
+    stage, = stages
     c = stage.config
     if stage.kind == "prune":
         from modelpress.prune import prune

@@ -2,7 +2,8 @@
 
 ``run_recipe(recipe, OUT)`` runs the stages of a :class:`~modelpress.pipeline.yaml_recipe.Recipe`
 in order, each reading the output of the one before, and keeps each stage's output under
-``OUT/NN-kind[-method]/`` (a checkpoint folder; a GGUF stage's folder holds ``model.gguf``).
+``OUT/NN-kind[-method]/`` (a checkpoint folder; a GGUF stage's folder holds ``model.gguf``; a
+prune and a quantize stage that share a layer pass write one, ``01-prune-wanda+02-quantize-gptq``).
 After every stage the new model is measured against the recipe's model: parameters, the
 planner's weight bytes for its format and the bytes on disk, bits per parameter, ``ppl-512`` on
 the evaluation text, KL and top-1 agreement, the decode speed of light on the recipe's device,
@@ -34,7 +35,7 @@ from pathlib import Path
 
 from modelpress.data import builtin_text
 from modelpress.errors import UserError
-from modelpress.pipeline.yaml_recipe import TRAIN_KINDS, Recipe, Stage
+from modelpress.pipeline.yaml_recipe import TRAIN_KINDS, Recipe, Stage, passes
 from modelpress.record import to_json, versions
 
 logger = logging.getLogger("modelpress")
@@ -70,29 +71,36 @@ def run_recipe(recipe: Recipe, out_dir: str | Path, original: dict | None = None
         _save_state(out, state)
     source, spec, fingerprint = recipe.model, original.get("format"), _model_fingerprint(recipe.model)
     steps = []
-    for stage in recipe.stages:
-        fingerprint = stage.fingerprint(fingerprint)
-        folder = out / stage.name
-        done = state["stages"].get(stage.name, {})
-        if done.get("fingerprint") not in (None, fingerprint):
-            raise UserError(f"{out} holds a run of another recipe from stage {stage.index} ({stage.name}) on; "
-                            "write to a new output folder, or delete that stage's folder and the ones after it")
+    n = len(recipe.stages)
+    units = []
+    for unit in passes(recipe):
+        for stage in unit:
+            fingerprint = stage.fingerprint(fingerprint)
+        units.append((unit, "+".join(s.name for s in unit), fingerprint))
+    _check_same_recipe(out, state, units)
+    for unit, name, fingerprint in units:
+        title = " + ".join(s.title for s in unit)
+        where = f"stage {'+'.join(str(s.index) for s in unit)}/{n}"
+        folder = out / name
+        done = state["stages"].get(name, {})
         if not folder.exists():
-            state["stages"][stage.name] = done = {"fingerprint": fingerprint, "title": stage.title}
+            state["stages"][name] = done = {"fingerprint": fingerprint, "title": title}
             _save_state(out, state)
-            logger.info("stage %d/%d: %s", stage.index, len(recipe.stages), stage.title)
-            done.update(_run_stage(out, stage, source, folder, recipe))
+            logger.info("%s: %s", where, title)
+            done.update(_run_stage(out, unit, name, source, folder, recipe))
             _save_state(out, state)
         elif "seconds" not in done:
-            done.update({"fingerprint": fingerprint, "title": stage.title, "seconds": None, "peak_rss_mb": None})
+            done.update({"fingerprint": fingerprint, "title": title, "seconds": None, "peak_rss_mb": None})
         source = str(model_in(folder))
-        spec = format_spec(stage, spec, source)
+        for stage in unit:
+            spec = format_spec(stage, spec, source)
         if "measured" not in done:
-            logger.info("measuring stage %d/%d: %s", stage.index, len(recipe.stages), stage.title)
-            done["measured"] = _measure(out, stage.name, source, text, recipe, baseline=recipe.model, spec=spec)
+            logger.info("measuring %s: %s", where, title)
+            done["measured"] = _measure(out, name, source, text, recipe, baseline=recipe.model, spec=spec)
             _save_state(out, state)
-        steps.append({"stage": stage.index, "kind": stage.kind, "title": stage.title, "output": source,
-                      "seconds": done["seconds"], "peak_rss_mb": done["peak_rss_mb"], **done["measured"]})
+        steps.append({"stages": [s.index for s in unit], "kinds": [s.kind for s in unit], "title": title,
+                      "output": source, "seconds": done["seconds"], "peak_rss_mb": done["peak_rss_mb"],
+                      **done["measured"]})
     record = {
         "command": "run",
         "recipe": _recipe_dump(recipe),
@@ -105,6 +113,16 @@ def run_recipe(recipe: Recipe, out_dir: str | Path, original: dict | None = None
     tmp.write_text(to_json(record, indent=2))
     tmp.replace(out / RECORD)
     return record
+
+
+def _check_same_recipe(out: Path, state: dict, units: list) -> None:
+    """A rerun continues the same recipe: every unit already started has the same settings."""
+    names = {name: fingerprint for _, name, fingerprint in units}
+    for name, done in state["stages"].items():
+        if names.get(name) != done.get("fingerprint"):
+            first = next((u for u, n, f in units if state["stages"].get(n, {}).get("fingerprint") != f), units[-1][0])
+            raise UserError(f"{out} holds a run of another recipe (from stage {first[0].index} on); write to a new "
+                            f"output folder, or delete {name} and the stage folders after it")
 
 
 def check_inputs(recipe: Recipe) -> None:
@@ -194,12 +212,14 @@ def _evaluation_text(recipe: Recipe, out: Path) -> str:
     return str(path)
 
 
-def _run_stage(out: Path, stage: Stage, source: str, folder: Path, recipe: Recipe) -> dict:
+def _run_stage(out: Path, unit: tuple[Stage, ...], name: str, source: str, folder: Path, recipe: Recipe) -> dict:
     partial = folder.with_name(f"{folder.name}.partial")
-    job = {"what": "stage", "index": stage.index, "kind": stage.kind, "config": stage.config.model_dump(mode="json"),
+    job = {"what": "stage", "stages": [{"index": s.index, "kind": s.kind, "config": s.config.model_dump(mode="json")}
+                                       for s in unit],
            "source": source, "output": str(folder), "original": recipe.model, "resume": partial.exists(),
            "calibration": recipe.calibration.model_dump(mode="json")}
-    _, seconds, peak = _child(out, stage.name, job, f"stage {stage.index} ({stage.title})")
+    what = f"stage {'+'.join(str(s.index) for s in unit)} ({' + '.join(s.title for s in unit)})"
+    _, seconds, peak = _child(out, name, job, what)
     return {"seconds": round(seconds, 2), "peak_rss_mb": peak}
 
 

@@ -67,7 +67,16 @@ class LinearResult:
 
     def then(self, later: LinearResult) -> LinearResult:
         """This result followed by a later stage's on the same Linear: the later one is what is
-        stored; numbers of both are kept (the later wins a shared key), a mask survives."""
+        stored; numbers of both are kept (the later wins a shared key), a mask survives.
+
+        A later stage that only prunes (stores nothing, carries a mask) after one that quantized
+        keeps the quantized weight with the pruned codes set to zero: it stays on its grid."""
+        if later.stored is None and later.mask is not None and self.stored is not None:
+            if not hasattr(self.stored, "masked"):
+                raise UserError(f"pruning after quantizing keeps the weights on an integer grid; "
+                                f"{type(self.stored).__name__} weights cannot be pruned in place: prune first")
+            later = LinearResult(stored=self.stored.masked(later.mask), nbytes=self.nbytes, error=later.error,
+                                 info=later.info, inputs=later.inputs, mask=later.mask)
         return LinearResult(stored=later.stored, nbytes=later.nbytes, error=later.error,
                             info={**self.info, **later.info}, inputs=later.inputs or self.inputs,
                             mask=later.mask if later.mask is not None else self.mask)

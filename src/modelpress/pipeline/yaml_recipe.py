@@ -28,10 +28,17 @@ Training stages take ``data`` (text files), defaulting to the calibration text, 
 ``eval_text`` (held-out text that picks the best weights). Relative paths are read from the
 current directory, like the command line's.
 
+Layer passes (:func:`passes`): a prune stage (magnitude, Wanda, SparseGPT) next to a quantize
+stage runs in the same layer pass (``one_pass: true``, the default: one calibration forward
+per layer instead of two, and each layer calibrated on the outputs of the layers before it as
+written); the two are then one step of the table. ``one_pass: false`` runs each in its own pass
+and measures each. A prune *after* a quantize always shares its pass: it prunes the quantized
+codes (mask-only methods, integer formats), so the model stays on its grid.
+
 Orders refused before any work, each with its reason: a stage after the export; quantizing twice;
-pruning a quantized model; a GGUF export of a quantized model (the export quantizes in its own
-block types); QAT in a training stage of an already quantized model (``heal`` trains through the
-format the model has).
+pruning a quantized model other than right after its quantize stage with a mask-only method; a
+GGUF export of a quantized model (the export quantizes in its own block types); QAT in a
+training stage of an already quantized model (``heal`` trains through the format the model has).
 """
 
 from __future__ import annotations
@@ -156,6 +163,7 @@ class Recipe:
     calibration: CalibrationConfig
     stages: tuple[Stage, ...]
     evaluate: EvaluateConfig
+    one_pass: bool = True
 
 
 def load_recipe(path: str | Path) -> Recipe:
@@ -177,9 +185,13 @@ def parse_recipe(data, where: str = "recipe") -> Recipe:
     """A :class:`Recipe` from the YAML's plain data (see :func:`load_recipe`)."""
     if not isinstance(data, dict):
         raise UserError(f"{where}: a recipe is a mapping with model, stages and optionally calibration, evaluate")
-    unknown = sorted(set(data) - {"model", "calibration", "stages", "evaluate"})
+    unknown = sorted(set(data) - {"model", "calibration", "stages", "evaluate", "one_pass"})
     if unknown:
-        raise UserError(f"{where}: unknown top-level field {unknown[0]!r} (known: model, calibration, stages, evaluate)")
+        raise UserError(f"{where}: unknown top-level field {unknown[0]!r} "
+                        "(known: model, calibration, stages, evaluate, one_pass)")
+    if not isinstance(data.get("one_pass", True), bool):
+        raise UserError(f"{where}: one_pass: true (prune and quantize share a layer pass) or false (each stage "
+                        "its own pass and its own row in the table)")
     if not isinstance(data.get("model"), str) or not data["model"]:
         raise UserError(f"{where}: model: give the model to start from (a checkpoint folder, .gguf file or hub id)")
     calibration = _validated(CalibrationConfig, data.get("calibration") or {}, f"{where}: calibration")
@@ -189,7 +201,8 @@ def parse_recipe(data, where: str = "recipe") -> Recipe:
         raise UserError(f"{where}: stages: give a list of stages, e.g. [{{quantize: {{method: rtn, bits: 4}}}}]")
     stages = tuple(_stage(i + 1, item, calibration, where) for i, item in enumerate(items))
     check_order(stages)
-    return Recipe(path=where, model=data["model"], calibration=calibration, stages=stages, evaluate=evaluate)
+    return Recipe(path=where, model=data["model"], calibration=calibration, stages=stages, evaluate=evaluate,
+                  one_pass=data.get("one_pass", True))
 
 
 def _stage(index: int, item, calibration: CalibrationConfig, where: str) -> Stage:
@@ -267,8 +280,7 @@ def check_order(stages: tuple[Stage, ...]) -> None:
             raise UserError(f"{at} comes after the export at stage {previous_export.index}: the export writes the "
                             "deployment file and must be the last stage")
         if stage.kind == "prune" and quantized_at:
-            raise UserError(f"{at}: pruning a model quantized at stage {quantized_at} would write float weights and "
-                            "lose the quantization; prune before quantizing")
+            _check_prune_after_quantize(stage, stages[quantized_at - 1], at)
         if stage.kind == "quantize" and quantized_at:
             raise UserError(f"{at}: the model is already quantized at stage {quantized_at}; quantizing twice "
                             "compounds the rounding: keep one quantize stage")
@@ -284,6 +296,42 @@ def check_order(stages: tuple[Stage, ...]) -> None:
                             "trains a quantized model through its own format; drop qat")
         if stage.kind == "quantize" or (stage.kind in TRAIN_KINDS and stage.config.train.qat):
             quantized_at = stage.index
+
+
+def _check_prune_after_quantize(stage: Stage, quantize: Stage, at: str) -> None:
+    """Pruning a quantized model is done in the quantizer's own layer pass, on its codes."""
+    if quantize.kind != "quantize" or stage.index != quantize.index + 1:
+        raise UserError(f"{at}: a quantized model is pruned in the quantizer's own layer pass, so the prune stage "
+                        f"must come right after a quantize stage (stage {quantize.index} is {quantize.kind}); "
+                        "or prune before quantizing")
+    if stage.config.method not in ("magnitude", "wanda"):
+        raise UserError(f"{at}: after quantizing, prune with magnitude or wanda (they only choose a mask); "
+                        f"{stage.config.method}'s changes would leave the quantization grid, so it goes before the "
+                        "quantize stage")
+    from modelpress.formats.integer import IntFormat
+
+    if not isinstance(quantize.config.weight_format(), IntFormat):
+        raise UserError(f"{at}: pruning after quantizing keeps the weights on an integer grid; "
+                        f"{quantize.config.weight_format().name} is not one: prune before quantizing")
+
+
+def passes(recipe: Recipe) -> list[tuple[Stage, ...]]:
+    """The recipe's stages as units of work: consecutive prune (magnitude, Wanda, SparseGPT) and
+    quantize stages share one layer pass when ``one_pass`` is set, and a prune after a quantize
+    always does (it prunes the quantizer's codes); every other stage is a unit of its own."""
+    units: list[tuple[Stage, ...]] = []
+    for stage in recipe.stages:
+        last = units[-1] if units else ()
+        if len(last) == 1 and _layer_stage(last[0]) and _layer_stage(stage) and last[0].kind != stage.kind \
+                and (recipe.one_pass or last[0].kind == "quantize"):
+            units[-1] = (last[0], stage)
+        else:
+            units.append((stage,))
+    return units
+
+
+def _layer_stage(stage: Stage) -> bool:
+    return stage.kind == "quantize" or (stage.kind == "prune" and stage.config.method != "structured")
 
 
 def stage_from_dump(index: int, kind: str, dump: dict) -> Stage:
