@@ -112,3 +112,32 @@ def test_a_file_that_is_not_yaml_names_the_line(tmp_path):
         load_recipe(tmp_path / "missing.yaml")
     path.write_text(yaml.safe_dump(GOOD))
     assert load_recipe(path).model == "some/model"
+
+
+def test_a_kv_cache_stage_is_typed_and_set_once():
+    r = parse_recipe(recipe({"quantize": {"method": "rtn"}}, {"kv-cache": {"dtype": "int8"}}))
+    assert r.stages[1].title == "kv cache int8" and r.stages[1].name == "02-kv-cache"
+    assert "stage 1 (kv-cache): dtype: Input should be 'int8' or 'fp8'" in refused(recipe({"kv-cache": {"dtype": "int4"}}))
+    assert "already set at stage 1" in refused(recipe({"kv-cache": {"dtype": "int8"}}, {"kv-cache": {"dtype": "fp8"}}))
+
+
+def test_the_seeds_70b_example_is_planned_without_weights():
+    from pathlib import Path
+
+    from modelpress.pipeline.run import plan_recipe
+
+    recipes = Path(__file__).resolve().parents[2] / "recipes"
+    int8 = plan_recipe(load_recipe(recipes / "seed-70b-int8.yaml"))
+    int4 = plan_recipe(load_recipe(recipes / "seed-70b.yaml"))
+    params = int8["params"]
+    assert 70e9 < params < 71e9
+    original, int8_step = int8["steps"]
+    assert original["weight_bytes"] == 2 * params and not original["fits"]  # 141 GB of bf16: not on one A100 80GB
+    embeddings = 2 * 128256 * 8192 * 2  # token embeddings and lm_head stay 16-bit, as compress leaves them
+    assert int8_step["weight_bytes"] == pytest.approx((params * 2 - embeddings) / 2 + embeddings, rel=1e-3)
+    _, gptq, kv = int4["steps"]
+    assert gptq["format"] == "int4-g128" and gptq["fits"]
+    assert gptq["weight_bytes"] == pytest.approx((params * 2 - embeddings) * 4.125 / 16 + embeddings, rel=1e-3)
+    assert kv["kv_dtype"] == "int8" and kv["kv_cache_bytes"] == pytest.approx(gptq["kv_cache_bytes"] / 2)
+    assert kv["weight_bytes"] == gptq["weight_bytes"] and kv["decode_tok_s"] > gptq["decode_tok_s"]
+    assert "need the model's weights" in int4["not_measured"]

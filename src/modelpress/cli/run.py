@@ -17,21 +17,34 @@ from pathlib import Path
 from modelpress.cli import options
 from modelpress.cli.plan import human_bytes, wide_console
 from modelpress.errors import UserError
-from modelpress.pipeline.run import run_recipe
+from modelpress.pipeline.run import plan_recipe, run_recipe
 from modelpress.pipeline.yaml_recipe import load_recipe
 from modelpress.record import to_json
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("recipes", nargs="+", metavar="RECIPE", help="YAML recipe(s); several run side by side")
-    parser.add_argument("-o", "--output", required=True, metavar="OUT",
+    parser.add_argument("-o", "--output", metavar="OUT",
                         help="run folder: each stage's output under it (several recipes: one subfolder each); "
                              "rerun the same command to continue an interrupted run")
+    parser.add_argument("--plan-only", action="store_true",
+                        help="print each step's weight format, bytes, KV cache and fit on the recipe's device from "
+                             "the planner's arithmetic, without the weights (the model may be a size such as 70B)")
     options.add_json(parser)
 
 
 def main(args: argparse.Namespace) -> int:
     recipes = [load_recipe(path) for path in args.recipes]  # every recipe is checked before any work
+    if args.plan_only:
+        plans = [plan_recipe(r) for r in recipes]
+        if args.json:
+            print(to_json(plans[0] if len(plans) == 1 else plans, indent=2))
+        else:
+            for recipe, plan in zip(recipes, plans):
+                print_plan_steps(recipe.path, plan)
+        return 0
+    if args.output is None:
+        raise UserError("give the run folder with -o OUT (or --plan-only for the arithmetic alone)")
     models = {r.model for r in recipes}
     if len(models) > 1:
         raise UserError(f"recipes compared side by side start from one model; these name {', '.join(sorted(models))}")
@@ -98,6 +111,26 @@ def print_steps(record: dict, out: Path) -> None:
     console = wide_console(220)
     console.print(t)
     console.print(f"record: {out / 'modelpress.json'}")
+
+
+def print_plan_steps(path: str, plan: dict) -> None:
+    """The memory column of the seed's table, from the planner alone."""
+    from rich.table import Table
+
+    t = Table(title=f"{path}: {plan['model']} ({plan['params'] / 1e9:,.2f}B parameters) on {plan['device']} "
+                    f"({human_bytes(plan['device_memory'])}), context {plan['context']:,} x batch {plan['batch']}; "
+                    "plan only", title_justify="left")
+    for col in ("step", "technique", "weights", "KV cache", "needs", f"fits one {plan['device']}", "decode tok/s"):
+        t.add_column(col, justify="left" if col == "technique" else "right")
+    for r in plan["steps"]:
+        kv = "unknown" if r["kv_cache_bytes"] is None else f"{human_bytes(r['kv_cache_bytes'])} {r['kv_dtype']}"
+        t.add_row("+".join(map(str, r["stages"])) or "0", r["title"], f"{human_bytes(r['weight_bytes'])} {r['format']}",
+                  kv, human_bytes(r["needed_bytes"]), "yes" if r["fits"] else f"no ({r['devices_needed']} needed)",
+                  f"{r['decode_tok_s']:,.1f}")
+    console = wide_console(220)
+    console.print(t)
+    for line in [*plan["not_planned"], f"not measured: {plan['not_measured']}"]:
+        console.print(f"note: {line}")
 
 
 def print_comparison(records: list[dict]) -> None:

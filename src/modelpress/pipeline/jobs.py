@@ -25,7 +25,8 @@ def run_job(job: dict) -> dict:
         run_stage(stages, job["source"], job["output"], original=job["original"],
                   calibration=CalibrationConfig(**job["calibration"]), resume=job["resume"])
         return {}
-    return measure_model(job["model"], job["text"], job["windows"], job["baseline"], job["format"], job["device"])
+    return measure_model(job["model"], job["text"], job["windows"], job["baseline"], job["format"], job["device"],
+                         kv_cache=job.get("kv_cache"))
 
 
 def resumable(stages: tuple[Stage, ...]) -> bool:
@@ -99,16 +100,17 @@ def _export(c, source: str, output: str, calibration: CalibrationConfig) -> None
 
 
 def measure_model(model: str, text: str, windows: int, baseline: str | None, spec: str | None,
-                  device: str | None) -> dict:
-    """:func:`~modelpress.eval.compare.measure` plus the planner's view of ``model`` in format
-    ``spec``: parameters, weight bytes, bits per parameter on disk, decode speed of light on ``device``."""
+                  device: str | None, kv_cache: str | None = None) -> dict:
+    """:func:`~modelpress.eval.compare.measure` (with the KV cache in ``kv_cache``) plus the
+    planner's view of ``model`` in format ``spec``: parameters, weight bytes, bits per parameter
+    on disk, decode speed of light on ``device``."""
     from modelpress.eval.compare import measure
     from modelpress.models import loading
     from modelpress.models.shape import shape_from_config
     from modelpress.plan.formats import plan_format
     from modelpress.plan.memory import weight_bytes
 
-    result = measure(model, text, windows, baseline=baseline)
+    result = measure(model, text, windows, baseline=baseline, kv_cache=kv_cache)
     shape = shape_from_config(loading.load_config(loading.resolve(model)), Path(model).name)
     fmt = None
     if spec is not None:

@@ -78,12 +78,17 @@ def run_recipe(recipe: Recipe, out_dir: str | Path, original: dict | None = None
             fingerprint = stage.fingerprint(fingerprint)
         units.append((unit, "+".join(s.name for s in unit), fingerprint))
     _check_same_recipe(out, state, units)
+    kv_cache = None
     for unit, name, fingerprint in units:
         title = " + ".join(s.title for s in unit)
         where = f"stage {'+'.join(str(s.index) for s in unit)}/{n}"
         folder = out / name
         done = state["stages"].get(name, {})
-        if not folder.exists():
+        if unit[0].kind == "kv-cache":  # no files: every step from here on is measured with it
+            kv_cache = unit[0].config.dtype
+            state["stages"][name] = done = {**done, "fingerprint": fingerprint, "title": title, "seconds": None,
+                                            "peak_rss_mb": None}
+        elif not folder.exists():
             state["stages"][name] = done = {"fingerprint": fingerprint, "title": title}
             _save_state(out, state)
             logger.info("%s: %s", where, title)
@@ -91,12 +96,14 @@ def run_recipe(recipe: Recipe, out_dir: str | Path, original: dict | None = None
             _save_state(out, state)
         elif "seconds" not in done:
             done.update({"fingerprint": fingerprint, "title": title, "seconds": None, "peak_rss_mb": None})
-        source = str(model_in(folder))
+        if unit[0].kind != "kv-cache":
+            source = str(model_in(folder))
         for stage in unit:
             spec = format_spec(stage, spec, source)
         if "measured" not in done:
             logger.info("measuring %s: %s", where, title)
-            done["measured"] = _measure(out, name, source, text, recipe, baseline=recipe.model, spec=spec)
+            done["measured"] = _measure(out, name, source, text, recipe, baseline=recipe.model, spec=spec,
+                                        kv_cache=kv_cache)
             _save_state(out, state)
         steps.append({"stages": [s.index for s in unit], "kinds": [s.kind for s in unit], "title": title,
                       "output": source, "seconds": done["seconds"], "peak_rss_mb": done["peak_rss_mb"],
@@ -160,6 +167,8 @@ def format_spec(stage: Stage, previous: str | None, model: str) -> str | None:
         return c.train.qat
     if stage.kind == "export":
         return (c.type or "f16") if c.to == "gguf" else _SHORT_DTYPES[c.dtype or "bfloat16"]
+    if stage.kind == "kv-cache":
+        return previous
     float_before = previous in _SHORT_DTYPES.values() or previous is None
     return _float_spec(model) if float_before else previous
 
@@ -224,9 +233,9 @@ def _run_stage(out: Path, unit: tuple[Stage, ...], name: str, source: str, folde
 
 
 def _measure(out: Path, name: str, model: str, text: str, recipe: Recipe, baseline: str | None,
-             spec: str | None) -> dict:
+             spec: str | None, kv_cache: str | None = None) -> dict:
     job = {"what": "measure", "model": model, "text": text, "windows": recipe.evaluate.windows,
-           "baseline": baseline, "format": spec, "device": recipe.evaluate.device}
+           "baseline": baseline, "format": spec, "device": recipe.evaluate.device, "kv_cache": kv_cache}
     result, _, _ = _child(out, f"{name}.measure", job, f"measuring {model}")
     return result
 
@@ -262,3 +271,53 @@ def _recipe_dump(recipe: Recipe) -> dict:
             "evaluate": recipe.evaluate.model_dump(mode="json"),
             "stages": [{stage.kind: stage.config.model_dump(mode="json")} for stage in recipe.stages]}
 
+
+
+def plan_recipe(recipe: Recipe) -> dict:
+    """The recipe as arithmetic, before any work and without the weights: each step's weight
+    format and bytes, KV cache, what it needs in all and whether it fits the recipe's device,
+    and its decode speed of light (the memory column of the seed's table). The model may be a
+    bare size (``70B``), a config.json or a checkpoint folder."""
+    from modelpress.cli.plan import load_model
+    from modelpress.plan import hardware
+    from modelpress.plan.formats import plan_format
+    from modelpress.plan.memory import activation_bytes, fit, kv_cache_bytes, weight_bytes
+    from modelpress.plan.roofline import decode_roofline
+
+    ev = recipe.evaluate
+    shape, config = load_model(recipe.model)
+    device = hardware.find_hardware(ev.device or "A100 80GB")
+    spec = (_float_spec(recipe.model) or _config_dtype(config) or "fp16") if config is not None else "fp16"
+    kv_dtype, rows, unplanned = spec if spec in ("fp16", "bf16") else "fp16", [], []
+
+    def row(stages, title):
+        fmt = plan_format(spec)
+        weights, kv = weight_bytes(shape, fmt), kv_cache_bytes(shape, ev.context, ev.batch, kv_dtype)
+        needed = weights + (kv or 0.0) + activation_bytes(shape, ev.context, ev.batch)
+        f = fit(needed, device.memory)
+        rows.append({"stages": stages, "title": title, "format": spec, "kv_dtype": kv_dtype, "weight_bytes": weights,
+                     "kv_cache_bytes": kv, "needed_bytes": needed, "fits": f.fits, "devices_needed": f.devices,
+                     "decode_tok_s": decode_roofline(shape, fmt, device, context=ev.context, batch=ev.batch,
+                                                     kv_dtype=kv_dtype).tokens_per_s})
+
+    row([], f"original ({spec})")
+    for unit in passes(recipe):
+        title = " + ".join(s.title for s in unit)
+        if any(s.kind == "prune" and s.config.method == "structured" for s in unit):
+            unplanned.append(f"stage {unit[0].index} ({title}): its size depends on the importance scores the "
+                             "model's weights give; the later rows assume the unpruned shape")
+        for stage in unit:
+            if stage.kind == "kv-cache":
+                kv_dtype = stage.config.dtype
+            else:
+                spec = format_spec(stage, spec, recipe.model)
+        row([s.index for s in unit], title)
+    return {"model": shape.name, "params": shape.total_params, "device": device.name, "device_memory": device.memory,
+            "context": ev.context, "batch": ev.batch, "steps": rows, "not_planned": unplanned,
+            "not_measured": "perplexity, KL, top-1 agreement, wall time and peak memory of every step need the "
+                            "model's weights: run the recipe without --plan-only"}
+
+
+def _config_dtype(config) -> str | None:
+    dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    return _SHORT_DTYPES.get(str(dtype).removeprefix("torch."))

@@ -22,6 +22,10 @@ Stage kinds and what each reads:
 - ``qat``: ``heal`` through the fake quantization of ``qat: FORMAT`` (``int4-g128``, ``q4_k_m``...),
   written in that format;
 - ``distill``: the same as ``heal``, with ``teacher`` given explicitly (or ``alpha: 0``, no teacher);
+- ``kv-cache``: ``{dtype: int8}`` or ``fp8``: every later step is evaluated with its keys and
+  values quantized that way (per token and head, as at run time) and planned with that cache size.
+  It writes no files: the checkpoint does not yet carry a ``kv_cache_scheme``, so tell the engine
+  (vLLM ``--kv-cache-dtype``, llama.cpp ``-ctk``/``-ctv``);
 - ``export``: ``{to: gguf, type: q4_k_m, calibrate: gptq}`` or ``{to: hf, dtype: bfloat16}``.
 
 Training stages take ``data`` (text files), defaulting to the calibration text, and an optional
@@ -57,7 +61,7 @@ from modelpress.errors import UserError
 from modelpress.pipeline.recipe import METHODS, CalibrationConfig, methods
 from modelpress.train.distill import DistillConfig
 
-KINDS = ("prune", "quantize", "heal", "qat", "distill", "export")
+KINDS = ("prune", "quantize", "heal", "qat", "distill", "kv-cache", "export")
 TRAIN_KINDS = ("heal", "qat", "distill")
 _TRAIN_FIELDS = ("data", "teacher", "eval_text")
 
@@ -65,13 +69,24 @@ _TRAIN_FIELDS = ("data", "teacher", "eval_text")
 class EvaluateConfig(BaseModel):
     """How every step is measured: ``ppl-512`` on ``text`` (the first ``windows`` windows), KL and
     top-1 agreement against the recipe's model; ``device`` (a catalogue name, see ``plan
-    --list-hardware``) adds the decode speed of light of each step. No text: the built-in one."""
+    --list-hardware``) adds the decode speed of light of each step, and ``context`` tokens for
+    ``batch`` sequences size its KV cache in ``run --plan-only``. No text: the built-in one."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     text: str | None = None
     windows: int = Field(40, ge=1)
     device: str | None = None
+    context: int = Field(4096, ge=1)
+    batch: int = Field(1, ge=1)
+
+
+class KVCacheConfig(BaseModel):
+    """The KV cache's element type from this step on."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    dtype: Literal["int8", "fp8"]
 
 
 class ExportConfig(BaseModel):
@@ -145,6 +160,8 @@ class Stage:
             t = c.train
             budget = f"{t.tokens:,} tokens" if t.tokens else f"{t.steps} steps"
             return f"{self.kind} {t.mode} {budget}" + (f" {t.qat}" if t.qat else "")
+        if self.kind == "kv-cache":
+            return f"kv cache {c.dtype}"
         return f"export {c.to} {c.type or c.dtype or ('f16' if c.to == 'gguf' else 'bfloat16')}"
 
     def fingerprint(self, source: str) -> str:
@@ -226,6 +243,8 @@ def _stage(index: int, item, calibration: CalibrationConfig, where: str) -> Stag
         return Stage(index, kind, _validated(config_class, fields, at))
     if kind == "export":
         return Stage(index, kind, _validated(ExportConfig, fields, at))
+    if kind == "kv-cache":
+        return Stage(index, kind, _validated(KVCacheConfig, fields, at))
     train = {k: v for k, v in fields.items() if k not in _TRAIN_FIELDS}
     outer = {k: v for k, v in fields.items() if k in _TRAIN_FIELDS}
     if outer.get("data") is None:
@@ -273,6 +292,9 @@ def _field_names(config_class) -> list[str]:
 def check_order(stages: tuple[Stage, ...]) -> None:
     """Refuse, before any work, an order of stages that cannot work, saying why."""
     quantized_at = None
+    kv = [s.index for s in stages if s.kind == "kv-cache"]
+    if len(kv) > 1:
+        raise UserError(f"stage {kv[1]} (kv-cache): the KV cache's type is already set at stage {kv[0]}; keep one")
     for stage in stages:
         at = f"stage {stage.index} ({stage.kind})"
         previous_export = next((s for s in stages if s.kind == "export" and s.index < stage.index), None)
@@ -341,4 +363,6 @@ def stage_from_dump(index: int, kind: str, dump: dict) -> Stage:
         return Stage(index, kind, METHODS[dump["method"]].config(**dump))
     if kind == "export":
         return Stage(index, kind, ExportConfig(**dump))
+    if kind == "kv-cache":
+        return Stage(index, kind, KVCacheConfig(**dump))
     return Stage(index, kind, TrainStageConfig(**dump))
