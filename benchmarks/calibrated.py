@@ -57,6 +57,11 @@ METHODS = {  # name -> (method, bits, symmetric, modelpress extra flags)
     # modelpress's RTN defaults before the full signed range: min/max and max|w| / (2^(b-1) - 1)
     "rtn4-restricted": ("rtn", 4, True, ["--observer", "minmax", "--symmetric-range", "restricted"]),
     "rtn3-restricted": ("rtn", 3, True, ["--observer", "minmax", "--symmetric-range", "restricted"]),
+    # a negative extreme exactly on -2^(b-1) (the candidate default, issue: RTN on the full grid)
+    "rtn4-exact-negative": ("rtn", 4, True, ["--observer", "minmax", "--symmetric-range", "exact-negative"]),
+    "rtn3-exact-negative": ("rtn", 3, True, ["--observer", "minmax", "--symmetric-range", "exact-negative"]),
+    "gptq4-exact-negative": ("gptq", 4, True, ["--symmetric-range", "exact-negative"]),
+    "gptq3-exact-negative": ("gptq", 3, True, ["--symmetric-range", "exact-negative"]),
 }
 
 LLMCOMPRESSOR_ROWS = {"gptq4", "gptq3", "awq4", "rtn4", "rtn3"}  # the others are modelpress-only variants
@@ -160,7 +165,8 @@ def calibrated_caption(protocol: dict) -> str:
               "clip search, llm-compressor AWQ with duo scaling and min/max scales (it has no clip search); "
               "RTN: modelpress at its defaults, llm-compressor's QuantizationModifier (min/max scales), both symmetric "
               "(modelpress RTN rows: min/max scales with the full signed range; marked mse: MSE-searched scales; "
-              "restricted: min/max and the max|w| / (2^(b-1) - 1) scale, modelpress's RTN default before 2026-12). "
+              "exact-negative: a negative extreme exactly on -2^(b-1); restricted: min/max and the "
+              "max|w| / (2^(b-1) - 1) scale, modelpress's RTN default before 2026-12). "
               "Wall times of rows measured beside other work are not comparable: see the README")
 
 
@@ -197,7 +203,7 @@ def run(models: list[str], methods: list[str], tools: list[str], calib_samples: 
             for tool, out, cmd, venv in runs:
                 stats = timed(cmd)
                 ppl = perplexity(out, eval_file, venv)
-                variant = next((v for v in ("minmax", "mse", "restricted") if m.endswith(v)), "")
+                variant = next((v for v in ("minmax", "mse", "restricted", "exact-negative") if m.endswith(v)), "")
                 results.add({"model": name, "tool": tool, "method": f"{method} int{bits} g{group} {variant}".strip(),
                              "bits_per_weight": bpw, "ppl": ppl, **stats})
                 shutil.rmtree(out)

@@ -123,6 +123,18 @@ def test_symmetric_group_uses_all_16_codes_and_keeps_every_error_within_half_a_s
 
 
 @pytest.mark.parametrize("bits", [3, 4])
+def test_exact_negative_puts_a_negative_extreme_on_the_lowest_code(bits):
+    W = torch.linspace(-1.0, 0.8, 64).reshape(1, 64)
+    full, exact = (IntFormat(bits=bits, group_size=64, symmetric_range=r).quantize(W) for r in ("full", "exact-negative"))
+    assert exact.dequantize()[0, 0].item() == -1.0 and exact.q.min() == -(2 ** (bits - 1))
+    assert full.dequantize()[0, 0].item() > -0.97  # the full rule's finer step clips it by up to half a step
+    assert (exact.dequantize() - W).abs().max() <= exact.scale.item() / 2 * (1 + 16 * 2**-11)
+    W = torch.linspace(-0.5, 1.0, 64).reshape(1, 64)  # a positive extreme: both rules agree
+    full, exact = (IntFormat(bits=bits, group_size=64, symmetric_range=r).quantize(W) for r in ("full", "exact-negative"))
+    assert torch.equal(full.q, exact.q) and torch.equal(full.scale, exact.scale)
+
+
+@pytest.mark.parametrize("bits", [3, 4])
 def test_full_range_is_never_coarser_and_has_lower_error_than_the_restricted_rule(bits):
     torch.manual_seed(0)
     W = torch.randn(256, 512)
@@ -135,5 +147,7 @@ def test_restricted_rule_is_a_named_spec():
     fmt = parse_int_format("int4-g128-restricted")
     assert fmt.symmetric_range == "restricted" and parse_int_format(fmt.name) == fmt
     assert parse_int_format("int4-g128").symmetric_range == "full"
+    exact = parse_int_format("int3-g64-exact-negative")
+    assert exact.symmetric_range == "exact-negative" and exact.name == "int3-g64-exact-negative"
     with pytest.raises(UserError):
         parse_int_format("int4-g128-asym-restricted")  # the rule is for symmetric formats

@@ -383,7 +383,8 @@ def parse_format(spec: str, observer: str | None = None, scale_dtype: str | None
         spec: the format name.
         observer: range observer to use instead of the default ``minmax``.
         scale_dtype: scale storage dtype, integer formats only (the others fix theirs).
-        symmetric_range: ``"full"`` or ``"restricted"`` symmetric scale rule, integer formats only.
+        symmetric_range: ``"full"``, ``"exact-negative"`` or ``"restricted"`` symmetric scale rule,
+            integer formats only.
     """
     from modelpress.formats.integer import parse_int_format
 
@@ -391,8 +392,8 @@ def parse_format(spec: str, observer: str | None = None, scale_dtype: str | None
     if key.startswith("int"):
         overrides = {k: v for k, v in (("observer", observer), ("scale_dtype", scale_dtype)) if v is not None}
         fmt = parse_int_format(key, **overrides)
-        if symmetric_range == "restricted" and fmt.symmetric:  # the spec's own "-restricted" also sets it
-            fmt = replace(fmt, symmetric_range="restricted")
+        if symmetric_range not in (None, "full") and fmt.symmetric:  # the spec's own "-restricted" also sets it
+            fmt = replace(fmt, symmetric_range=symmetric_range)
         return fmt
     if _SPEC.match(key):
         return parse_float_format(key, observer=observer or "minmax")
