@@ -65,7 +65,7 @@ def compared(deep_llama, text, tmp_path_factory):
     """`modelpress run prune-first.yaml quantize-first.yaml`: the run every test here reads."""
     root = tmp_path_factory.mktemp("compared")
     a = write_recipe(root / "prune-first.yaml", deep_llama, text, PRUNE_QUANTIZE, one_pass=False)
-    b = write_recipe(root / "quantize-first.yaml", deep_llama, text, QUANTIZE_PRUNE)
+    b = write_recipe(root / "quantize-first.yaml", deep_llama, text, [*QUANTIZE_PRUNE, {"kv-cache": {"dtype": "int8"}}])
     run = run_cli(str(a), str(b), "-o", str(root / "cmp"))
     assert run.returncode == 0, run.stderr
     return root, run.stdout
@@ -83,7 +83,7 @@ def test_a_prune_after_a_quantize_prunes_its_codes_in_the_same_pass(compared):
     out = compared[0] / "cmp" / "quantize-first"
     folder = out / "01-quantize-gptq+02-prune-wanda"
     record = json.loads((out / "modelpress.json").read_text())
-    assert [s["stages"] for s in record["steps"]] == [[1, 2]] and record["output"] == str(folder)
+    assert [s["stages"] for s in record["steps"]] == [[1, 2], [3]] and record["output"] == str(folder)
     stage_record = json.loads((folder / "modelpress.json").read_text())
     assert stage_record["pruned"]["when"] == "after quantizing" and stage_record["pruned"]["sparsity"] == 0.5
     config = json.loads((folder / "config.json").read_text())["quantization_config"]
@@ -92,6 +92,15 @@ def test_a_prune_after_a_quantize_prunes_its_codes_in_the_same_pass(compared):
     for name, qt in read_quantized(folder, config).items():  # still int4: half the codes are the zero code
         assert (qt.q == 0).float().mean() >= 0.5, name
         assert qt.fmt.bits == 4
+
+
+def test_a_kv_cache_step_measures_the_same_files_with_the_cache_quantized(compared, deep_llama, text):
+    out = compared[0] / "cmp" / "quantize-first"
+    pruned, kv = json.loads((out / "modelpress.json").read_text())["steps"]
+    assert kv["title"] == "kv cache int8" and kv["output"] == pruned["output"] and kv["kv_cache"] == "int8"
+    assert not (out / "03-kv-cache").exists()
+    again = measure(pruned["output"], str(text), 2, baseline=str(deep_llama), kv_cache="int8")
+    assert kv["ppl"] == pytest.approx(again["ppl"], rel=1e-6) and kv["ppl"] != pruned["ppl"]
 
 
 def test_every_step_is_measured_on_its_own_checkpoint(compared, deep_llama, text):

@@ -15,7 +15,7 @@ import argparse
 from pathlib import Path
 
 from modelpress.cli import options
-from modelpress.cli.plan import human_bytes, wide_console
+from modelpress.cli.plan import wide_console
 from modelpress.errors import UserError
 from modelpress.pipeline.run import plan_recipe, run_recipe
 from modelpress.pipeline.yaml_recipe import load_recipe
@@ -66,6 +66,10 @@ def main(args: argparse.Namespace) -> int:
     if len(records) > 1:
         print_comparison(records)
     return 0
+
+
+def human_bytes(n: float) -> str:
+    return f"{n / 1e9:,.1f} GB" if n >= 1e9 else f"{n / 1e6:,.1f} MB"
 
 
 def _pct(x: float | None) -> str:
