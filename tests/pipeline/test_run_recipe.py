@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -179,3 +180,60 @@ def test_a_run_killed_inside_a_stage_resumes_to_the_uninterrupted_files(compared
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     ppl = [s["ppl"] for s in json.loads((out / "modelpress.json").read_text())["steps"]]
     assert ppl == [s["ppl"] for s in json.loads((whole / "modelpress.json").read_text())["steps"]]
+
+
+def test_the_report_is_one_offline_page_with_the_records_numbers(compared):
+    from html.parser import HTMLParser
+
+    out = compared[0] / "cmp" / "prune-first"
+    run = run_cli_report(out, compared[0] / "report.html")
+    assert run.returncode == 0, run.stderr
+    page = (compared[0] / "report.html").read_text()
+    for fetch in ("<script", "<link", "src=", "@import"):  # nothing is fetched when it opens
+        assert fetch not in page
+    assert not re.search(r"""url\((?!#)|href=["'](?!#)""", page)  # only references inside the page
+
+    class Cells(HTMLParser):
+        rows, inside = [], False
+
+        def handle_starttag(self, tag, attrs):
+            if tag == "tr":
+                self.rows.append([])
+            self.inside = tag in ("td", "th")
+
+        def handle_data(self, data):
+            if self.inside and self.rows:
+                self.rows[-1].append(data)
+
+        def handle_endtag(self, tag):
+            self.inside = False
+
+    cells = Cells()
+    cells.feed(page[page.index("<table id='steps'>"):page.index("</table>")])
+    record = json.loads((out / "modelpress.json").read_text())
+    ppl = [row[5] for row in cells.rows[1:]]
+    assert ppl == [f"{m['ppl']:.3f}" for m in [record["original"], *record["steps"]]]
+    charts = [c.split("'")[0] for c in page.split("data-chart='")[1:]]
+    assert charts == ["size-ppl", "memory", "layers", "layers"]  # one per-layer chart per layer pass
+
+
+def run_cli_report(run: Path, out: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "modelpress", "report", str(run), "-o", str(out)],
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_the_report_plots_a_training_stage_and_refuses_what_is_not_a_run(tmp_path):
+    from modelpress.report.html import render, write_report
+
+    stage = tmp_path / "02-heal"
+    stage.mkdir()
+    (stage / "train_log.jsonl").write_text("\n".join(json.dumps(e) for e in [
+        {"step": 0, "eval_ppl": 40.0}, {"step": 1, "loss": 3.0}, {"step": 2, "loss": 2.5}, {"step": 2, "eval_ppl": 35.0}]))
+    measured = {"ppl": 35.0, "params": 1e6, "size_bytes": 4e6, "text": "t.txt", "n_windows": 2}
+    record = {"command": "run", "recipe": {"path": "r.yaml", "model": "m", "evaluate": {}},
+              "original": {**measured, "ppl": 30.0}, "output": str(stage),
+              "steps": [{**measured, "stages": [2], "title": "heal logit 100 tokens", "output": str(stage)}]}
+    page = render(record)
+    assert "Training: heal logit 100 tokens" in page and page.count("<svg") == 2
+    with pytest.raises(UserError, match="is not a finished recipe run"):
+        write_report(tmp_path, tmp_path / "r.html")

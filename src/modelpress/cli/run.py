@@ -27,6 +27,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-o", "--output", metavar="OUT",
                         help="run folder: each stage's output under it (several recipes: one subfolder each); "
                              "rerun the same command to continue an interrupted run")
+    parser.add_argument("--report", action="store_true",
+                        help="also write OUT/report.html: the run as one self-contained page of tables and charts")
     parser.add_argument("--plan-only", action="store_true",
                         help="print each step's weight format, bytes, KV cache and fit on the recipe's device from "
                              "the planner's arithmetic, without the weights (the model may be a size such as 70B)")
@@ -58,6 +60,10 @@ def main(args: argparse.Namespace) -> int:
     records = []
     for recipe, out in zip(recipes, outs):
         records.append(run_recipe(recipe, out, original=records[0]["original"] if records else None))
+        if args.report:
+            from modelpress.report.html import write_report
+
+            write_report(out, out / "report.html")
     if args.json:
         print(to_json(records[0] if len(records) == 1 else records, indent=2))
         return 0
