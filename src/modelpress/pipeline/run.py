@@ -60,14 +60,14 @@ def run_recipe(recipe: Recipe, out_dir: str | Path, original: dict | None = None
     check_inputs(recipe)
     state = _open_state(out, recipe)
     text = _evaluation_text(recipe, out)
-    if original is not None and state.get("original") is None and original.get("text") == text \
-            and original.get("windows_asked") == recipe.evaluate.windows:
+    evaluation = _evaluation_key(recipe, text)
+    if original is not None and state.get("original") is None and original.get("evaluation") == evaluation:
         state["original"] = original
     original = state.get("original")
-    if original is None:
+    if original is None or original.get("evaluation") != evaluation:  # new, or the evaluate settings changed
         logger.info("measuring the original model %s", recipe.model)
         original = _measure(out, "00-original", recipe.model, text, recipe, baseline=None, spec=_float_spec(recipe.model))
-        state["original"] = original
+        state["original"] = original = {**original, "evaluation": evaluation}
         _save_state(out, state)
     source, spec, fingerprint = recipe.model, original.get("format"), _model_fingerprint(recipe.model)
     steps = []
@@ -100,10 +100,10 @@ def run_recipe(recipe: Recipe, out_dir: str | Path, original: dict | None = None
             source = str(model_in(folder))
         for stage in unit:
             spec = format_spec(stage, spec, source)
-        if "measured" not in done:
+        if done.get("measured", {}).get("evaluation") != evaluation:
             logger.info("measuring %s: %s", where, title)
-            done["measured"] = _measure(out, name, source, text, recipe, baseline=recipe.model, spec=spec,
-                                        kv_cache=kv_cache)
+            done["measured"] = {**_measure(out, name, source, text, recipe, baseline=recipe.model, spec=spec,
+                                           kv_cache=kv_cache), "evaluation": evaluation}
             _save_state(out, state)
         steps.append({"stages": [s.index for s in unit], "kinds": [s.kind for s in unit], "title": title,
                       "output": source, "seconds": done["seconds"], "peak_rss_mb": done["peak_rss_mb"],
@@ -120,6 +120,12 @@ def run_recipe(recipe: Recipe, out_dir: str | Path, original: dict | None = None
     tmp.write_text(to_json(record, indent=2))
     tmp.replace(out / RECORD)
     return record
+
+
+def _evaluation_key(recipe: Recipe, text: str) -> str:
+    """What a measurement depends on besides the model: a rerun with other evaluate settings
+    measures again (the stages' files are kept)."""
+    return json.dumps({"text": text, **recipe.evaluate.model_dump(mode="json")}, sort_keys=True)
 
 
 def _check_same_recipe(out: Path, state: dict, units: list) -> None:
