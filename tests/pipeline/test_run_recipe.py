@@ -141,6 +141,7 @@ def test_a_rerun_skips_finished_stages_and_a_changed_recipe_is_refused(compared,
     remeasured = run_recipe(load_recipe(root / "fewer-windows.yaml"), out)  # measured again, nothing redone
     assert [s["n_windows"] for s in remeasured["steps"]] == [1, 1] and remeasured["original"]["n_windows"] == 1
     assert (out / "02-quantize-gptq" / "modelpress.json").stat().st_mtime_ns == stamp
+    assert run_recipe(load_recipe(root / "prune-first.yaml"), out)["steps"] == before["steps"]  # and back, equal
 
     changed = write_recipe(root / "changed.yaml", deep_llama, text,
                            [PRUNE_QUANTIZE[0], {"quantize": {"method": "gptq", "bits": 3, "group_size": 32}}],
