@@ -55,6 +55,7 @@ def test_a_stage_can_override_one_calibration_field():
     ({"distill": {"steps": 10}}, "stage 1 (distill): teacher: a distill stage names its teacher"),
     ({"export": {"to": "gguf", "dtype": "float32"}}, "stage 1 (export): dtype applies to to: hf"),
     ({"kv_cache": {"dtype": "int8"}}, "stage 1: unknown stage kind 'kv_cache'"),
+    ({"export": {"to": "compressed-tensors"}}, "stage 1 (export): to: a quantize stage already writes compressed-tensors"),
     ({"prune": {"method": "wanda"}, "heal": {}}, "stage 1: a stage is one kind and its settings"),
 ])
 def test_a_typo_names_the_stage_and_the_field(stage, expected):

@@ -242,6 +242,9 @@ def _stage(index: int, item, calibration: CalibrationConfig, where: str) -> Stag
             fields["calibration"] = calibration.model_copy(update=fields.get("calibration") or {}).model_dump()
         return Stage(index, kind, _validated(config_class, fields, at))
     if kind == "export":
+        if fields.get("to") == "compressed-tensors":
+            raise UserError(f"{at}: to: a quantize stage already writes compressed-tensors (its folder is the "
+                            "checkpoint); an export stage writes gguf or hf")
         return Stage(index, kind, _validated(ExportConfig, fields, at))
     if kind == "kv-cache":
         return Stage(index, kind, _validated(KVCacheConfig, fields, at))
