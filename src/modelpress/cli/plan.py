@@ -190,7 +190,7 @@ def build_plan(shape: ModelShape, hardware_name: str, formats: list[str], contex
     }
 
 
-def human_bytes(n: float) -> str:
+def _gb(n: float) -> str:
     return f"{n / 1e9:,.1f} GB" if n >= 1e8 else f"{n / 1e6:,.1f} MB"
 
 
@@ -216,7 +216,7 @@ def print_plan(plan: dict) -> None:
     if plan["kv_cache_bytes"] is None:
         console.print("KV cache: unknown for a bare size (pass a config.json); fit counts weights only")
     else:
-        console.print(f"KV cache: {human_bytes(plan['kv_cache_bytes'])}; activations ~{human_bytes(plan['activation_bytes'])}; "
+        console.print(f"KV cache: {_gb(plan['kv_cache_bytes'])}; activations ~{_gb(plan['activation_bytes'])}; "
                       f"engines keep {plan['runtime_reserve_fraction']:.0%} of device memory free")
     t = Table(title=f"weights and decode speed of light on {hw['name']} "
                     f"({hw['bandwidth_bytes_per_s'] / 1e12:.2f} TB/s, ridge {hw['ridge_point_fp16']:.0f} FLOP/byte)")
@@ -224,7 +224,7 @@ def print_plan(plan: dict) -> None:
                 "FLOP/byte", "bound", "compute-bound from b="):
         t.add_column(col, justify="left" if col == "format" else "right")
     for r in plan["formats"]:
-        t.add_row(r["name"], f"{r['bits_per_weight']:.3f}", human_bytes(r["weight_bytes"]), f"{r['weight_gib']:,.1f}",
+        t.add_row(r["name"], f"{r['bits_per_weight']:.3f}", _gb(r["weight_bytes"]), f"{r['weight_gib']:,.1f}",
                   f"{r['decode_tokens_per_s']:,.1f}", f"{r['decode_tokens_per_s_at_context']:,.1f}",
                   f"{r['arithmetic_intensity']:.1f}", r["bound"], str(r["batch_to_compute_bound"]))
     console.print(t)

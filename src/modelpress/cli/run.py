@@ -19,6 +19,7 @@ from modelpress.cli.plan import wide_console
 from modelpress.errors import UserError
 from modelpress.pipeline.run import plan_recipe, run_recipe
 from modelpress.pipeline.yaml_recipe import load_recipe
+from modelpress.report.html import measured_cells, num, pct, size_text, step_rows, timing_cells
 from modelpress.record import to_json
 
 
@@ -74,18 +75,6 @@ def main(args: argparse.Namespace) -> int:
     return 0
 
 
-def human_bytes(n: float) -> str:
-    return f"{n / 1e9:,.1f} GB" if n >= 1e9 else f"{n / 1e6:,.1f} MB"
-
-
-def _pct(x: float | None) -> str:
-    return "" if x is None else f"{100 * x:+.1f}%"
-
-
-def _num(x, fmt: str) -> str:
-    return "" if x is None else format(x, fmt)
-
-
 def print_steps(record: dict, out: Path) -> None:
     """The seed's stage table: step, technique, memory, accuracy impact (this step and cumulative)."""
     from rich.table import Table
@@ -102,22 +91,12 @@ def print_steps(record: dict, out: Path) -> None:
         t.add_column(f"tok/s {device}", justify="right")
     t.add_column("time", justify="right")
     t.add_column("peak RSS", justify="right")
-    previous = original["ppl"]
-    rows = [("0", f"original ({original.get('format') or '?'})", original, None, None, None)]
-    for s in steps:
-        rows.append(("+".join(map(str, s["stages"])), s["title"], s, s["ppl"] / previous - 1, s["ppl"] / original["ppl"] - 1, s))
-        previous = s["ppl"]
-    for step, title, m, impact, cumulative, timing in rows:
-        cells = [step, title, f"{m['params'] / 1e6:,.1f}M",
-                 "" if m.get("planner_bytes") is None else human_bytes(m["planner_bytes"]),
-                 "" if m.get("size_bytes") is None else human_bytes(m["size_bytes"]),
-                 _num(m.get("bits_per_param"), ".2f"), f"{m['ppl']:.3f}", _pct(impact), _pct(cumulative),
-                 _num(m.get("kl"), ".4f"), _num(m.get("top1_agreement"), ".1%")]
+    for step, title, m, impact, cumulative in step_rows(record):
+        params, *rest = measured_cells(m, impact, cumulative)
+        cells = [step, title, params, size_text(m.get("planner_bytes")), *rest]
         if device:
-            cells.append(_num(m.get("decode_tok_s"), ",.0f"))
-        cells += ["" if not timing or timing.get("seconds") is None else f"{timing['seconds']:,.0f} s",
-                  "" if not timing or timing.get("peak_rss_mb") is None else f"{timing['peak_rss_mb']:,.0f} MB"]
-        t.add_row(*cells)
+            cells.append(num(m.get("decode_tok_s"), ",.0f"))
+        t.add_row(*cells, *timing_cells(m))
     console = wide_console(220)
     console.print(t)
     console.print(f"record: {out / 'modelpress.json'}")
@@ -128,14 +107,14 @@ def print_plan_steps(path: str, plan: dict) -> None:
     from rich.table import Table
 
     t = Table(title=f"{path}: {plan['model']} ({plan['params'] / 1e9:,.2f}B parameters) on {plan['device']} "
-                    f"({human_bytes(plan['device_memory'])}), context {plan['context']:,} x batch {plan['batch']}; "
+                    f"({size_text(plan['device_memory'])}), context {plan['context']:,} x batch {plan['batch']}; "
                     "plan only", title_justify="left")
     for col in ("step", "technique", "weights", "KV cache", "needs", f"fits one {plan['device']}", "decode tok/s"):
         t.add_column(col, justify="left" if col == "technique" else "right")
     for r in plan["steps"]:
-        kv = "unknown" if r["kv_cache_bytes"] is None else f"{human_bytes(r['kv_cache_bytes'])} {r['kv_dtype']}"
-        t.add_row("+".join(map(str, r["stages"])) or "0", r["title"], f"{human_bytes(r['weight_bytes'])} {r['format']}",
-                  kv, human_bytes(r["needed_bytes"]), "yes" if r["fits"] else f"no ({r['devices_needed']} needed)",
+        kv = "unknown" if r["kv_cache_bytes"] is None else f"{size_text(r['kv_cache_bytes'])} {r['kv_dtype']}"
+        t.add_row("+".join(map(str, r["stages"])) or "0", r["title"], f"{size_text(r['weight_bytes'])} {r['format']}",
+                  kv, size_text(r["needed_bytes"]), "yes" if r["fits"] else f"no ({r['devices_needed']} needed)",
                   f"{r['decode_tok_s']:,.1f}")
     console = wide_console(220)
     console.print(t)
@@ -154,8 +133,8 @@ def print_comparison(records: list[dict]) -> None:
         last, original = r["steps"][-1], r["original"]
         seconds = [s["seconds"] for s in r["steps"] if s.get("seconds") is not None]
         t.add_row(Path(r["recipe"]["path"]).name, " -> ".join(s["title"] for s in r["steps"]),
-                  "" if last.get("size_bytes") is None else human_bytes(last["size_bytes"]),
-                  _num(last.get("bits_per_param"), ".2f"), f"{last['ppl']:.3f}", _pct(last["ppl"] / original["ppl"] - 1),
-                  _num(last.get("kl"), ".4f"), _num(last.get("top1_agreement"), ".1%"),
+                  "" if last.get("size_bytes") is None else size_text(last["size_bytes"]),
+                  num(last.get("bits_per_param"), ".2f"), f"{last['ppl']:.3f}", pct(last["ppl"] / original["ppl"] - 1),
+                  num(last.get("kl"), ".4f"), num(last.get("top1_agreement"), ".1%"),
                   f"{sum(seconds):,.0f} s" if seconds else "")
     wide_console(220).print(t)

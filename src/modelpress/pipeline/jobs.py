@@ -82,6 +82,7 @@ def _export(c, source: str, output: str, calibration: CalibrationConfig) -> None
         return
     from modelpress.export.gguf import export_gguf
 
+    gguf_type = c.type or "f16"
     tmp = Path(f"{output}.partial-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -89,11 +90,11 @@ def _export(c, source: str, output: str, calibration: CalibrationConfig) -> None
         if c.calibrate:
             from modelpress.calibrated_gguf import export_calibrated_gguf
 
-            result = export_calibrated_gguf(source, str(tmp / "model.gguf"), c.type or "f16", calibration, pure=c.pure)
+            result = export_calibrated_gguf(source, str(tmp / "model.gguf"), gguf_type, calibration, pure=c.pure)
         else:
-            result = export_gguf(source, str(tmp / "model.gguf"), c.type or "f16", pure=c.pure)
+            result = export_gguf(source, str(tmp / "model.gguf"), gguf_type, pure=c.pure)
         (tmp / "modelpress.json").write_text(to_json({"command": "export", "source": source, "to": "gguf",
-                                                      "type": c.type or "f16", **result}, indent=2))
+                                                      "type": gguf_type, **result}, indent=2))
         tmp.replace(output)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

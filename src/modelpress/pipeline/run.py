@@ -54,7 +54,7 @@ def run_recipe(recipe: Recipe, out_dir: str | Path, original: dict | None = None
 
     Returns:
         The run record (also ``OUT/modelpress.json``): the recipe, the original model's numbers
-        and one entry per stage (see :func:`step_table`).
+        and one entry per unit of stages (shown by :func:`modelpress.report.html.step_rows`).
     """
     out = Path(out_dir)
     check_inputs(recipe)
@@ -80,8 +80,8 @@ def run_recipe(recipe: Recipe, out_dir: str | Path, original: dict | None = None
     _check_same_recipe(out, state, units)
     kv_cache = None
     for unit, name, fingerprint in units:
-        title = " + ".join(s.title for s in unit)
-        where = f"stage {'+'.join(str(s.index) for s in unit)}/{n}"
+        title, label = " + ".join(s.title for s in unit), "+".join(str(s.index) for s in unit)
+        where = f"stage {label}/{n}"
         folder = out / name
         done = state["stages"].get(name, {})
         if unit[0].kind == "kv-cache":  # no files: every step from here on is measured with it
@@ -92,7 +92,7 @@ def run_recipe(recipe: Recipe, out_dir: str | Path, original: dict | None = None
             state["stages"][name] = done = {"fingerprint": fingerprint, "title": title}
             _save_state(out, state)
             logger.info("%s: %s", where, title)
-            done.update(_run_stage(out, unit, name, source, folder, recipe))
+            done.update(_run_stage(out, unit, name, source, folder, recipe, f"stage {label} ({title})"))
             _save_state(out, state)
         elif "seconds" not in done:
             done.update({"fingerprint": fingerprint, "title": title, "seconds": None, "peak_rss_mb": None})
@@ -227,13 +227,13 @@ def _evaluation_text(recipe: Recipe, out: Path) -> str:
     return str(path)
 
 
-def _run_stage(out: Path, unit: tuple[Stage, ...], name: str, source: str, folder: Path, recipe: Recipe) -> dict:
+def _run_stage(out: Path, unit: tuple[Stage, ...], name: str, source: str, folder: Path, recipe: Recipe,
+               what: str) -> dict:
     partial = folder.with_name(f"{folder.name}.partial")
     job = {"what": "stage", "stages": [{"index": s.index, "kind": s.kind, "config": s.config.model_dump(mode="json")}
                                        for s in unit],
            "source": source, "output": str(folder), "original": recipe.model, "resume": partial.exists(),
            "calibration": recipe.calibration.model_dump(mode="json")}
-    what = f"stage {'+'.join(str(s.index) for s in unit)} ({' + '.join(s.title for s in unit)})"
     _, seconds, peak = _child(out, name, job, what)
     return {"seconds": round(seconds, 2), "peak_rss_mb": peak}
 
@@ -276,7 +276,6 @@ def _recipe_dump(recipe: Recipe) -> dict:
     return {"path": recipe.path, "model": recipe.model, "calibration": recipe.calibration.model_dump(mode="json"),
             "evaluate": recipe.evaluate.model_dump(mode="json"),
             "stages": [{stage.kind: stage.config.model_dump(mode="json")} for stage in recipe.stages]}
-
 
 
 def plan_recipe(recipe: Recipe) -> dict:

@@ -55,7 +55,7 @@ def render(record: dict) -> str:
     parts = [f"<h1>{_e(Path(recipe['path']).name)}: {_e(recipe['model'])}</h1>",
              f"<p class='note'>ppl-512 on {_e(Path(original['text']).name)} ({original['n_windows']} windows); "
              f"output {_e(record['output'])}; modelpress {_e(record.get('versions', {}).get('modelpress', '?'))}</p>",
-             "<h2>Steps</h2>", stage_table(original, steps),
+             "<h2>Steps</h2>", stage_table(record),
              "<h2>Size and perplexity</h2>", _figure(size_vs_ppl(original, steps), "size-ppl")]
     memory = memory_chart(record)
     if memory is not None:
@@ -72,27 +72,44 @@ def render(record: dict) -> str:
             f"{_e(Path(recipe['path']).name)}</title><style>{_CSS}</style></head><body>\n{body}\n</body></html>\n")
 
 
-def stage_table(original: dict, steps: list[dict]) -> str:
+def step_rows(record: dict) -> list[tuple[str, str, dict, float | None, float | None]]:
+    """The seed's table as data, one row per step with the original first: ``(step, technique,
+    its numbers, this step's accuracy impact, the cumulative one)``, impact being the relative
+    change in perplexity. The CLI's table and this page both show these rows."""
+    original = record["original"]
+    rows = [("0", f"original ({original.get('format') or '?'})", original, None, None)]
+    previous = original["ppl"]
+    for s in record["steps"]:
+        rows.append(("+".join(map(str, s["stages"])), s["title"], s, s["ppl"] / previous - 1,
+                     s["ppl"] / original["ppl"] - 1))
+        previous = s["ppl"]
+    return rows
+
+
+def measured_cells(m: dict, impact: float | None, cumulative: float | None) -> list[str]:
+    """A step's measured numbers as the tables show them: params, on disk, bits/param, ppl, this
+    step, cumulative, KL, top-1."""
+    return [f"{m['params'] / 1e6:,.1f}M", size_text(m.get("size_bytes")), num(m.get("bits_per_param"), ".2f"),
+            f"{m['ppl']:.3f}", pct(impact), pct(cumulative), num(m.get("kl"), ".4f"), num(m.get("top1_agreement"), ".1%")]
+
+
+def timing_cells(m: dict) -> list[str]:
+    """A stage's wall time and peak RSS (empty for the original and for steps that ran no process)."""
+    return ["" if m.get("seconds") is None else f"{m['seconds']:,.0f} s",
+            "" if m.get("peak_rss_mb") is None else f"{m['peak_rss_mb']:,.0f} MB"]
+
+
+def stage_table(record: dict) -> str:
     """The seed's table: step, technique, size, ppl, this step's and the cumulative accuracy impact."""
     head = ("step", "technique", "params", "on disk", "bits/param", "ppl", "this step", "cumulative", "KL", "top-1",
             "time", "peak RSS")
-    rows = [_row("0", f"original ({original.get('format') or '?'})", original, None, None)]
-    previous = original["ppl"]
-    for s in steps:
-        rows.append(_row("+".join(map(str, s["stages"])), s["title"], s, s["ppl"] / previous - 1,
-                         s["ppl"] / original["ppl"] - 1))
-        previous = s["ppl"]
+    rows = []
+    for step, title, m, impact, cumulative in step_rows(record):
+        cells = [step, _e(title), *measured_cells(m, impact, cumulative), *timing_cells(m)]
+        rows.append("<tr>" + "".join(f"<td>{c}</td>" if i == 1 else f"<td class='n'>{c}</td>"
+                                     for i, c in enumerate(cells)) + "</tr>")
     th = "".join(f"<th>{h}</th>" for h in head)
     return f"<table id='steps'><tr>{th}</tr>{''.join(rows)}</table>"
-
-
-def _row(step: str, title: str, m: dict, impact: float | None, cumulative: float | None) -> str:
-    cells = [step, _e(title), f"{m['params'] / 1e6:,.1f}M", _bytes(m.get("size_bytes")),
-             _num(m.get("bits_per_param"), ".2f"), f"{m['ppl']:.3f}", _pct(impact), _pct(cumulative),
-             _num(m.get("kl"), ".4f"), _num(m.get("top1_agreement"), ".1%"),
-             "" if m.get("seconds") is None else f"{m['seconds']:,.0f} s",
-             "" if m.get("peak_rss_mb") is None else f"{m['peak_rss_mb']:,.0f} MB"]
-    return "<tr>" + "".join(f"<td>{c}</td>" if i == 1 else f"<td class='n'>{c}</td>" for i, c in enumerate(cells)) + "</tr>"
 
 
 def size_vs_ppl(original: dict, steps: list[dict]):
@@ -229,15 +246,16 @@ def _e(text) -> str:
     return html.escape(str(text))
 
 
-def _bytes(n) -> str:
+def size_text(n) -> str:
+    """Bytes as MB below a gigabyte, else GB; empty when unknown."""
     if n is None:
         return ""
     return f"{n / 1e9:,.1f} GB" if n >= 1e9 else f"{n / 1e6:,.1f} MB"
 
 
-def _pct(x) -> str:
+def pct(x) -> str:
     return "" if x is None else f"{100 * x:+.1f}%"
 
 
-def _num(x, fmt: str) -> str:
+def num(x, fmt: str) -> str:
     return "" if x is None else format(x, fmt)
