@@ -142,3 +142,15 @@ def test_the_seeds_70b_example_is_planned_without_weights():
     assert kv["kv_dtype"] == "int8" and kv["kv_cache_bytes"] == pytest.approx(gptq["kv_cache_bytes"] / 2)
     assert kv["weight_bytes"] == gptq["weight_bytes"] and kv["decode_tok_s"] > gptq["decode_tok_s"]
     assert "need the model's weights" in int4["not_measured"]
+
+
+def test_a_plan_keeps_the_format_through_a_float_stage():
+    from pathlib import Path
+
+    from modelpress.pipeline.run import plan_recipe
+
+    config = Path(__file__).resolve().parents[2] / "recipes" / "seed-70b" / "config.json"
+    plan = plan_recipe(parse_recipe({"model": str(config), "calibration": {"text": "calib.txt"},
+                                     "stages": [{"heal": {"steps": 10}}, {"quantize": {"method": "gptq", "bits": 4}}]}))
+    assert [r["format"] for r in plan["steps"]] == ["bf16", "bf16", "int4-g128"]
+    assert plan["steps"][1]["weight_bytes"] == plan["steps"][0]["weight_bytes"]

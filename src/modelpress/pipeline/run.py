@@ -176,7 +176,7 @@ def format_spec(stage: Stage, previous: str | None, model: str) -> str | None:
     if stage.kind == "kv-cache":
         return previous
     float_before = previous in _SHORT_DTYPES.values() or previous is None
-    return _float_spec(model) if float_before else previous
+    return (_float_spec(model) or previous) if float_before else previous  # no checkpoint yet (a plan): unchanged
 
 
 def _float_spec(model: str) -> str | None:
@@ -291,7 +291,7 @@ def plan_recipe(recipe: Recipe) -> dict:
 
     ev = recipe.evaluate
     shape, config = load_model(recipe.model)
-    device = hardware.find_hardware(ev.device or "A100 80GB")
+    device = hardware.find_hardware(ev.device or "a100-80gb")
     spec = (_float_spec(recipe.model) or _config_dtype(config) or "fp16") if config is not None else "fp16"
     kv_dtype, rows, unplanned = spec if spec in ("fp16", "bf16") else "fp16", [], []
 
