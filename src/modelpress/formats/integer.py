@@ -14,7 +14,9 @@ largest magnitude is negative gets ``max|w| / 8.5`` and one whose largest is pos
 ``symmetric_range="exact-negative"``: ``s = max(-lo / 2^(b-1), hi / (2^(b-1) - 1/2))``. A negative
 extreme lands exactly on the lowest code (as llama.cpp's Q4_0 puts its largest-magnitude weight
 exactly on -8) instead of being clipped by half a step; a positive one as in ``"full"``. Every
-weight's error is still at most ``s / 2``. Measured with RTN (ppl-512, README) it beat ``"full"``
+weight's error is still at most ``s / 2``. Measured with RTN (ppl-512 on Pride and Prejudice, 40
+windows, float32 models, the weights fake-quantized in process; not yet a row of the benchmark
+table: ``benchmarks/calibrated.py --methods rtn4-exact-negative,...``) it beat ``"full"``
 on both test models at int4 and int3 (SmolLM2 g64: 33.64 vs 34.20, 108.2 vs 113.6; Gemma-3 g128:
 44.27 vs 45.54, 484.6 vs 546.7): representing the largest weight exactly is worth more than a 6%
 finer step. It becomes the default once GPTQ is rechecked with it (AWQ is asymmetric).
