@@ -136,3 +136,36 @@ def test_writer_refuses_an_existing_folder_and_shards_big_checkpoints(tmp_path):
     assert sorted(set(index["weight_map"].values())) == [f"model-0000{i}-of-00003.safetensors" for i in (1, 2, 3)]
     tensors = checkpoint_tensors(tmp_path / "sharded")
     assert all(torch.equal(tensors[f"t{i}"], torch.full((512,), float(i))) for i in range(5))
+
+
+def test_overrides_give_per_linear_formats_that_load_exactly(tiny_llama, tmp_path):
+    """Mixed precision as ``fit`` writes it: an override per Linear (int8, int2, or kept in float),
+    the rest in the default format; one config group per format, and transformers computes
+    exactly with our weights."""
+    out = tmp_path / "q"
+    overrides = {r"model\.layers\.0\.self_attn\.[qkv]_proj": "int8", r"model\.layers\.1\.mlp\.down_proj": "int2-g32",
+                 r"model\.layers\.1\.self_attn\.o_proj": "keep"}
+    record = compress(str(tiny_llama), _config("int4-g32", overrides=overrides), str(out))
+    formats = {m: layer["format"] for m, layer in record["layers"].items()}
+    assert formats["model.layers.0.self_attn.k_proj"] == "int8-channel"
+    assert formats["model.layers.1.mlp.down_proj"] == "int2-g32"
+    assert formats["model.layers.0.mlp.down_proj"] == "int4-g32"
+    assert "model.layers.1.self_attn.o_proj" not in formats
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert len(qc["config_groups"]) == 3
+    assert "model.layers.1.self_attn.o_proj" in qc["ignore"]
+    tensors = checkpoint_tensors(out)
+    original = checkpoint_tensors(tiny_llama)
+    assert torch.equal(tensors["model.layers.1.self_attn.o_proj.weight"], original["model.layers.1.self_attn.o_proj.weight"])
+    loaded = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    ids = torch.randint(3, loaded.config.vocab_size, (1, 16))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, _fake_quant_reference(tiny_llama, record)(ids).logits,
+                                   rtol=0, atol=1e-5)
+
+
+def test_an_override_typo_is_refused_before_any_work():
+    with pytest.raises(ValueError, match="int9"):
+        RTNConfig(overrides={"model.layers.0.mlp.down_proj": "int9-g32x"})
+    with pytest.raises(ValueError, match="regular expression"):
+        RTNConfig(overrides={"model.layers.(": "int8"})

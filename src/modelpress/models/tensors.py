@@ -94,11 +94,13 @@ def plan_targets(meta: nn.Module, config) -> Targets:
         UserError: the group size does not divide some layers' inputs and ``group_fallback`` is
             ``"error"`` (the message names the layers and the options).
     """
-    fmt = config.weight_format()
     targets = Targets()
     misfits = []
     for name, in_features in _candidates(meta, config.exclude, targets):
-        if not fmt.divides(in_features):
+        fmt = config.format_for(name)
+        if fmt is None:
+            targets.kept[name] = "kept in float by an override"
+        elif not fmt.divides(in_features):
             misfits.append(name)
             layer_fmt = _fallback_format(fmt, in_features, config.group_fallback)
             if layer_fmt is None:
@@ -110,6 +112,7 @@ def plan_targets(meta: nn.Module, config) -> Targets:
     if misfits and config.group_fallback == "error":
         dims = sorted({targets.in_features[n] for n in misfits})
         shown = ", ".join(misfits[:3]) + (f" and {len(misfits) - 3} more" if len(misfits) > 3 else "")
+        fmt = config.format_for(misfits[0])
         raise UserError(
             f"group size {fmt.group_size} does not divide the input dimension ({', '.join(map(str, dims))}) "
             f"of {shown}; choose a group size that divides it, or --group-fallback keep|shrink"
@@ -118,7 +121,7 @@ def plan_targets(meta: nn.Module, config) -> Targets:
         logger.warning("%d layers use the group-size fallback %r", len(misfits), config.group_fallback)
     if not targets.formats:
         if misfits:
-            raise UserError(f"no Linear layer is left to quantize: group size {fmt.group_size} divides none of "
+            raise UserError(f"no Linear layer is left to quantize: the group size divides none of "
                             "the layers --group-fallback keep would keep; choose a group size that divides them")
         raise UserError("no Linear layer is left to quantize; check the exclude patterns")
     return targets

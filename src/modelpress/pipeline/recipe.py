@@ -47,6 +47,32 @@ class QuantConfig(BaseModel):
     scale_dtype: Literal["float16", "bfloat16", "float32"] = "float16"
     exclude: list[str] = Field(default_factory=lambda: ["lm_head"])
     group_fallback: Literal["error", "keep", "shrink"] = "error"
+    # module name (a regular expression, matched in full; the first match wins) -> format spec, or
+    # "keep" to leave it in its float dtype: mixed precision, as `fit` writes it
+    overrides: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("overrides")
+    @classmethod
+    def _valid_overrides(cls, overrides: dict[str, str]) -> dict[str, str]:
+        for pattern, spec in overrides.items():
+            try:
+                re.compile(pattern)
+            except re.error as e:
+                raise ValueError(f"overrides pattern {pattern!r} is not a valid regular expression: {e}") from None
+            if spec != "keep":
+                parse_format(spec)
+        return overrides
+
+    def format_for(self, module: str):
+        """The format of Linear ``module``: the first ``overrides`` pattern that matches its
+        whole name, else :meth:`weight_format`; ``None`` when an override keeps it in float."""
+        for pattern, spec in self.overrides.items():
+            if re.fullmatch(pattern, module):
+                if spec == "keep":
+                    return None
+                return parse_format(spec, observer=self.observer, scale_dtype=self.scale_dtype,
+                                    symmetric_range=self.symmetric_range)
+        return self.weight_format()
 
     @field_validator("exclude")
     @classmethod
