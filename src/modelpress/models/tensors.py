@@ -121,7 +121,7 @@ def plan_targets(meta: nn.Module, config) -> Targets:
         logger.warning("%d layers use the group-size fallback %r", len(misfits), config.group_fallback)
     if not targets.formats:
         if misfits:
-            raise UserError(f"no Linear layer is left to quantize: the group size divides none of "
+            raise UserError("no Linear layer is left to quantize: the group size divides none of "
                             "the layers --group-fallback keep would keep; choose a group size that divides them")
         raise UserError("no Linear layer is left to quantize; check the exclude patterns")
     return targets
