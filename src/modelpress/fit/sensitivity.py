@@ -1,0 +1,215 @@
+"""Sensitivity: what each candidate format costs each Linear, measured in one layer pass.
+
+For every target Linear ``W`` and every candidate format ``f``, the Linear is quantized onto
+``f`` (GPTQ by default, as the final model will be; RTN as a cheaper option) and two numbers are
+kept: the stored bytes, and the *output error on the calibration activations*
+
+    error(W, f) = mean over tokens t of ||(Q_f(W) - W) x_t||^2 = tr(dW H dW^T) / 2,
+
+with ``H = 2 X X^T / n`` the Hessian the runner already collects for GPTQ: no extra forward.
+The layer itself is left unchanged, so every layer is measured on the float model's
+activations (the allocation then decides; :mod:`modelpress.fit.allocate`).
+
+Linears that read one input (q/k/v; gate/up) form one *group*: engines fuse them into one
+matmul and need one scheme for all of them (vLLM refuses a fused layer whose parts differ), so
+they are quantized together and allocated together.
+
+A candidate ``"keep"`` is the Linear left in its checkpoint dtype: zero error, its float bytes.
+
+Bytes are those the compressed-tensors writer stores for the Linear (codes, scales, shape).
+The result is plain data (:class:`Sensitivity`), saved as JSON and plotted by the report.
+
+Simplification, stated: the error is each Linear's own output error, the quantity GPTQ
+minimises; errors of different Linears are added as if independent. How an error propagates
+to the loss differs between Linears (an error in ``v_proj`` passes through attention before it
+reaches the residual stream); ``weights="kl"`` in :func:`modelpress.fit.allocate.allocate` rescales each
+group by a measured end-to-end factor when that matters.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from modelpress.errors import UserError
+from modelpress.export.compressed_tensors import compressed_tensors
+from modelpress.formats.floats import parse_format
+from modelpress.pipeline.stages import HESSIAN, stackable
+
+logger = logging.getLogger("modelpress")
+
+KEEP = "keep"
+
+# Candidates by target engine (module docstring of modelpress.fit.search says why). Every
+# integer format is symmetric with fp16 scales (what vLLM's Marlin/Machete kernels and
+# transformers' compressed-tensors path take); group sizes are 128 and 64, the ones vLLM's
+# kernels accept for these shapes. A candidate whose group size does not divide a Linear's
+# input is not offered for that Linear.
+CANDIDATES = {
+    "vllm": ("int8", "int4-g128", "int4-g64", "int3-g128", "int3-g64", "int2-g64", "fp8", KEEP),
+    "transformers": ("int8", "int4-g128", "int4-g64", "int3-g128", "int3-g64", "int2-g64", KEEP),
+}
+
+
+@dataclass
+class LinearSensitivity:
+    """One Linear: where it is, and per candidate format its output error and stored bytes."""
+
+    layer: int
+    group: str  # the Linear whose input it shares (itself when alone): one format per group
+    in_features: int
+    numel: int
+    energy: float  # mean ||W x||^2 over the calibration tokens: the scale its errors compare to
+    errors: dict[str, float] = field(default_factory=dict)
+    nbytes: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass
+class Sensitivity:
+    """Per-Linear sensitivities of one model, plus the bytes outside them."""
+
+    model: str
+    method: str
+    candidates: list[str]
+    linears: dict[str, LinearSensitivity]
+    fixed_bytes: int  # every tensor that is not a target Linear's weight, as the checkpoint stores it
+    tokens: int = 0
+    seconds: float = 0.0
+
+    def save(self, path: str | Path) -> None:
+        path = Path(path)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(asdict(self), indent=1))
+        tmp.replace(path)
+
+    @classmethod
+    def load(cls, path: str | Path) -> Sensitivity:
+        data = json.loads(Path(path).read_text())
+        data["linears"] = {n: LinearSensitivity(**s) for n, s in data["linears"].items()}
+        return cls(**data)
+
+    def groups(self) -> dict[str, list[str]]:
+        """Group name -> its Linears, in model order."""
+        out: dict[str, list[str]] = {}
+        for name, s in self.linears.items():
+            out.setdefault(s.group, []).append(name)
+        return out
+
+    def bytes_of(self, choice: dict[str, str]) -> int:
+        """Total model bytes when each Linear is stored in ``choice[name]``."""
+        return self.fixed_bytes + sum(s.nbytes[choice[n]] for n, s in self.linears.items())
+
+    def error_of(self, choice: dict[str, str]) -> float:
+        return sum(s.errors[choice[n]] for n, s in self.linears.items())
+
+
+class SensitivityStage:
+    """A layer stage that measures and changes nothing: for each group of Linears sharing an
+    input and each candidate that fits them, quantize (GPTQ or RTN) and record error and bytes."""
+
+    needs = frozenset({HESSIAN})
+
+    def __init__(self, candidates: list[str], method: str, gptq_config, float_itemsize):
+        self.candidates = candidates
+        self.method = method
+        self.gptq_config = gptq_config
+        self.float_itemsize = float_itemsize  # Linear name -> bytes per element in the checkpoint
+        self.table: dict[str, LinearSensitivity] = {}
+        self.tokens = 0
+
+    def run(self, layer, prefix, modules, formats, stats) -> dict:
+        i = int(re.search(r"\.(\d+)\.$", prefix)[1])
+        for names in stackable(modules, formats, stats):
+            Ws = [modules[n].weight.data.to(torch.float32) for n in names]
+            H, n_tokens = stats.hessian(names[0])
+            self.tokens = max(self.tokens, n_tokens)
+            W_all = torch.cat(Ws)
+            group = stats.owner_of(names[0])
+            for n, W in zip(names, Ws):
+                self.table[n] = LinearSensitivity(layer=i, group=group, in_features=W.shape[1], numel=W.numel(),
+                                                  energy=_output_sq(W, H), errors={KEEP: 0.0},
+                                                  nbytes={KEEP: W.numel() * self.float_itemsize(n)})
+            for spec in self.candidates:
+                fmt = None if spec == KEEP else parse_format(spec)
+                if fmt is None or not fmt.divides(W_all.shape[1]):
+                    continue
+                # as GPTQStage stores them: row-wise formats on the stacked rows, per-tensor ones alone
+                if fmt.granularity == "tensor" or len(Ws) == 1:
+                    parts = [self._quantize(W, H, n_tokens, fmt) for W in Ws]
+                else:
+                    qt = self._quantize(W_all, H, n_tokens, fmt)
+                    parts = [qt.rows(r, r + W.shape[0]) for r, W in _offsets(Ws)]
+                for n, W, part in zip(names, Ws, parts):
+                    s = self.table[n]
+                    s.errors[spec] = _output_sq(part.dequantize().to(torch.float32) - W, H)
+                    s.nbytes[spec] = sum(t.nbytes for t in compressed_tensors(n, part).values())  # as written
+        return {}
+
+    def _quantize(self, W, H, n_tokens: int, fmt):
+        from modelpress.algorithms.gptq import gptq
+
+        if self.method == "gptq" and H is not None and n_tokens > 0:
+            c = self.gptq_config
+            return gptq(W, H, fmt, block_size=c.block_size, damp=c.damp, act_order=c.act_order).qt
+        return fmt.quantize(W)
+
+
+def _offsets(Ws: list[torch.Tensor]):
+    """``(first row, W)`` of each part of a row-stacked weight."""
+    row = 0
+    for W in Ws:
+        yield row, W
+        row += W.shape[0]
+
+
+def _output_sq(dW: torch.Tensor, H: torch.Tensor | None) -> float:
+    """Mean over the calibration tokens of ``||dW x||^2``, from ``H = 2 X X^T / n``."""
+    if H is None:
+        return 0.0
+    H = H.to(torch.float32)
+    return 0.5 * ((dW @ H) * dW).sum(dtype=torch.float64).item()
+
+
+def measure_sensitivity(model: str, candidates: list[str], calibration, method: str = "gptq",
+                        exclude: tuple[str, ...] = ("lm_head",)) -> Sensitivity:
+    """One layer pass over ``model``: every target Linear's error and bytes in every candidate.
+
+    Args:
+        model: checkpoint folder (or anything ``compress`` reads).
+        candidates: format specs (``int4-g128``, ``fp8``...) and ``"keep"``.
+        calibration: a :class:`~modelpress.pipeline.recipe.CalibrationConfig`.
+        method: ``"gptq"`` (the error of the codes GPTQ would write) or ``"rtn"`` (cheaper).
+        exclude: module-name patterns left out (kept in float, counted in the fixed bytes).
+    """
+    from modelpress.models import loading
+    from modelpress.models.layers import LayerwiseModel
+    from modelpress.pipeline.recipe import GPTQConfig
+    from modelpress.pipeline.runner import calibration_ids, run_layers
+    from modelpress.pipeline.sinks import ObserveSink
+    from modelpress.models.tensors import plan_targets
+
+    if method not in ("gptq", "rtn"):
+        raise UserError(f"sensitivity method must be gptq or rtn, got {method!r}")
+    for spec in candidates:
+        if spec != KEEP:
+            parse_format(spec)
+    t0 = time.monotonic()
+    source = loading.resolve(model)
+    lm = LayerwiseModel(source)
+    config = GPTQConfig(format="int8", exclude=list(exclude), calibration=calibration)
+    targets = plan_targets(lm.model, config)
+    ids = calibration_ids(loading.load_tokenizer(source), calibration)
+    stage = SensitivityStage(list(candidates), method, config, lambda n: lm.source_dtype(n + ".weight").itemsize)
+    run_layers(lm, [stage], targets.formats, ObserveSink(), ids, calibration.batch_size)
+    target_weights = {n + ".weight" for n in targets.formats}
+    state = lm.model.state_dict()  # shapes only by now (every layer is back on the meta device)
+    fixed = sum(state[n].numel() * lm.source_dtype(n).itemsize for n in lm.names if n not in target_weights)
+    return Sensitivity(model=str(model), method=method, candidates=list(candidates), linears=stage.table,
+                       fixed_bytes=int(fixed), tokens=stage.tokens, seconds=round(time.monotonic() - t0, 1))
+

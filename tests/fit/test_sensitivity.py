@@ -1,0 +1,80 @@
+"""Sensitivity: the Hessian's output error equals the error measured on the real activations."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import austen, checkpoint_tensors
+from transformers import AutoModelForCausalLM
+
+from modelpress.compress import RTNConfig, compress
+from modelpress.fit.sensitivity import KEEP, Sensitivity, measure_sensitivity
+from modelpress.formats.floats import parse_format
+from modelpress.models import loading
+from modelpress.pipeline.recipe import CalibrationConfig
+from modelpress.pipeline.runner import calibration_ids
+
+CANDIDATES = ["int8", "int4-g32", "int3-g64", "int2-g32", "fp8", KEEP]
+
+
+@pytest.fixture(scope="module")
+def calib():
+    return CalibrationConfig(text=str(austen("emma.txt")), samples=6, seq_len=48, batch_size=3)
+
+
+def _inputs(model_path, calib) -> dict[str, torch.Tensor]:
+    """Every decoder Linear's inputs on the calibration windows, from a plain float forward."""
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
+    ids = calibration_ids(loading.load_tokenizer(loading.resolve(str(model_path))), calib)
+    seen: dict[str, list[torch.Tensor]] = {}
+    hooks = [m.register_forward_hook(lambda m, a, o, n=n: seen.setdefault(n, []).append(a[0].reshape(-1, a[0].shape[-1])))
+             for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and ".layers." in n]
+    with torch.no_grad():
+        for batch in torch.split(ids, calib.batch_size):
+            model(batch)
+    for h in hooks:
+        h.remove()
+    return {n: torch.cat(x) for n, x in seen.items()}
+
+
+def test_hessian_error_equals_the_measured_output_error(tiny_llama, calib):
+    sens = measure_sensitivity(str(tiny_llama), CANDIDATES, calib, method="rtn")
+    X = _inputs(tiny_llama, calib)
+    weights = checkpoint_tensors(tiny_llama)
+    assert set(sens.linears) == set(X)  # every decoder Linear, nothing else
+    for name, s in sens.linears.items():
+        W = weights[name + ".weight"].to(torch.float32)
+        assert s.energy == pytest.approx((X[name] @ W.T).pow(2).sum(1).mean().item(), rel=1e-4)
+        for spec in CANDIDATES:
+            if spec == KEEP:
+                assert s.errors[spec] == 0 and s.nbytes[spec] == W.numel() * 4
+                continue
+            qt = parse_format(spec).quantize(W)
+            measured = (X[name] @ (qt.dequantize() - W).T).pow(2).sum(1).mean().item()
+            assert s.errors[spec] == pytest.approx(measured, rel=1e-3), (name, spec)
+            assert s.nbytes[spec] >= qt.nbytes
+    groups = sens.groups()  # q/k/v read one input, gate/up another: one group each
+    assert sorted(len(g) for g in groups.values()) == [1, 1, 1, 1, 2, 2, 3, 3]
+
+
+def test_fewer_bits_cost_more_error_and_gptq_beats_rtn(tiny_llama, calib):
+    rtn = measure_sensitivity(str(tiny_llama), CANDIDATES, calib, method="rtn")
+    gptq = measure_sensitivity(str(tiny_llama), CANDIDATES, calib, method="gptq")
+    for name, s in gptq.linears.items():
+        assert s.errors["int2-g32"] > s.errors["int3-g64"] > s.errors["int4-g32"] > s.errors["int8"] > 0
+        assert s.nbytes["int2-g32"] < s.nbytes["int4-g32"] < s.nbytes["int8"] < s.nbytes[KEEP]
+    for spec in ("int4-g32", "int3-g64", "int2-g32"):
+        total = {m.method: sum(s.errors[spec] for s in m.linears.values()) for m in (rtn, gptq)}
+        assert total["gptq"] < 0.9 * total["rtn"], spec
+
+
+def test_bytes_add_up_to_the_written_checkpoint(tiny_llama, calib, tmp_path):
+    """Sensitivity's byte count of a uniform choice is what compress writes, tensor bytes exactly."""
+    sens = measure_sensitivity(str(tiny_llama), ["int4-g32", KEEP], calib, method="rtn")
+    compress(str(tiny_llama), RTNConfig(bits=4, group_size=32), str(tmp_path / "q"), quality_guard=False)
+    written = sum(t.numel() * t.element_size() for t in checkpoint_tensors(tmp_path / "q").values())
+    assert sens.bytes_of({n: "int4-g32" for n in sens.linears}) == written
+    assert sens.bytes_of({n: KEEP for n in sens.linears}) == sum(
+        t.numel() * t.element_size() for t in checkpoint_tensors(tiny_llama).values())
+    sens.save(tmp_path / "s.json")
+    assert Sensitivity.load(tmp_path / "s.json") == sens
