@@ -11,7 +11,7 @@ from modelpress.compress import RTNConfig, compress
 from modelpress.fit.sensitivity import KEEP, Sensitivity, measure_sensitivity
 from modelpress.formats.floats import parse_format
 from modelpress.models import loading
-from modelpress.pipeline.recipe import CalibrationConfig
+from modelpress.pipeline.recipe import CalibrationConfig, GPTQConfig
 from modelpress.pipeline.runner import calibration_ids
 
 CANDIDATES = ["int8", "int4-g32", "int3-g64", "int2-g32", "fp8", KEEP]
@@ -20,6 +20,10 @@ CANDIDATES = ["int8", "int4-g32", "int3-g64", "int2-g32", "fp8", KEEP]
 @pytest.fixture(scope="module")
 def calib():
     return CalibrationConfig(text=str(austen("emma.txt")), samples=6, seq_len=48, batch_size=3)
+
+
+def _config(calib, observer="minmax") -> GPTQConfig:
+    return GPTQConfig(calibration=calib, observer=observer)
 
 
 def _inputs(model_path, calib) -> dict[str, torch.Tensor]:
@@ -38,7 +42,7 @@ def _inputs(model_path, calib) -> dict[str, torch.Tensor]:
 
 
 def test_hessian_error_equals_the_measured_output_error(tiny_llama, calib):
-    sens = measure_sensitivity(str(tiny_llama), CANDIDATES, calib, method="rtn")
+    sens = measure_sensitivity(str(tiny_llama), CANDIDATES, _config(calib), method="rtn")
     X = _inputs(tiny_llama, calib)
     weights = checkpoint_tensors(tiny_llama)
     assert set(sens.linears) == set(X)  # every decoder Linear, nothing else
@@ -58,8 +62,8 @@ def test_hessian_error_equals_the_measured_output_error(tiny_llama, calib):
 
 
 def test_fewer_bits_cost_more_error_and_gptq_beats_rtn(tiny_llama, calib):
-    rtn = measure_sensitivity(str(tiny_llama), CANDIDATES, calib, method="rtn")
-    gptq = measure_sensitivity(str(tiny_llama), CANDIDATES, calib, method="gptq")
+    rtn = measure_sensitivity(str(tiny_llama), CANDIDATES, _config(calib), method="rtn")
+    gptq = measure_sensitivity(str(tiny_llama), CANDIDATES, _config(calib), method="gptq")
     for name, s in gptq.linears.items():
         assert s.errors["int2-g32"] > s.errors["int3-g64"] > s.errors["int4-g32"] > s.errors["int8"] > 0
         assert s.nbytes["int2-g32"] < s.nbytes["int4-g32"] < s.nbytes["int8"] < s.nbytes[KEEP]
@@ -70,7 +74,7 @@ def test_fewer_bits_cost_more_error_and_gptq_beats_rtn(tiny_llama, calib):
 
 def test_bytes_add_up_to_the_written_checkpoint(tiny_llama, calib, tmp_path):
     """Sensitivity's byte count of a uniform choice is what compress writes, tensor bytes exactly."""
-    sens = measure_sensitivity(str(tiny_llama), ["int4-g32", KEEP], calib, method="rtn")
+    sens = measure_sensitivity(str(tiny_llama), ["int4-g32", KEEP], _config(calib), method="rtn")
     compress(str(tiny_llama), RTNConfig(bits=4, group_size=32), str(tmp_path / "q"), quality_guard=False)
     written = sum(t.numel() * t.element_size() for t in checkpoint_tensors(tmp_path / "q").values())
     assert sens.bytes_of({n: "int4-g32" for n in sens.linears}) == written

@@ -39,7 +39,6 @@ import torch
 
 from modelpress.errors import UserError
 from modelpress.export.compressed_tensors import compressed_tensors
-from modelpress.formats.floats import parse_format
 from modelpress.pipeline.stages import HESSIAN, stackable
 
 logger = logging.getLogger("modelpress")
@@ -136,7 +135,7 @@ class SensitivityStage:
                                                   energy=_output_sq(W, H), errors={KEEP: 0.0},
                                                   nbytes={KEEP: W.numel() * self.float_itemsize(n)})
             for spec in self.candidates:
-                fmt = None if spec == KEEP else parse_format(spec)
+                fmt = None if spec == KEEP else self.gptq_config.spec_format(spec)
                 if fmt is None or not fmt.divides(W_all.shape[1]):
                     continue
                 # as GPTQStage stores them: row-wise formats on the stacked rows, per-tensor ones alone
@@ -176,40 +175,36 @@ def _output_sq(dW: torch.Tensor, H: torch.Tensor | None) -> float:
     return 0.5 * ((dW @ H) * dW).sum(dtype=torch.float64).item()
 
 
-def measure_sensitivity(model: str, candidates: list[str], calibration, method: str = "gptq",
-                        exclude: tuple[str, ...] = ("lm_head",)) -> Sensitivity:
+def measure_sensitivity(model: str, candidates: list[str], config, method: str = "gptq") -> Sensitivity:
     """One layer pass over ``model``: every target Linear's error and bytes in every candidate.
 
     Args:
         model: checkpoint folder (or anything ``compress`` reads).
         candidates: format specs (``int4-g128``, ``fp8``...) and ``"keep"``.
-        calibration: a :class:`~modelpress.pipeline.recipe.CalibrationConfig`.
+        config: the :class:`~modelpress.pipeline.recipe.GPTQConfig` the model will be quantized
+            with: its observer, damping, act-order, exclusions and calibration text.
         method: ``"gptq"`` (the error of the codes GPTQ would write) or ``"rtn"`` (cheaper).
-        exclude: module-name patterns left out (kept in float, counted in the fixed bytes).
     """
     from modelpress.models import loading
     from modelpress.models.layers import LayerwiseModel
-    from modelpress.pipeline.recipe import GPTQConfig
+    from modelpress.models.tensors import plan_targets
     from modelpress.pipeline.runner import calibration_ids, run_layers
     from modelpress.pipeline.sinks import ObserveSink
-    from modelpress.models.tensors import plan_targets
 
     if method not in ("gptq", "rtn"):
         raise UserError(f"sensitivity method must be gptq or rtn, got {method!r}")
     for spec in candidates:
         if spec != KEEP:
-            parse_format(spec)
+            config.spec_format(spec)
     t0 = time.monotonic()
     source = loading.resolve(model)
     lm = LayerwiseModel(source)
-    config = GPTQConfig(format="int8", exclude=list(exclude), calibration=calibration)
-    targets = plan_targets(lm.model, config)
-    ids = calibration_ids(loading.load_tokenizer(source), calibration)
+    targets = plan_targets(lm.model, config.model_copy(update={"format": "int8", "overrides": {}}))
+    ids = calibration_ids(loading.load_tokenizer(source), config.calibration)
     stage = SensitivityStage(list(candidates), method, config, lambda n: lm.source_dtype(n + ".weight").itemsize)
-    run_layers(lm, [stage], targets.formats, ObserveSink(), ids, calibration.batch_size)
+    run_layers(lm, [stage], targets.formats, ObserveSink(), ids, config.calibration.batch_size)
     target_weights = {n + ".weight" for n in targets.formats}
     state = lm.model.state_dict()  # shapes only by now (every layer is back on the meta device)
     fixed = sum(state[n].numel() * lm.source_dtype(n).itemsize for n in lm.names if n not in target_weights)
     return Sensitivity(model=str(model), method=method, candidates=list(candidates), linears=stage.table,
                        fixed_bytes=int(fixed), tokens=stage.tokens, seconds=round(time.monotonic() - t0, 1))
-

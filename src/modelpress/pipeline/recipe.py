@@ -68,11 +68,13 @@ class QuantConfig(BaseModel):
         whole name, else :meth:`weight_format`; ``None`` when an override keeps it in float."""
         for pattern, spec in self.overrides.items():
             if re.fullmatch(pattern, module):
-                if spec == "keep":
-                    return None
-                return parse_format(spec, observer=self.observer, scale_dtype=self.scale_dtype,
-                                    symmetric_range=self.symmetric_range)
+                return None if spec == "keep" else self.spec_format(spec)
         return self.weight_format()
+
+    def spec_format(self, spec: str):
+        """The format ``spec`` names, with this config's observer, scale dtype and symmetric range."""
+        return parse_format(spec, observer=self.observer, scale_dtype=self.scale_dtype,
+                            symmetric_range=self.symmetric_range)
 
     @field_validator("exclude")
     @classmethod
@@ -95,8 +97,7 @@ class QuantConfig(BaseModel):
         """The weight format: ``format`` when given (any spec, integer or float), else the
         integer format the other fields describe."""
         if self.format is not None:
-            return parse_format(self.format, observer=self.observer, scale_dtype=self.scale_dtype,
-                                symmetric_range=self.symmetric_range)
+            return self.spec_format(self.format)
         return IntFormat(
             bits=self.bits,
             granularity=self.granularity,
