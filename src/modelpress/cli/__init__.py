@@ -17,7 +17,7 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 
 import modelpress
 from modelpress import __version__
-from modelpress.cli import compress, distill, evaluate, export, heal, plan, prune, report, run
+from modelpress.cli import compress, distill, evaluate, export, fit, heal, plan, prune, report, run
 from modelpress.errors import UserError
 
 SUBCOMMANDS = {
@@ -29,6 +29,7 @@ SUBCOMMANDS = {
     "eval": evaluate,
     "export": export,
     "run": run,
+    "fit": fit,
     "report": report,
 }
 

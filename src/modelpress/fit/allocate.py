@@ -15,7 +15,9 @@ Errors are compared in one of two scales (``objective``):
 - ``"output"``: each Linear's output error as measured (mean squared error of its outputs on
   the calibration tokens);
 - ``"relative"``: the same divided by the Linear's output energy (``||W x||^2``), so that a
-  Linear with large outputs does not outweigh the others by its scale alone.
+  Linear with large outputs does not outweigh the others by its scale alone;
+- ``"kl"``: the output error times the group's measured gain (KL at the model's output per unit
+  of output error, :func:`modelpress.fit.sensitivity.probe_gains`): the predicted loss.
 
 Example:
     >>> from modelpress.fit.sensitivity import LinearSensitivity, Sensitivity
@@ -36,7 +38,7 @@ from typing import Literal
 from modelpress.errors import UserError
 from modelpress.fit.sensitivity import Sensitivity
 
-Objective = Literal["output", "relative"]
+Objective = Literal["output", "relative", "kl"]
 
 
 @dataclass(frozen=True)
@@ -49,6 +51,8 @@ class Option:
 def group_options(sens: Sensitivity, objective: Objective = "output",
                   allowed: tuple[str, ...] | None = None) -> dict[str, list[Option]]:
     """Each group's formats (those every Linear of it can hold, among ``allowed``), cheapest first."""
+    if objective == "kl" and not sens.probes:
+        raise UserError("the kl objective needs measured gains (modelpress.fit.sensitivity.probe_gains)")
     out = {}
     for group, names in sens.groups().items():
         linears = [sens.linears[n] for n in names]
@@ -57,7 +61,8 @@ def group_options(sens: Sensitivity, objective: Objective = "output",
             raise UserError(f"{group}: no candidate format fits all of {', '.join(names)}; add a format whose "
                             "group size divides their input width")
         out[group] = sorted((Option(f, sum(s.nbytes[f] for s in linears),
-                                    sum(_scaled(s, f, objective) for s in linears)) for f in specs),
+                                    (sens.gain(group, f) if objective == "kl" else 1.0)
+                                    * sum(_scaled(s, f, objective) for s in linears)) for f in specs),
                             key=lambda o: (o.nbytes, o.error))
     return out
 

@@ -28,6 +28,7 @@ group by a measured end-to-end factor when that matters.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import re
@@ -80,6 +81,22 @@ class Sensitivity:
     fixed_bytes: int  # every tensor that is not a target Linear's weight, as the checkpoint stores it
     tokens: int = 0
     seconds: float = 0.0
+    # group -> probed format -> measured KL (nats/token) and output error (:func:`probe_gains`)
+    probes: dict[str, dict[str, dict]] = field(default_factory=dict)
+
+    def gain(self, group: str, spec: str) -> float:
+        """KL per unit of output error for ``group`` in ``spec``: that of the probed format nearest
+        in bits per weight (the KL of a format far below the probe grows faster than its error)."""
+        probed = self.probes[group]
+        names = self.groups()[group]
+        numel = sum(self.linears[n].numel for n in names)
+
+        def bits(f: str) -> float:
+            return 8 * sum(self.linears[n].nbytes[f] for n in names) / numel
+
+        nearest = min(probed, key=lambda f: abs(bits(f) - bits(spec)))
+        p = probed[nearest]
+        return p["kl"] / p["error"] if p["error"] > 0 else 0.0
 
     def save(self, path: str | Path) -> None:
         path = Path(path)
@@ -208,3 +225,78 @@ def measure_sensitivity(model: str, candidates: list[str], config, method: str =
     fixed = sum(state[n].numel() * lm.source_dtype(n).itemsize for n in lm.names if n not in target_weights)
     return Sensitivity(model=str(model), method=method, candidates=list(candidates), linears=stage.table,
                        fixed_bytes=int(fixed), tokens=stage.tokens, seconds=round(time.monotonic() - t0, 1))
+
+
+PROBE_MIN_BITS = 3.0
+
+
+def probe_formats(sens: Sensitivity, names: list[str]) -> list[str]:
+    """The formats a group is probed in: its cheapest candidate of at least 3 bits per weight
+    (errors well above the noise of a short text, short of the collapse of 2-bit formats), and
+    its cheapest candidate when that has fewer bits (a 2-bit format's KL grows faster than its
+    error: it is measured, not extrapolated)."""
+    first = sens.linears[names[0]]
+    options = sorted((sum(sens.linears[n].nbytes[f] for n in names), f) for f in first.nbytes
+                     if f != KEEP and all(f in sens.linears[n].nbytes for n in names))
+    numel = sum(sens.linears[n].numel for n in names)
+    mid = next((f for b, f in options if 8 * b / numel >= PROBE_MIN_BITS), None)
+    return [f for f in dict.fromkeys([options[0][1], mid]) if f is not None]
+
+
+@torch.no_grad()
+def probe_gains(sens: Sensitivity, config, windows: int = 2) -> Sensitivity:
+    """How much each group's output error costs at the model's output, measured.
+
+    For each group alone, its Linears are rounded to each of :func:`probe_formats` and the whole model is
+    run on ``windows`` calibration windows: the KL divergence of its next-token distribution
+    from the float model's, divided by the group's output error on the same tokens, is the
+    group's *gain* (:meth:`Sensitivity.gain`). The allocation's ``"kl"`` objective predicts a
+    group's KL in every format as gain x error (to first order KL grows in proportion to the
+    squared output error; the gain of the probe nearest in bits is used, so a 2-bit format is
+    priced by its own measurement).
+
+    Costs one forward of the whole model per probe (two per group at most), with the model in
+    memory (unlike the layer pass).
+    """
+    import torch.nn.functional as F
+
+    from modelpress.models import loading
+    from modelpress.pipeline.runner import calibration_ids
+    from modelpress.progress import track
+
+    t0 = time.monotonic()
+    source = loading.resolve(sens.model)
+    model = loading.load_model(source).eval()
+    ids = calibration_ids(loading.load_tokenizer(source), config.calibration)[:windows]
+    base = F.log_softmax(model(input_ids=ids).logits.float(), dim=-1)
+    groups = sens.groups()
+    jobs = [(group, spec) for group, names in groups.items() for spec in probe_formats(sens, names)]
+    sens.probes = {}
+    for group, spec in track(jobs, total=len(jobs), what="probe"):
+        names = groups[group]
+        fmt = config.spec_format(spec)
+        linears = {n: model.get_submodule(n) for n in names}
+        saved = {n: m.weight.data for n, m in linears.items()}
+        errors: list[float] = []
+
+        def hook(module, args, output, dW=None):
+            x = args[0].reshape(-1, args[0].shape[-1]).to(torch.float32)
+            errors.append((x @ dW.T).pow(2).sum(-1).mean().item())
+
+        handles = []
+        for n, m in linears.items():
+            W = saved[n].to(torch.float32)
+            Wq = fmt.quantize(W).dequantize().to(torch.float32)
+            handles.append(m.register_forward_hook(functools.partial(hook, dW=Wq - W)))
+            m.weight.data = Wq.to(saved[n].dtype)
+        try:
+            logp = F.log_softmax(model(input_ids=ids).logits.float(), dim=-1)
+        finally:
+            for h in handles:
+                h.remove()
+            for n, m in linears.items():
+                m.weight.data = saved[n]
+        kl = (base.exp() * (base - logp)).sum(-1).mean().item()
+        sens.probes.setdefault(group, {})[spec] = {"kl": kl, "error": sum(errors)}
+    sens.seconds = round(sens.seconds + time.monotonic() - t0, 1)
+    return sens

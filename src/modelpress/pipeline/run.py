@@ -168,7 +168,7 @@ def format_spec(stage: Stage, previous: str | None, model: str) -> str | None:
     ``bf16``), or ``None`` when it has none."""
     c = stage.config
     if stage.kind == "quantize":
-        return c.weight_format().name
+        return None if c.overrides else c.weight_format().name  # a mix: the planner has no one format for it
     if stage.kind in TRAIN_KINDS and c.train.qat:
         return c.train.qat
     if stage.kind == "export":

@@ -149,7 +149,8 @@ class Stage:
         """One short line for the stage table: ``quantize gptq int4-g64``."""
         c = self.config
         if self.kind == "quantize":
-            return f"quantize {c.method} {c.weight_format().name}"
+            mixed = f" + {len(c.overrides)} overrides" if getattr(c, "overrides", None) else ""
+            return f"quantize {c.method} {c.weight_format().name}{mixed}"
         if self.kind == "prune":
             if c.method == "structured":
                 parts = [f"mlp {c.mlp_keep:g}" if c.mlp_keep else "", f"heads {c.heads_keep:g}" if c.heads_keep else "",

@@ -1,0 +1,343 @@
+"""``fit``: the least-loss model that fits a device, found by measuring, not by rule.
+
+1. **Budget** (:func:`budget_for`): the planner's arithmetic for the target, a catalogue device
+   or a bare memory size: usable memory (the engine's reserve taken off) minus the KV cache at
+   the context and batch, minus activations; or, with ``weights_only``, the bytes given.
+2. **Sensitivity** (:mod:`modelpress.fit.sensitivity`): one layer pass for every Linear's error
+   and bytes in every candidate format, then the probes that price output errors in KL.
+3. **Candidates**: the mixed allocation at the budget (:mod:`modelpress.fit.allocate`) and the
+   uniform formats that fit, the best few by predicted loss; the float model itself when it fits.
+4. **Measured**: each candidate is quantized for real (GPTQ, each Linear in its format) as a
+   recipe run side by side (:func:`modelpress.pipeline.run.run_recipe`: resumable, each in its
+   own process) and measured on held-out text: perplexity, KL and top-1 agreement against the
+   original. The winner is the least KL; among candidates within 1% of it, the smallest.
+5. **Checked**: the winner's bytes on disk and the planner's count of them against the budget.
+
+Everything lands in ``OUT.partial/`` and is renamed to ``OUT`` when complete; a rerun of the
+same command continues a stopped one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import shutil
+from collections import Counter
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import yaml
+
+from modelpress.errors import UserError
+from modelpress.fit.allocate import allocate, smallest_bytes, uniform
+from modelpress.fit.sensitivity import CANDIDATES, KEEP, Sensitivity, measure_sensitivity, probe_gains
+from modelpress.plan.memory import RUNTIME_RESERVE
+
+logger = logging.getLogger("modelpress")
+
+_UNITS = {"b": 1, "kb": 1e3, "mb": 1e6, "gb": 1e9, "tb": 1e12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+_BYTES = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-z]+)\s*$", re.IGNORECASE)
+SAME_LOSS = 0.01  # candidates whose KL is within 1% of the best count as equal: the smallest wins
+
+
+def parse_bytes(text: str) -> float:
+    """``"12GB"`` -> 12e9, ``"24GiB"`` -> 24 x 2^30 (units B, KB, MB, GB, TB and KiB...TiB).
+
+    Raises:
+        UserError: not a size with a unit.
+    """
+    m = _BYTES.match(text)
+    if not m or m[2].lower() not in _UNITS:
+        raise UserError(f"memory size {text!r}: give a number and a unit, e.g. 12GB, 24GiB or 500MB")
+    return float(m[1]) * _UNITS[m[2].lower()]
+
+
+@dataclass(frozen=True)
+class Budget:
+    """What the weights may take on the target, and how that was worked out (bytes)."""
+
+    device: str
+    memory: float
+    reserve: float  # the engine's slack (vLLM's default gpu_memory_utilization leaves 10%)
+    kv_cache: float
+    activations: float
+    weights: float  # what is left for the weights
+    context: int
+    batch: int
+    kv_dtype: str
+    weights_only: bool = False
+
+
+def budget_for(shape, device: str | None = None, memory: str | None = None, context: int = 4096, batch: int = 1,
+               kv_dtype: str = "fp16", weights_only: bool = False) -> Budget:
+    """The weights' byte budget on a catalogue ``device`` or a bare ``memory`` size.
+
+    ``weights_only``: the budget is ``memory`` (or the device's memory) itself, e.g. to match a
+    file size; otherwise the device keeps :data:`~modelpress.plan.memory.RUNTIME_RESERVE` free
+    and the KV cache (``context`` x ``batch`` in ``kv_dtype``) and activations come off it.
+    """
+    from modelpress.plan.hardware import find_hardware
+    from modelpress.plan.memory import activation_bytes, kv_cache_bytes
+
+    if (device is None) == (memory is None):
+        raise UserError("give the target as --target NAME (see plan --list-hardware) or --memory SIZE (e.g. 12GB)")
+    if device is not None:
+        hw = find_hardware(device)
+        name, total = hw.name, hw.memory
+    else:
+        total = parse_bytes(memory)
+        name = memory.strip()
+    if weights_only:
+        return Budget(name, total, 0.0, 0.0, 0.0, total, context, batch, kv_dtype, True)
+    kv = kv_cache_bytes(shape, context, batch, kv_dtype) or 0.0
+    act = activation_bytes(shape, context, batch)
+    reserve = total * RUNTIME_RESERVE
+    return Budget(name, total, reserve, kv, act, total - reserve - kv - act, context, batch, kv_dtype)
+
+
+def devices_holding(weight_bytes: float, budget: Budget) -> list[str]:
+    """Catalogue devices on which ``weight_bytes`` plus the budget's KV cache and activations fit,
+    smallest memory first."""
+    from modelpress.plan.hardware import CATALOGUE
+
+    need = weight_bytes + budget.kv_cache + budget.activations
+    return [hw.name for hw in sorted(CATALOGUE, key=lambda hw: hw.memory)
+            if (weight_bytes <= hw.memory if budget.weights_only else need <= hw.memory * (1 - RUNTIME_RESERVE))]
+
+
+@dataclass
+class Candidate:
+    """One recipe ``fit`` considers: its formats, bytes and predicted loss, then its measurements."""
+
+    name: str
+    kind: str  # "float", "uniform" or "mixed"
+    formats: dict[str, str]  # Linear -> format spec (or keep)
+    nbytes: int
+    predicted_kl: float
+    measured: dict | None = None
+    output: str | None = None  # the checkpoint its recipe wrote
+
+    @property
+    def mix(self) -> dict[str, int]:
+        return dict(Counter(self.formats.values()).most_common())
+
+
+def candidates(sens: Sensitivity, budget: float, n_uniform: int = 2) -> list[Candidate]:
+    """The float model if it fits, else the mixed allocation at ``budget`` and the ``n_uniform``
+    uniform formats that fit with the least predicted KL (ordered by it)."""
+    def predicted(choice: dict[str, str]) -> float:
+        return sum(sens.gain(s.group, choice[n]) * s.errors[choice[n]] for n, s in sens.linears.items())
+
+    keep = {n: KEEP for n in sens.linears}
+    if sens.bytes_of(keep) <= budget:
+        return [Candidate("float", "float", keep, sens.bytes_of(keep), 0.0)]
+    out = []
+    for spec in sens.candidates:
+        choice = uniform(sens, spec) if spec != KEEP else None
+        if choice is not None and sens.bytes_of(choice) <= budget:
+            out.append(Candidate(spec, "uniform", choice, sens.bytes_of(choice), predicted(choice)))
+    out = sorted(out, key=lambda c: c.predicted_kl)[:n_uniform]
+    mixed = allocate(sens, budget, "kl")
+    if all(mixed != c.formats for c in out):
+        out.insert(0, Candidate("mixed", "mixed", mixed, sens.bytes_of(mixed), predicted(mixed)))
+    return out
+
+
+def recipe_data(model: str, candidate: Candidate, config, evaluate: dict) -> dict:
+    """The candidate as a YAML recipe's data: one GPTQ stage with ``config``'s settings, its most
+    common format as the default and every other Linear named in ``overrides``."""
+    default = next(f for f in candidate.mix if f != KEEP)
+    overrides = {re.escape(n): f for n, f in candidate.formats.items() if f != default}
+    settings = config.model_dump(mode="json", exclude={"calibration", "format", "overrides", "bits", "granularity",
+                                                        "group_size", "symmetric", "keep_zeros"})
+    return {"model": model, "calibration": config.calibration.model_dump(mode="json"), "evaluate": evaluate,
+            "stages": [{"quantize": {**settings, "format": default, "overrides": overrides}}]}
+
+
+def fit_model(model: str, out_dir: str | Path, budget: Budget, config, engine: str = "vllm",
+              formats: list[str] | None = None, eval_text: str | None = None, windows: int = 40,
+              probe_windows: int = 2, n_uniform: int = 2, sensitivity_method: str = "gptq") -> dict:
+    """Find, build and check the least-loss model of ``model`` within ``budget`` (see the module doc).
+
+    Args:
+        model: float checkpoint folder.
+        out_dir: output folder (must not exist; ``OUT.partial`` is where a stopped run resumes).
+        budget: from :func:`budget_for`.
+        config: the :class:`~modelpress.pipeline.recipe.GPTQConfig` (observer, damping, calibration).
+        engine: ``vllm`` or ``transformers``: which formats are candidates (:data:`CANDIDATES`).
+        formats: candidate format specs instead of the engine's.
+        eval_text: held-out text for the measurements; default: the calibration text past the
+            windows calibration used.
+        windows: ppl-512 windows per measurement.
+        probe_windows: calibration windows per KL probe.
+        n_uniform: how many uniform formats are measured beside the mixed allocation.
+        sensitivity_method: ``gptq`` or ``rtn`` codes for the sensitivity pass.
+
+    Returns:
+        The fit record (also ``OUT/fit.json``).
+
+    Raises:
+        UserError: nothing fits (the message gives the smallest size reachable and the
+            catalogue devices that would hold it).
+    """
+    from modelpress.pipeline.run import run_recipe
+    from modelpress.pipeline.yaml_recipe import parse_recipe
+
+    out = Path(out_dir)
+    if out.exists():
+        raise UserError(f"{out} already exists; choose a new output folder")
+    work = out.with_name(out.name + ".partial")
+    work.mkdir(parents=True, exist_ok=True)
+    candidates_specs = list(formats or CANDIDATES[engine])
+    if KEEP not in candidates_specs:
+        candidates_specs.append(KEEP)
+    sens_file = work / "sensitivity.json"
+    sens = Sensitivity.load(sens_file) if sens_file.is_file() else None
+    if sens is None or sens.candidates != candidates_specs or sens.method != sensitivity_method:
+        logger.info("sensitivity: %d candidate formats, one layer pass", len(candidates_specs))
+        sens = measure_sensitivity(model, candidates_specs, config, sensitivity_method)
+        sens.save(sens_file)
+    smallest = smallest_bytes(sens)
+    if smallest > budget.weights:
+        holders = devices_holding(smallest, budget)
+        shutil.rmtree(work)
+        raise UserError(
+            f"nothing fits {budget.device}: the weights may take {human_bytes(budget.weights)} "
+            f"({_budget_line(budget)}) and the smallest model reachable with {', '.join(candidates_specs)} is "
+            f"{human_bytes(smallest)}; "
+            + (f"it would fit: {', '.join(holders[:3])}" + (" and larger" if len(holders) > 3 else "")
+               if holders else "no catalogue device holds it")
+            + (f" (at context {budget.context} x batch {budget.batch})" if not budget.weights_only else ""))
+    if not sens.probes:
+        logger.info("probing how each group's output error reaches the model's output (KL)")
+        probe_gains(sens, config, windows=probe_windows)
+        sens.save(sens_file)
+    pool = candidates(sens, budget.weights, n_uniform)
+    text = eval_text or held_out_text(model, config.calibration, work, windows)
+    evaluate = {"text": text, "windows": windows}
+    if budget.device and not budget.weights_only and _in_catalogue(budget.device):
+        evaluate["device"] = budget.device
+    records, original = {}, None
+    for c in pool:
+        if c.kind == "float":
+            break
+        data = recipe_data(model, c, config, evaluate)
+        (work / "recipes").mkdir(exist_ok=True)
+        (work / "recipes" / f"{c.name}.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
+        logger.info("candidate %s: %s, %.1f MB, predicted KL %.4f", c.name, c.mix, c.nbytes / 1e6, c.predicted_kl)
+        records[c.name] = run_recipe(parse_recipe(data, where=c.name), work / "candidates" / c.name, original=original)
+        original = records[c.name]["original"]
+        c.measured = {k: records[c.name]["steps"][-1].get(k) for k in ("ppl", "kl", "top1_agreement", "size_bytes")}
+        c.output = records[c.name]["output"]
+    winner = _winner(pool)
+    record = {"command": "fit", "model": model, "engine": engine, "budget": asdict(budget),
+              "sensitivity": {"method": sens.method, "candidates": sens.candidates, "seconds": sens.seconds,
+                              "smallest_bytes": smallest},
+              "original": original, "candidates": [_row(c) for c in pool], "winner": winner.name}
+    if winner.kind == "float":
+        _copy_float(model, work / "model")
+    else:
+        Path(winner.output).rename(work / "model")
+    written = _tensor_bytes(work / "model")
+    record["check"] = {"written_tensor_bytes": written, "predicted_bytes": winner.nbytes,
+                       "fits": written <= budget.weights, "budget_weights_bytes": budget.weights}
+    if written > budget.weights:  # the sensitivity's byte count is exact: this is a bug, not a user error
+        raise RuntimeError(f"the written model has {written} tensor bytes, over the budget of {budget.weights:.0f}")
+    (work / "fit.json").write_text(json.dumps(record, indent=1, default=str))
+    if winner.kind != "float":
+        shutil.copy(work / "recipes" / f"{winner.name}.yaml", work / "recipe.yaml")
+    for c in pool if winner.kind != "float" else []:  # the others' checkpoints (their records stay): a model's worth of disk each
+        if c is not winner:
+            shutil.rmtree(c.output, ignore_errors=True)
+    work.rename(out)
+    return record
+
+
+def _winner(pool: list[Candidate]) -> Candidate:
+    if pool[0].kind == "float":
+        return pool[0]
+    best = min(c.measured["kl"] for c in pool)
+    equal = [c for c in pool if c.measured["kl"] <= best * (1 + SAME_LOSS)]
+    return min(equal, key=lambda c: c.nbytes)
+
+
+def _row(c: Candidate) -> dict:
+    return {"name": c.name, "kind": c.kind, "bytes": c.nbytes, "mix": c.mix, "predicted_kl": c.predicted_kl,
+            **(c.measured or {})}
+
+
+def _budget_line(b: Budget) -> str:
+    if b.weights_only:
+        return "weights only"
+    return (f"{human_bytes(b.memory)} less {human_bytes(b.reserve)} reserve, {human_bytes(b.kv_cache)} KV cache "
+            f"at {b.context} x {b.batch} in {b.kv_dtype}, {human_bytes(b.activations)} activations")
+
+
+def human_bytes(n: float) -> str:
+    """``1.234 GB``, ``56.7 MB``, ``890 KB``, ``12 B`` (decimal units, as device memory is sold)."""
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:,.{3 if unit == 'GB' else 1}f} {unit}"
+    return f"{n:.0f} B"
+
+
+def _in_catalogue(name: str) -> bool:
+    from modelpress.plan.hardware import CATALOGUE
+
+    return any(hw.name == name for hw in CATALOGUE)
+
+
+def held_out_text(model: str, calibration, work: Path, windows: int) -> str:
+    """The calibration text past the tokens calibration used, as a file in ``work``; the whole
+    text (with a warning: not held out) when too little is left for ``windows`` windows."""
+    from modelpress.data import PPL_512, builtin_text, read_calibration
+    from modelpress.models import loading
+
+    path = work / "held-out.txt"
+    if path.is_file():
+        return str(path)
+    text = builtin_text() if calibration.text is None else read_calibration(calibration.text, calibration.text_field)
+    tokenizer = loading.load_tokenizer(loading.resolve(model))
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    rest = ids[calibration.samples * calibration.seq_len:]
+    if len(rest) < PPL_512.seq_len:
+        logger.warning("the calibration text leaves no held-out window; measuring on it (not held out): pass "
+                       "--eval-text for numbers that mean something")
+        rest = ids
+    elif len(rest) < windows * PPL_512.seq_len:
+        logger.info("held-out text: %d tokens, fewer than %d windows of %d", len(rest), windows, PPL_512.seq_len)
+    path.write_text(tokenizer.decode(rest), encoding="utf-8")
+    return str(path)
+
+
+def _copy_float(model: str, dest: Path) -> None:
+    src = Path(model)
+    if not src.is_dir():
+        raise UserError(f"{model} fits as it is; fit copies a float checkpoint folder, give one")
+    shutil.copytree(src, dest)
+
+
+def _tensor_bytes(folder: Path) -> int:
+    """Bytes of every tensor in the safetensors files of ``folder`` (headers excluded)."""
+    from safetensors import safe_open
+
+    total = 0
+    for path in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(path), framework="pt") as f:
+            for name in f.keys():
+                sl = f.get_slice(name)
+                total += _numel(sl.get_shape()) * _itemsize(sl.get_dtype())
+    return total
+
+
+def _numel(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def _itemsize(dtype: str) -> int:
+    return {"F64": 8, "I64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2, "I16": 2, "U16": 2, "I8": 1,
+            "U8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "BOOL": 1}[dtype]

@@ -1,0 +1,76 @@
+"""fit: the budget arithmetic by hand, an impossible target refused, a tiny model fitted end to end."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import austen, checkpoint_tensors
+from transformers import AutoModelForCausalLM
+
+from modelpress.cli import main
+from modelpress.cli.plan import load_shape
+from modelpress.errors import UserError
+from modelpress.fit.search import budget_for, parse_bytes
+
+
+def test_memory_sizes_parse_in_decimal_and_binary_units():
+    assert parse_bytes("12GB") == 12e9
+    assert parse_bytes("24 GiB") == 24 * 2**30
+    assert parse_bytes("500mb") == 500e6
+    assert parse_bytes("1.5TB") == 1.5e12
+    for bad in ("12", "GB", "12 parsecs", "-3GB"):
+        with pytest.raises(UserError, match="number and a unit"):
+            parse_bytes(bad)
+
+
+def test_budget_is_memory_less_reserve_kv_cache_and_activations(tiny_llama):
+    shape = load_shape(str(tiny_llama))  # 2 layers, 2 kv heads of 16, hidden 64
+    b = budget_for(shape, memory="10MB", context=1000, batch=2, kv_dtype="fp16")
+    kv = 2 * 2 * (2 * 16) * 1000 * 2 * 2  # layers x (K and V) x kv dim x context x batch x bytes
+    act = 16 * 64 * 2 * 2000  # 16 hidden-size fp16 buffers per token in flight
+    assert (b.kv_cache, b.activations, b.reserve) == (kv, act, 1e6)
+    assert b.weights == 10e6 - 1e6 - kv - act
+    assert budget_for(shape, memory="10MB", context=1000, batch=2, kv_dtype="fp8").kv_cache == kv / 2
+    assert budget_for(shape, memory="10MB", weights_only=True).weights == 10e6
+    h100 = budget_for(shape, device="h100", context=4096, batch=1)
+    assert h100.memory == 80e9 and h100.device == "H100 SXM 80GB"
+    with pytest.raises(UserError, match="--target NAME .* or --memory"):
+        budget_for(shape)
+
+
+def test_an_impossible_target_is_one_line_and_leaves_nothing(tiny_llama, tmp_path, capsys):
+    out = tmp_path / "fit"
+    code = main(["fit", str(tiny_llama), "--memory", "20KB", "--weights-only", "-o", str(out),
+                 "--calib", str(austen("emma.txt")), "--calib-samples", "4", "--calib-seq-len", "64",
+                 "--sensitivity", "rtn"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert len(err.splitlines()) == 1 and "smallest model reachable" in err and "it would fit:" in err
+    assert not out.exists() and not (tmp_path / "fit.partial").exists()
+
+
+@pytest.mark.slow
+def test_fit_writes_the_least_loss_model_within_the_budget(tiny_llama, tmp_path, capsys):
+    """Between int4 and int8 sizes: a mixed allocation and uniform int4 are measured; the winner
+    fits by its bytes on disk, loads in plain transformers and is recorded with every candidate."""
+    args = ["--calib", str(austen("emma.txt")), "--calib-samples", "8", "--calib-seq-len", "64",
+            "--text", str(austen("pride_and_prejudice.txt")), "--windows", "2", "--formats", "int8,int4-g32,int2-g32"]
+    out = tmp_path / "fit"
+    weights = sum(t.numel() * t.element_size() for t in checkpoint_tensors(tiny_llama).values())
+    budget = int(weights * 0.55)  # float32 tiny model: int8 Linears fit, not the float ones
+    assert main(["fit", str(tiny_llama), "--memory", f"{budget}B", "--weights-only", "-o", str(out), *args]) == 0
+    record = json.loads((out / "fit.json").read_text())
+    names = [c["name"] for c in record["candidates"]]
+    assert "mixed" in names or len(names) >= 2
+    assert all(c["bytes"] <= budget and c["kl"] is not None for c in record["candidates"])
+    winner = next(c for c in record["candidates"] if c["name"] == record["winner"])
+    assert winner["kl"] <= min(c["kl"] for c in record["candidates"]) * 1.01
+    written = sum(t.numel() * t.element_size() for t in checkpoint_tensors(out / "model").values())
+    assert written == record["check"]["written_tensor_bytes"] == winner["bytes"] <= budget
+    model = AutoModelForCausalLM.from_pretrained(out / "model", dtype=torch.float32)
+    with torch.no_grad():
+        assert torch.isfinite(model(torch.randint(3, 300, (1, 16))).logits).all()
+    assert (out / "recipe.yaml").is_file() and (out / "sensitivity.json").is_file()
+    assert "winner" in capsys.readouterr().out
