@@ -130,6 +130,7 @@ class SensitivityStage:
     input and each candidate that fits them, quantize (GPTQ or RTN) and record error and bytes."""
 
     needs = frozenset({HESSIAN})
+    keeps_layer = True  # the runner passes on the statistics forward's outputs: one forward per layer
 
     def __init__(self, candidates: list[str], method: str, gptq_config, float_itemsize):
         self.candidates = candidates

@@ -140,7 +140,8 @@ def run_layers(lm: LayerwiseModel, stages: list[LayerStage], formats: dict, sink
         modules = {n: layer.get_submodule(n.removeprefix(prefix + ".")) for n in formats if n.startswith(prefix + ".")}
         where = f"layer {i + 1}/{lm.n_layers}"
         try:
-            results = _apply_stages(changing, layer, prefix + ".", modules, formats, hidden, capture.kwargs[i], where)
+            results, unchanged_outputs = _apply_stages(changing, layer, prefix + ".", modules, formats, hidden,
+                                                       capture.kwargs[i], where)
         except UserError as e:  # the input itself is refused: a resume would fail the same way
             sink.abort(keep=False)
             raise (e if str(e).startswith(where) else UserError(f"{where}: {e}")) from None
@@ -152,7 +153,10 @@ def run_layers(lm: LayerwiseModel, stages: list[LayerStage], formats: dict, sink
         with contextlib.ExitStack() as probes, activation_fake_quant(layer, inputs):
             for observer in observers:  # they watch the forward that feeds the next layer: no extra pass
                 probes.enter_context(observer.probe(layer))
-            hidden = run_layer(layer, hidden, capture.kwargs[i], f"{where}, quantized,")
+            if unchanged_outputs is not None and not observers and not inputs:
+                hidden = unchanged_outputs  # the layer is as it was in the statistics forward
+            else:
+                hidden = run_layer(layer, hidden, capture.kwargs[i], f"{where}, quantized,")
         for observer in observers:
             observer.run(layer, prefix + ".", modules, formats, None)
         sink.write_layer(lm, i, results)
@@ -165,17 +169,24 @@ def run_layers(lm: LayerwiseModel, stages: list[LayerStage], formats: dict, sink
 
 
 def _apply_stages(stages: list[LayerStage], layer: nn.Module, prefix: str, modules: dict[str, nn.Linear],
-                  formats: dict, hidden: list[torch.Tensor], kwargs: list[dict], where: str) -> dict[str, LinearResult]:
-    """Each stage in turn, on statistics collected from the layer as the stages before it left it."""
+                  formats: dict, hidden: list[torch.Tensor], kwargs: list[dict],
+                  where: str) -> tuple[dict[str, LinearResult], list[torch.Tensor] | None]:
+    """Each stage in turn, on statistics collected from the layer as the stages before it left it.
+
+    Also returns the layer's outputs from the last statistics forward when no stage changed the
+    layer after it (every stage from there on ``keeps_layer``): the next layer's inputs, free."""
     results: dict[str, LinearResult] = {}
+    outputs = None
     for stage in stages:
         with HessianCollector(modules, owner=layer, activation_stats=bool(stage.needs & {ABS_MEAN, ABS_MAX}),
                               hessian=HESSIAN in stage.needs, sq_norm=SQ_NORM in stage.needs) as stats:
             if stage.needs:
-                run_layer(layer, hidden, kwargs, where)
+                outputs = run_layer(layer, hidden, kwargs, where)
         for name, result in stage.run(layer, prefix, modules, formats, stats).items():
             results[name] = results[name].then(result) if name in results else result
-    return results
+        if not getattr(stage, "keeps_layer", False):
+            outputs = None
+    return results, outputs
 
 
 def _save_resume_point(sink, i: int, hidden: list[torch.Tensor], state: dict) -> None:
