@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -60,7 +61,7 @@ def test_fit_writes_the_least_loss_model_within_the_budget(tiny_llama, tmp_path,
     out = tmp_path / "fit"
     weights = sum(t.numel() * t.element_size() for t in checkpoint_tensors(tiny_llama).values())
     budget = int(weights * 0.55)  # float32 tiny model: int8 Linears fit, not the float ones
-    assert main(["fit", str(tiny_llama), "--memory", f"{budget}B", "--weights-only", "-o", str(out), *args]) == 0
+    assert main(["fit", str(tiny_llama), "--memory", f"{budget}B", "--weights-only", "-o", str(out), *args, "--report"]) == 0
     record = json.loads((out / "fit.json").read_text())
     names = [c["name"] for c in record["candidates"]]
     assert "mixed" in names or len(names) >= 2
@@ -74,3 +75,39 @@ def test_fit_writes_the_least_loss_model_within_the_budget(tiny_llama, tmp_path,
         assert torch.isfinite(model(torch.randint(3, 300, (1, 16))).logits).all()
     assert (out / "recipe.yaml").is_file() and (out / "sensitivity.json").is_file()
     assert "winner" in capsys.readouterr().out
+    page = (out / "report.html").read_text()
+    assert all(f"data-chart='{c}'" in page for c in ("budget", "sensitivity", "allocation"))
+
+
+def test_the_fit_page_shows_budget_candidates_sensitivity_and_allocation(tmp_path):
+    """The report of a fit, from plain data: every chart inline, nothing fetched from elsewhere."""
+    import random
+    from dataclasses import asdict
+
+    from test_allocate import _random
+
+    from modelpress.fit.allocate import allocate
+    from modelpress.report.html import write_report
+
+    sens = _random(random.Random(3), 12)
+    for group, names in sens.groups().items():
+        sens.probes[group] = {"int2": {"kl": 0.1, "error": 3.0}}
+        if all("int3" in sens.linears[n].nbytes for n in names):
+            sens.probes[group]["int3"] = {"kl": 0.01 * len(names), "error": 1.0}
+    choice = allocate(sens, (sens.bytes_of({n: "int2" for n in sens.linears}) + sens.bytes_of({n: "int8" for n in sens.linears})) / 2)
+    budget = {"device": "RTX 4090 24GB", "memory": 24e9, "reserve": 2.4e9, "kv_cache": 1e9, "activations": 0.1e9,
+              "weights": 20.5e9, "context": 4096, "batch": 1, "kv_dtype": "fp16", "weights_only": False}
+    record = {"command": "fit", "model": "m", "engine": "vllm", "budget": budget, "winner": "mixed", "formats": choice,
+              "candidates": [{"name": "mixed", "kind": "mixed", "bytes": 1e9, "mix": {"int4": 3}, "predicted_kl": 0.1,
+                              "ppl": 30.0, "kl": 0.2, "top1_agreement": 0.8},
+                             {"name": "int4", "kind": "uniform", "bytes": 1.1e9, "mix": {"int4": 3}, "predicted_kl": 0.2,
+                              "ppl": 31.0, "kl": 0.25, "top1_agreement": 0.79}]}
+    run = tmp_path / "fit"
+    run.mkdir()
+    (run / "fit.json").write_text(json.dumps(record))
+    (run / "sensitivity.json").write_text(json.dumps(asdict(sens)))
+    page = write_report(run, tmp_path / "report.html").read_text()
+    for chart in ("budget", "sensitivity", "allocation"):
+        assert f"data-chart='{chart}'" in page
+    assert page.count("<svg") == 3 and "winner" in page and "RTX 4090 24GB" in page
+    assert not re.search(r"(src|href)=['\"]https?:", page) and "<script" not in page  # opens offline

@@ -46,6 +46,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="calibration windows per KL probe (default 2)")
     options.add_eval_text(parser)  # default: the calibration text past the windows calibration reads
     options.add_calibration(parser, "calibration (protocol calib-128x512 by default)")
+    parser.add_argument("--report", action="store_true",
+                        help="also write OUT/report.html: budget, candidates, sensitivity and allocation maps")
     options.add_json(parser)
 
 
@@ -65,7 +67,8 @@ def main(args: argparse.Namespace) -> int:
     formats = None if args.formats is None else [f.strip() for f in args.formats.split(",") if f.strip()]
     record = fit_model(args.model, args.output, budget, config, engine=args.engine, formats=formats,
                        eval_text=args.text, windows=args.windows,
-                       probe_windows=args.probe_windows, n_uniform=args.uniform, sensitivity_method=args.sensitivity)
+                       probe_windows=args.probe_windows, n_uniform=args.uniform, sensitivity_method=args.sensitivity,
+                       report=args.report)
     if args.json:
         print(to_json(record, indent=2))
         return 0

@@ -157,7 +157,8 @@ def recipe_data(model: str, candidate: Candidate, config, evaluate: dict) -> dic
 
 def fit_model(model: str, out_dir: str | Path, budget: Budget, config, engine: str = "vllm",
               formats: list[str] | None = None, eval_text: str | None = None, windows: int = 40,
-              probe_windows: int = 2, n_uniform: int = 2, sensitivity_method: str = "gptq") -> dict:
+              probe_windows: int = 2, n_uniform: int = 2, sensitivity_method: str = "gptq",
+              report: bool = False) -> dict:
     """Find, build and check the least-loss model of ``model`` within ``budget`` (see the module doc).
 
     Args:
@@ -173,6 +174,7 @@ def fit_model(model: str, out_dir: str | Path, budget: Budget, config, engine: s
         probe_windows: calibration windows per KL probe.
         n_uniform: how many uniform formats are measured beside the mixed allocation.
         sensitivity_method: ``gptq`` or ``rtn`` codes for the sensitivity pass.
+        report: also write ``OUT/report.html`` (:mod:`modelpress.report.fit`).
 
     Returns:
         The fit record (also ``OUT/fit.json``).
@@ -234,7 +236,8 @@ def fit_model(model: str, out_dir: str | Path, budget: Budget, config, engine: s
     record = {"command": "fit", "model": model, "engine": engine, "budget": asdict(budget),
               "sensitivity": {"method": sens.method, "candidates": sens.candidates, "seconds": sens.seconds,
                               "smallest_bytes": smallest},
-              "original": original, "candidates": [_row(c) for c in pool], "winner": winner.name}
+              "original": original, "candidates": [_row(c) for c in pool], "winner": winner.name,
+              "formats": winner.formats}
     if winner.kind == "float":
         _copy_float(model, work / "model")
     else:
@@ -251,6 +254,10 @@ def fit_model(model: str, out_dir: str | Path, budget: Budget, config, engine: s
         if c is not winner:
             shutil.rmtree(c.output, ignore_errors=True)
     work.rename(out)
+    if report:
+        from modelpress.report.fit import write_fit_report
+
+        write_fit_report(out, out / "report.html")
     return record
 
 
