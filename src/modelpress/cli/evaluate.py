@@ -23,6 +23,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--baseline", metavar="MODEL", help="reference model for KL divergence and top-1 agreement")
     parser.add_argument("--kv-cache", choices=KV_CACHE_FORMATS,
                         help="evaluate MODEL with its keys and values quantized as they enter the cache")
+    parser.add_argument("--speed", action="store_true",
+                        help="also measure decode tokens/s (llama.cpp for .gguf, transformers otherwise) beside this "
+                             "machine's memory-bound ceiling (its read bandwidth, measured)")
     options.add_eval_text(parser)
     options.add_json(parser)
 
@@ -52,10 +55,28 @@ def print_table(result: dict, console: Console | None = None) -> None:
     console.print(table)
 
 
+def print_speed(speed: dict, console: Console | None = None) -> None:
+    """Measured decode speed beside the memory-bound ceiling of this machine."""
+    console = console or Console()
+    table = Table(title=f"decode, batch 1, {speed['tokens']} tokens ({speed['engine']}); ceiling: this machine's "
+                        f"measured read bandwidth {speed['bandwidth'] / 1e9:.1f} GB/s over "
+                        f"{speed['bytes_per_token'] / 1e6:,.1f} MB read per token")
+    for col in ("measured tok/s", "ceiling tok/s", "fraction of ceiling"):
+        table.add_column(col, justify="right")
+    table.add_row(f"{speed['decode_tok_s']:.1f}", f"{speed['ceiling_tok_s']:.1f}", f"{100 * speed['fraction']:.0f}%")
+    console.print(table)
+
+
 def main(args: argparse.Namespace) -> int:
     result = measure(args.model, args.text, args.windows, args.baseline, kv_cache=args.kv_cache)
+    if args.speed:
+        from modelpress.eval.speed import decode_speed, with_ceiling
+
+        result["speed"] = with_ceiling(decode_speed(args.model))
     if args.json:
         print(to_json(result, indent=2))
     else:
         print_table(result)
+        if args.speed:
+            print_speed(result["speed"])
     return 0

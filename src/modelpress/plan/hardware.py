@@ -76,12 +76,17 @@ def _key(text: str) -> str:
 
 
 def find_hardware(name: str) -> Hardware:
-    """The catalogue entry called ``name`` (case-insensitive; an alias or a unique prefix).
+    """The catalogue entry called ``name`` (case-insensitive; an alias or a unique prefix), or
+    this machine measured for ``local`` (:mod:`modelpress.plan.local`).
 
     Raises:
         UserError: no entry, or several, match.
     """
     key = _key(name)
+    if key == "local":  # this machine: measured, not catalogued
+        from modelpress.plan.local import measure_local
+
+        return measure_local()
     for hw in CATALOGUE:
         if key == _key(hw.name) or key in {_key(a) for a in hw.aliases}:
             return hw
@@ -90,4 +95,4 @@ def find_hardware(name: str) -> Hardware:
         return matches[0]
     names = ", ".join(hw.aliases[0] if hw.aliases else hw.name for hw in CATALOGUE)
     what = "matches several entries" if matches else "is not in the catalogue"
-    raise UserError(f"hardware {name!r} {what}; choose one of: {names}")
+    raise UserError(f"hardware {name!r} {what}; choose one of: {names}, or local (this machine, measured)")
