@@ -41,6 +41,34 @@ def test_runner_reproduces_the_full_model(tiny_models):
         torch.testing.assert_close(norm(hidden[1]), reference, msg=model_type, rtol=1e-5, atol=1e-5)
 
 
+def test_a_tail_forward_equals_the_full_forward_and_sees_a_change(tiny_models):
+    """Every architecture: logits from layer i on (layers before it skipped, its input replayed)
+    equal a full forward's; a change to layer i shows in them, one to layer i-1 does not."""
+    from modelpress.models.arch import arch_for
+    from modelpress.models.layers import TailForward
+
+    for model_type, path in tiny_models.items():
+        model = AutoModelForCausalLM.from_pretrained(path).eval()
+        ids = torch.randint(3, 300, (2, 40))
+        tail = TailForward(model, arch_for(model.config).layers, ids)
+        with torch.no_grad():
+            full = model(input_ids=ids).logits
+        torch.testing.assert_close(tail.logits, full, msg=model_type, rtol=0, atol=0)
+        n = len(tail.layer_list)
+        for i in range(n):
+            torch.testing.assert_close(tail.logits_from(i), full, msg=f"{model_type} from {i}", rtol=1e-5, atol=1e-5)
+        last = [m for m in tail.layer_list[n - 1].modules() if isinstance(m, torch.nn.Linear)][-1]  # q may be normed
+        first = [m for m in tail.layer_list[0].modules() if isinstance(m, torch.nn.Linear)][0]
+        with torch.no_grad():
+            last.weight.mul_(1.5)
+            first.weight.mul_(1.5)  # before the replayed input: must not matter
+        changed = tail.logits_from(n - 1)
+        assert not torch.allclose(changed, full, atol=1e-4), model_type
+        with torch.no_grad():
+            first.weight.div_(1.5)
+            torch.testing.assert_close(changed, model(input_ids=ids).logits, msg=model_type, rtol=1e-5, atol=1e-5)
+
+
 def test_linears_reading_one_input_share_one_hessian(tiny_models):
     """q/k/v (and gate/up) read one tensor: one accumulator, equal to each Linear's own Hessian."""
     from modelpress.algorithms.hessian import HessianCollector

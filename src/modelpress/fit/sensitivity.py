@@ -256,8 +256,8 @@ def probe_gains(sens: Sensitivity, config, windows: int = 2) -> Sensitivity:
     squared output error; the gain of the probe nearest in bits is used, so a 2-bit format is
     priced by its own measurement).
 
-    Costs one forward of the whole model per probe (two per group at most), with the model in
-    memory (unlike the layer pass).
+    Costs one forward per probe (two per group at most) from the group's layer on
+    (:class:`~modelpress.models.layers.TailForward`), with the model in memory (unlike the layer pass).
     """
     import torch.nn.functional as F
 
@@ -265,11 +265,15 @@ def probe_gains(sens: Sensitivity, config, windows: int = 2) -> Sensitivity:
     from modelpress.pipeline.runner import calibration_ids
     from modelpress.progress import track
 
+    from modelpress.models.arch import arch_for
+    from modelpress.models.layers import TailForward
+
     t0 = time.monotonic()
     source = loading.resolve(sens.model)
     model = loading.load_model(source).eval()
     ids = calibration_ids(loading.load_tokenizer(source), config.calibration)[:windows]
-    base = F.log_softmax(model(input_ids=ids).logits.float(), dim=-1)
+    tail = TailForward(model, arch_for(model.config).layers, ids)
+    base = F.log_softmax(tail.logits.float(), dim=-1)
     groups = sens.groups()
     jobs = [(group, spec) for group, names in groups.items() for spec in probe_formats(sens, names)]
     sens.probes = {}
@@ -291,7 +295,7 @@ def probe_gains(sens: Sensitivity, config, windows: int = 2) -> Sensitivity:
             handles.append(m.register_forward_hook(functools.partial(hook, dW=Wq - W)))
             m.weight.data = Wq.to(saved[n].dtype)
         try:
-            logp = F.log_softmax(model(input_ids=ids).logits.float(), dim=-1)
+            logp = F.log_softmax(tail.logits_from(sens.linears[names[0]].layer).float(), dim=-1)
         finally:
             for h in handles:
                 h.remove()

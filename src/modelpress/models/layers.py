@@ -144,6 +144,70 @@ class _Catcher(nn.Module):
         return hidden_states
 
 
+class _Skip(nn.Module):
+    """Stands in for a decoder layer whose output is not needed: passes hidden states through."""
+
+    def __init__(self, layer: nn.Module):
+        super().__init__()
+        object.__setattr__(self, "_layer", layer)
+
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(object.__getattribute__(self, "_layer"), name)
+
+    def forward(self, hidden_states, *args, **kwargs):
+        return hidden_states
+
+
+class TailForward:
+    """Whole-model forwards on fixed ``ids`` that start at decoder layer ``i``.
+
+    One float forward records every decoder layer's input; :meth:`logits_from` then runs the
+    model with the layers before ``i`` skipped and layer ``i`` fed its recorded input, so the
+    model's own embedding, masks, position embeddings, final norm and head are used unchanged
+    (no architecture knowledge here) and a change made to layers ``>= i`` costs only the layers
+    it can affect. With nothing changed, the logits equal a full forward's.
+    """
+
+    def __init__(self, model: nn.Module, layers: str, ids: torch.Tensor):
+        self.model, self.ids = model, ids
+        self.layer_list: nn.ModuleList = model.get_submodule(layers)
+        self.inputs: list[torch.Tensor | None] = [None] * len(self.layer_list)
+
+        def record(i):
+            def hook(module, args, kwargs):
+                self.inputs[i] = (args[0] if args else kwargs["hidden_states"]).detach()
+            return hook
+
+        handles = [layer.register_forward_pre_hook(record(i), with_kwargs=True) for i, layer in enumerate(self.layer_list)]
+        try:
+            with torch.no_grad():
+                self.logits = model(input_ids=ids, use_cache=False).logits
+        finally:
+            for h in handles:
+                h.remove()
+
+    @torch.no_grad()
+    def logits_from(self, i: int) -> torch.Tensor:
+        originals = list(self.layer_list)
+        cached = self.inputs[i]
+
+        def feed(module, args, kwargs):
+            return ((cached, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": cached})
+
+        for j in range(i):
+            self.layer_list[j] = _Skip(originals[j])
+        handle = originals[i].register_forward_pre_hook(feed, with_kwargs=True)
+        try:
+            return self.model(input_ids=self.ids, use_cache=False).logits
+        finally:
+            handle.remove()
+            for j in range(i):
+                self.layer_list[j] = originals[j]
+
+
 @dataclass
 class Capture:
     """What the catchers saw: layer-0 inputs per batch, and each layer's keyword args per batch."""
