@@ -82,3 +82,33 @@ def test_bytes_add_up_to_the_written_checkpoint(tiny_llama, calib, tmp_path):
         t.numel() * t.element_size() for t in checkpoint_tensors(tiny_llama).values())
     sens.save(tmp_path / "s.json")
     assert Sensitivity.load(tmp_path / "s.json") == sens
+
+
+def test_probes_measure_each_groups_kl_at_the_output(tiny_llama, calib):
+    """Each group rounded alone: KL > 0, more for 2 bits than 3; the tail forward's KL equals a
+    full forward's with that group rounded by hand."""
+    import torch.nn.functional as F
+
+    from modelpress.fit.sensitivity import probe_formats, probe_gains
+
+    config = _config(calib)
+    sens = probe_gains(measure_sensitivity(str(tiny_llama), ["int8", "int3-g64", "int2-g32", KEEP], config, "rtn"),
+                       config, windows=2)
+    groups = sens.groups()
+    assert set(sens.probes) == set(groups)
+    for group, names in groups.items():
+        probes = sens.probes[group]
+        assert set(probes) == set(probe_formats(sens, names)) == {"int2-g32", "int3-g64"}
+        assert probes["int2-g32"]["kl"] > probes["int3-g64"]["kl"] > 0
+        assert sens.gain(group, "int8") == probes["int3-g64"]["kl"] / probes["int3-g64"]["error"]
+    group = "model.layers.1.self_attn.q_proj"
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).eval()
+    ids = calibration_ids(loading.load_tokenizer(loading.resolve(str(tiny_llama))), calib)[:2]
+    with torch.no_grad():
+        base = F.log_softmax(model(ids).logits, -1)
+        for n in groups[group]:
+            lin = model.get_submodule(n)
+            lin.weight.copy_(config.spec_format("int3-g64").quantize(lin.weight).dequantize())
+        logp = F.log_softmax(model(ids).logits, -1)
+    kl = (base.exp() * (base - logp)).sum(-1).mean().item()
+    assert sens.probes[group]["int3-g64"]["kl"] == pytest.approx(kl, rel=1e-3)
