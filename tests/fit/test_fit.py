@@ -111,3 +111,32 @@ def test_the_fit_page_shows_budget_candidates_sensitivity_and_allocation(tmp_pat
         assert f"data-chart='{chart}'" in page
     assert page.count("<svg") == 3 and "winner" in page and "RTX 4090 24GB" in page
     assert not re.search(r"(src|href)=['\"]https?:", page) and "<script" not in page  # opens offline
+
+
+def test_a_large_fp16_kv_cache_adds_a_candidate_with_the_cache_in_fp8():
+    """Halving a KV cache that takes a fifth of the budget frees bytes for the weights: a second
+    mixed candidate, allocated under the larger budget and measured with the cache in fp8."""
+    import random
+
+    from test_allocate import _random
+
+    from modelpress.fit.allocate import smallest_bytes
+    from modelpress.fit.search import Budget, candidates, kv_candidate, recipe_data
+    from modelpress.pipeline.recipe import GPTQConfig
+
+    sens = _random(random.Random(4), 16)
+    for group, names in sens.groups().items():
+        sens.probes[group] = {"int2": {"kl": 0.1, "error": 1.0}}
+    weights = smallest_bytes(sens) * 1.3
+    budget = Budget("dev", 10 * weights, weights, 0.2 * weights, 0.0, weights, 4096, 1, "fp16")
+    pool = candidates(sens, budget.weights)
+    kv = kv_candidate(sens, budget, pool)
+    assert kv is not None and kv.kv_dtype == "fp8" and kv.weights_budget == pytest.approx(1.1 * weights)
+    assert weights < kv.nbytes <= kv.weights_budget and kv.predicted_kl < pool[0].predicted_kl
+    stages = recipe_data("m", kv, GPTQConfig(), {})["stages"]
+    assert stages[-1] == {"kv-cache": {"dtype": "fp8"}} and "quantize" in stages[0]
+    from dataclasses import replace
+
+    assert kv_candidate(sens, replace(budget, kv_cache=0.01 * weights), pool) is None  # too small to matter
+    assert kv_candidate(sens, replace(budget, weights_only=True), pool) is None
+    assert kv_candidate(sens, replace(budget, kv_dtype="fp8"), pool) is None

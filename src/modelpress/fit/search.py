@@ -6,7 +6,9 @@
 2. **Sensitivity** (:mod:`modelpress.fit.sensitivity`): one layer pass for every Linear's error
    and bytes in every candidate format, then the probes that price output errors in KL.
 3. **Candidates**: the mixed allocation at the budget (:mod:`modelpress.fit.allocate`) and the
-   uniform formats that fit, the best few by predicted loss; the float model itself when it fits.
+   uniform formats that fit, the best few by predicted loss; the float model itself when it fits;
+   and, when the KV cache is a sizeable share of the memory, the mixed allocation with the cache in
+   fp8 and the bytes that frees given to the weights (measured with the cache rounded).
 4. **Measured**: each candidate is quantized for real (GPTQ, each Linear in its format) as a
    recipe run side by side (:func:`modelpress.pipeline.run.run_recipe`: resumable, each in its
    own process) and measured on held-out text: perplexity, KL and top-1 agreement against the
@@ -117,31 +119,59 @@ class Candidate:
     predicted_kl: float
     measured: dict | None = None
     output: str | None = None  # the checkpoint its recipe wrote
+    kv_dtype: str | None = None  # a KV-cache type other than the budget's (the bytes it frees pay for weights)
+    weights_budget: float | None = None  # the budget it was allocated under
 
     @property
     def mix(self) -> dict[str, int]:
         return dict(Counter(self.formats.values()).most_common())
 
 
+def predicted_kl(sens: Sensitivity, choice: dict[str, str]) -> float:
+    """The KL the sensitivity model predicts for ``choice``: each group's gain x output error, summed."""
+    return sum(sens.gain(s.group, choice[n]) * s.errors[choice[n]] for n, s in sens.linears.items())
+
+
 def candidates(sens: Sensitivity, budget: float, n_uniform: int = 2) -> list[Candidate]:
     """The float model if it fits, else the mixed allocation at ``budget`` and the ``n_uniform``
     uniform formats that fit with the least predicted KL (ordered by it)."""
-    def predicted(choice: dict[str, str]) -> float:
-        return sum(sens.gain(s.group, choice[n]) * s.errors[choice[n]] for n, s in sens.linears.items())
-
     keep = {n: KEEP for n in sens.linears}
     if sens.bytes_of(keep) <= budget:
-        return [Candidate("float", "float", keep, sens.bytes_of(keep), 0.0)]
+        return [Candidate("float", "float", keep, sens.bytes_of(keep), 0.0, weights_budget=budget)]
     out = []
     for spec in sens.candidates:
         choice = uniform(sens, spec) if spec != KEEP else None
         if choice is not None and sens.bytes_of(choice) <= budget:
-            out.append(Candidate(spec, "uniform", choice, sens.bytes_of(choice), predicted(choice)))
+            out.append(Candidate(spec, "uniform", choice, sens.bytes_of(choice), predicted_kl(sens, choice),
+                                 weights_budget=budget))
     out = sorted(out, key=lambda c: c.predicted_kl)[:n_uniform]
     mixed = allocate(sens, budget, "kl")
     if all(mixed != c.formats for c in out):
-        out.insert(0, Candidate("mixed", "mixed", mixed, sens.bytes_of(mixed), predicted(mixed)))
+        out.insert(0, Candidate("mixed", "mixed", mixed, sens.bytes_of(mixed), predicted_kl(sens, mixed),
+                                weights_budget=budget))
     return out
+
+
+KV_ALTERNATIVE = "fp8"
+KV_WORTH = 0.05  # the KV cache must be at least 5% of the weights' budget for halving it to be worth a candidate
+
+
+def kv_candidate(sens: Sensitivity, budget: Budget, pool: list[Candidate]) -> Candidate | None:
+    """The mixed allocation when the KV cache is stored in fp8 instead (its freed bytes go to the
+    weights), if the cache is large enough to matter and the allocation changes; ``None`` otherwise.
+    The measurement then runs with the keys and values rounded to fp8, so its cost is counted."""
+    if budget.weights_only or budget.kv_dtype not in ("fp16", "bf16", "fp32") or budget.kv_cache < KV_WORTH * budget.weights:
+        return None
+    from modelpress.plan.memory import KV_BYTES
+
+    weights = budget.weights + budget.kv_cache * (1 - KV_BYTES[KV_ALTERNATIVE] / KV_BYTES[budget.kv_dtype])
+    if pool and pool[0].kind == "float":
+        return None
+    choice = allocate(sens, weights, "kl")
+    if any(choice == c.formats for c in pool):
+        return None
+    return Candidate(f"mixed-kv-{KV_ALTERNATIVE}", "mixed", choice, sens.bytes_of(choice), predicted_kl(sens, choice),
+                     kv_dtype=KV_ALTERNATIVE, weights_budget=weights)
 
 
 def recipe_data(model: str, candidate: Candidate, config, evaluate: dict) -> dict:
@@ -151,8 +181,11 @@ def recipe_data(model: str, candidate: Candidate, config, evaluate: dict) -> dic
     overrides = {re.escape(n): f for n, f in candidate.formats.items() if f != default}
     settings = config.model_dump(mode="json", exclude={"calibration", "format", "overrides", "bits", "granularity",
                                                         "group_size", "symmetric", "keep_zeros"})
+    stages = [{"quantize": {**settings, "format": default, "overrides": overrides}}]
+    if candidate.kv_dtype is not None:
+        stages.append({"kv-cache": {"dtype": candidate.kv_dtype}})
     return {"model": model, "calibration": config.calibration.model_dump(mode="json"), "evaluate": evaluate,
-            "stages": [{"quantize": {**settings, "format": default, "overrides": overrides}}]}
+            "stages": stages}
 
 
 def fit_model(model: str, out_dir: str | Path, budget: Budget, config, engine: str = "vllm",
@@ -216,6 +249,9 @@ def fit_model(model: str, out_dir: str | Path, budget: Budget, config, engine: s
         probe_gains(sens, config, windows=probe_windows)
         sens.save(sens_file)
     pool = candidates(sens, budget.weights, n_uniform)
+    kv = kv_candidate(sens, budget, pool)
+    if kv is not None:
+        pool.append(kv)
     text = eval_text or held_out_text(model, config.calibration, work, windows)
     evaluate = {"text": text, "windows": windows}
     if budget.device and not budget.weights_only and _in_catalogue(budget.device):
@@ -244,9 +280,10 @@ def fit_model(model: str, out_dir: str | Path, budget: Budget, config, engine: s
         Path(winner.output).rename(work / "model")
     written = _tensor_bytes(work / "model")
     record["check"] = {"written_tensor_bytes": written, "predicted_bytes": winner.nbytes,
-                       "fits": written <= budget.weights, "budget_weights_bytes": budget.weights}
-    if written > budget.weights:  # the sensitivity's byte count is exact: this is a bug, not a user error
-        raise RuntimeError(f"the written model has {written} tensor bytes, over the budget of {budget.weights:.0f}")
+                       "fits": written <= winner.weights_budget, "budget_weights_bytes": winner.weights_budget,
+                       "kv_dtype": winner.kv_dtype or budget.kv_dtype}
+    if written > winner.weights_budget:  # the sensitivity's byte count is exact: this is a bug, not a user error
+        raise RuntimeError(f"the written model has {written} tensor bytes, over the budget of {winner.weights_budget:.0f}")
     (work / "fit.json").write_text(json.dumps(record, indent=1, default=str))
     if winner.kind != "float":
         shutil.copy(work / "recipes" / f"{winner.name}.yaml", work / "recipe.yaml")
@@ -271,7 +308,7 @@ def _winner(pool: list[Candidate]) -> Candidate:
 
 def _row(c: Candidate) -> dict:
     return {"name": c.name, "kind": c.kind, "bytes": c.nbytes, "mix": c.mix, "predicted_kl": c.predicted_kl,
-            **(c.measured or {})}
+            "kv_dtype": c.kv_dtype, "weights_budget": c.weights_budget, **(c.measured or {})}
 
 
 def _budget_line(b: Budget) -> str:
