@@ -41,7 +41,13 @@ def test_budget_is_memory_less_reserve_kv_cache_and_activations(tiny_llama):
         budget_for(shape)
 
 
-def test_an_impossible_target_is_one_line_and_leaves_nothing(tiny_llama, tmp_path, capsys):
+def test_an_impossible_target_is_one_line_and_leaves_nothing(tiny_llama, tmp_path, capsys, monkeypatch):
+    import modelpress.fit.search
+
+    def no_work(*a, **k):
+        raise AssertionError("the sensitivity pass ran: an impossible target must be refused before any work")
+
+    monkeypatch.setattr(modelpress.fit.search, "measure_sensitivity", no_work)
     out = tmp_path / "fit"
     code = main(["fit", str(tiny_llama), "--memory", "20KB", "--weights-only", "-o", str(out),
                  "--calib", str(austen("emma.txt")), "--calib-samples", "4", "--calib-seq-len", "64",

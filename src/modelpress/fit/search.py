@@ -227,6 +227,7 @@ def fit_model(model: str, out_dir: str | Path, budget: Budget, config, engine: s
     candidates_specs = list(formats or CANDIDATES[engine])
     if KEEP not in candidates_specs:
         candidates_specs.append(KEEP)
+    check_reachable(model, candidates_specs, config, budget, work)
     sens_file = work / "sensitivity.json"
     sens = Sensitivity.load(sens_file) if sens_file.is_file() else None
     if sens is None or sens.candidates != candidates_specs or sens.method != sensitivity_method:
@@ -234,16 +235,8 @@ def fit_model(model: str, out_dir: str | Path, budget: Budget, config, engine: s
         sens = measure_sensitivity(model, candidates_specs, config, sensitivity_method)
         sens.save(sens_file)
     smallest = smallest_bytes(sens)
-    if smallest > budget.weights:
-        holders = devices_holding(smallest, budget)
-        shutil.rmtree(work)
-        raise UserError(
-            f"nothing fits {budget.device}: the weights may take {human_bytes(budget.weights)} "
-            f"({_budget_line(budget)}) and the smallest model reachable with {', '.join(candidates_specs)} is "
-            f"{human_bytes(smallest)}; "
-            + (f"it would fit: {', '.join(holders[:3])}" + (" and larger" if len(holders) > 3 else "")
-               if holders else "no catalogue device holds it")
-            + (f" (at context {budget.context} x batch {budget.batch})" if not budget.weights_only else ""))
+    if smallest > budget.weights:  # the planner's estimate said it might fit; the exact count says not
+        _nothing_fits(budget, candidates_specs, smallest, work)
     if not sens.probes:
         logger.info("probing how each group's output error reaches the model's output (KL)")
         probe_gains(sens, config, windows=probe_windows)
@@ -296,6 +289,60 @@ def fit_model(model: str, out_dir: str | Path, budget: Budget, config, engine: s
 
         write_fit_report(out, out / "report.html")
     return record
+
+
+def check_reachable(model: str, specs: list[str], config, budget: Budget, work: Path) -> None:
+    """Refuse, before any work, a budget below the smallest model the candidates can make, by the
+    planner's count from the checkpoint's header: every Linear in its smallest format, the rest
+    as stored. (The exact count after the sensitivity pass differs by a few bytes per tensor.)"""
+    from modelpress.models import loading
+    from modelpress.models.loading import meta_model
+    from modelpress.models.tensors import plan_targets
+
+    source = loading.resolve(model)
+    meta = meta_model(loading.load_config(source))
+    targets = plan_targets(meta, config.model_copy(update={"format": "int8", "overrides": {}}))
+    stored = header_bytes(source)
+    smallest = 0.0
+    for name, tensor_bytes in stored.items():
+        module = name.removesuffix(".weight")
+        if module not in targets.formats:
+            smallest += tensor_bytes
+            continue
+        numel, in_f = meta.get_submodule(module).weight.numel(), targets.in_features[module]
+        sizes = [config.spec_format(f).bits_per_weight(in_features=in_f, numel=numel) * numel / 8
+                 for f in specs if f != KEEP and config.spec_format(f).divides(in_f)]
+        smallest += min(sizes, default=tensor_bytes)
+    if smallest > budget.weights:
+        _nothing_fits(budget, specs, smallest, work)
+
+
+def _nothing_fits(budget: Budget, specs: list[str], smallest: float, work: Path):
+    holders = devices_holding(smallest, budget)
+    shutil.rmtree(work, ignore_errors=True)
+    raise UserError(
+        f"nothing fits {budget.device}: the weights may take {human_bytes(budget.weights)} "
+        f"({_budget_line(budget)}) and the smallest model reachable with {', '.join(specs)} is "
+        f"{human_bytes(smallest)}; "
+        + (f"it would fit: {', '.join(holders[:3])}" + (" and larger" if len(holders) > 3 else "")
+           if holders else "no catalogue device holds it")
+        + (f" (at context {budget.context} x batch {budget.batch})" if not budget.weights_only else ""))
+
+
+def header_bytes(source) -> dict[str, int]:
+    """Each tensor's bytes in a checkpoint folder, from the safetensors headers (nothing loaded)."""
+    from safetensors import safe_open
+
+    out = {}
+    for path in source.safetensors_files():
+        with safe_open(str(path), framework="pt") as f:
+            for name in f.keys():
+                sl = f.get_slice(name)
+                out[name] = _numel(sl.get_shape()) * _itemsize(sl.get_dtype())
+    if not out:
+        raise UserError(f"{source.path}: fit reads a safetensors checkpoint folder; convert a GGUF file with "
+                        "`modelpress export --to hf` first")
+    return out
 
 
 def _winner(pool: list[Candidate]) -> Candidate:
@@ -364,15 +411,9 @@ def _copy_float(model: str, dest: Path) -> None:
 
 def _tensor_bytes(folder: Path) -> int:
     """Bytes of every tensor in the safetensors files of ``folder`` (headers excluded)."""
-    from safetensors import safe_open
+    from modelpress.models import loading
 
-    total = 0
-    for path in sorted(folder.glob("*.safetensors")):
-        with safe_open(str(path), framework="pt") as f:
-            for name in f.keys():
-                sl = f.get_slice(name)
-                total += _numel(sl.get_shape()) * _itemsize(sl.get_dtype())
-    return total
+    return sum(header_bytes(loading.resolve(str(folder))).values())
 
 
 def _numel(shape) -> int:
