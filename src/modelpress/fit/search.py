@@ -277,9 +277,12 @@ def fit_model(model: str, out_dir: str | Path, budget: Budget, config, engine: s
                        "kv_dtype": winner.kv_dtype or budget.kv_dtype}
     if written > winner.weights_budget:  # the sensitivity's byte count is exact: this is a bug, not a user error
         raise RuntimeError(f"the written model has {written} tensor bytes, over the budget of {winner.weights_budget:.0f}")
-    (work / "fit.json").write_text(json.dumps(record, indent=1, default=str))
+    # paths inside OUT.partial (the held-out text, the original's record) are written as they will be
+    record = json.loads(json.dumps(record, default=str).replace(json.dumps(str(work))[1:-1], json.dumps(str(out))[1:-1]))
+    (work / "fit.json").write_text(json.dumps(record, indent=1))
     if winner.kind != "float":
-        shutil.copy(work / "recipes" / f"{winner.name}.yaml", work / "recipe.yaml")
+        recipe = (work / "recipes" / f"{winner.name}.yaml").read_text()
+        (work / "recipe.yaml").write_text(recipe.replace(str(work), str(out)))
     for c in pool if winner.kind != "float" else []:  # the others' checkpoints (their records stay): a model's worth of disk each
         if c is not winner:
             shutil.rmtree(c.output, ignore_errors=True)
