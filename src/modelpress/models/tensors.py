@@ -121,7 +121,8 @@ def plan_targets(meta: nn.Module, config) -> Targets:
         logger.warning("%d layers use the group-size fallback %r", len(misfits), config.group_fallback)
     if not targets.formats:
         if misfits:
-            raise UserError("no Linear layer is left to quantize: the group size divides none of "
+            group = config.format_for(misfits[0]).group_size
+            raise UserError(f"no Linear layer is left to quantize: group size {group} divides none of "
                             "the layers --group-fallback keep would keep; choose a group size that divides them")
         raise UserError("no Linear layer is left to quantize; check the exclude patterns")
     return targets
