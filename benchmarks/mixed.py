@@ -115,7 +115,8 @@ def caption(protocol: dict) -> str:
     return (f"calibration: {protocol['calib_samples']} x {CALIB_128X512.seq_len} tokens of emma.txt; evaluation: "
             f"ppl-512 ({protocol['windows']} windows) on pride_and_prejudice.txt. GPTQ (modelpress defaults) in every "
             "row; only the per-Linear formats differ. Mixed: `modelpress.fit` allocation (KL objective) at exactly "
-            "the bytes of the row it names. Each row run alone on the machine.")
+            "the bytes of the row it names. Rows ran one at a time; wall times are not comparable where the "
+            "README says other work ran beside them.")
 
 
 def plot(rows: list[dict]) -> None:
