@@ -15,7 +15,7 @@ from modelpress.plan.local import LOCAL_NAME
 
 def test_local_hardware_is_measured_and_plausible():
     hw = find_hardware("local")
-    assert hw.name == LOCAL_NAME and find_hardware("LOCAL") is hw  # measured once per process
+    assert hw.name == LOCAL_NAME and find_hardware("LOCAL") == hw  # measured once per process
     assert 1e9 < hw.bandwidth < 5e12  # between a slow laptop and an HBM accelerator
     assert 1e9 < hw.peak_flops() < 1e15
     assert hw.memory > 1e9

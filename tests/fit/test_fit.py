@@ -97,7 +97,6 @@ def test_the_fit_page_shows_budget_candidates_sensitivity_and_allocation(tmp_pat
     from test_allocate import _random
 
     from modelpress.fit.allocate import allocate
-    from modelpress.report.html import write_report
 
     sens = _random(random.Random(3), 12)
     for group, names in sens.groups().items():
@@ -116,7 +115,8 @@ def test_the_fit_page_shows_budget_candidates_sensitivity_and_allocation(tmp_pat
     run.mkdir()
     (run / "fit.json").write_text(json.dumps(record))
     (run / "sensitivity.json").write_text(json.dumps(asdict(sens)))
-    page = write_report(run, tmp_path / "report.html").read_text()
+    assert main(["report", str(run), "-o", str(tmp_path / "report.html")]) == 0
+    page = (tmp_path / "report.html").read_text()
     for chart in ("budget", "sensitivity", "allocation"):
         assert f"data-chart='{chart}'" in page
     assert page.count("<svg") == 3 and "winner" in page and "RTX 4090 24GB" in page

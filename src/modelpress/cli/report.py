@@ -10,15 +10,21 @@ from __future__ import annotations
 
 import argparse
 
+from pathlib import Path
+
+from modelpress.report.fit import write_fit_report
 from modelpress.report.html import write_report
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("run", metavar="RUN", help="the -o folder of a finished `modelpress run`")
+    parser.add_argument("run", metavar="RUN", help="the -o folder of a finished `modelpress run` or `modelpress fit`")
     parser.add_argument("-o", "--output", required=True, metavar="FILE", help="the HTML file to write")
 
 
 def main(args: argparse.Namespace) -> int:
-    out = write_report(args.run, args.output)
+    if (Path(args.run) / "fit.json").is_file():  # a `modelpress fit` output
+        out = write_fit_report(Path(args.run), Path(args.output))
+    else:
+        out = write_report(args.run, args.output)
     print(f"wrote {out}")
     return 0

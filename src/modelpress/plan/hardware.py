@@ -84,9 +84,10 @@ def find_hardware(name: str) -> Hardware:
     """
     key = _key(name)
     if key == "local":  # this machine: measured, not catalogued
-        from modelpress.plan.local import measure_local
+        from modelpress.plan.local import LOCAL_NAME, measure_local
 
-        return measure_local()
+        memory, bandwidth, flops = measure_local()
+        return Hardware(LOCAL_NAME, memory, bandwidth, {"fp16": flops, "fp32": flops}, ("local",))
     for hw in CATALOGUE:
         if key == _key(hw.name) or key in {_key(a) for a in hw.aliases}:
             return hw

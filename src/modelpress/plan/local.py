@@ -19,8 +19,6 @@ import time
 
 import torch
 
-from modelpress.plan.hardware import Hardware
-
 LOCAL_NAME = "this machine (measured)"
 
 
@@ -51,7 +49,7 @@ def physical_memory() -> float:
 
 
 @functools.cache
-def measure_local() -> Hardware:
-    """This machine, measured once per process."""
-    flops = matmul_flops()
-    return Hardware(LOCAL_NAME, physical_memory(), read_bandwidth(), {"fp16": flops, "fp32": flops}, ("local",))
+def measure_local() -> tuple[float, float, float]:
+    """``(memory bytes, read bytes/s, FLOP/s)`` of this machine, measured once per process
+    (:func:`modelpress.plan.hardware.find_hardware` makes it a device named ``local``)."""
+    return physical_memory(), read_bandwidth(), matmul_flops()

@@ -35,13 +35,9 @@ th { text-align: left; background: #f6f6f6; } td.n { text-align: right; font-var
 
 
 def write_report(run: str | Path, out: str | Path) -> Path:
-    """Write the report of the recipe run (or ``fit`` output) in ``run`` to the HTML file ``out``
-    (atomically)."""
+    """Write the report of the recipe run in ``run`` to the HTML file ``out`` (atomically); a
+    ``fit`` output's page is :func:`modelpress.report.fit.write_fit_report`'s."""
     run = Path(run)
-    if (run / "fit.json").is_file():
-        from modelpress.report.fit import write_fit_report
-
-        return write_fit_report(run, Path(out))
     record = read_record(run)
     if not record or record.get("command") != "run":
         raise UserError(f"{run} is not a finished recipe run (no run record in {run / 'modelpress.json'}); "
