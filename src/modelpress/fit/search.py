@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import re
 import shutil
 from collections import Counter
@@ -341,7 +342,7 @@ def header_bytes(source) -> dict[str, int]:
         with safe_open(str(path), framework="pt") as f:
             for name in f.keys():
                 sl = f.get_slice(name)
-                out[name] = _numel(sl.get_shape()) * _itemsize(sl.get_dtype())
+                out[name] = math.prod(sl.get_shape()) * _itemsize(sl.get_dtype())
     if not out:
         raise UserError(f"{source.path}: fit reads a safetensors checkpoint folder; convert a GGUF file with "
                         "`modelpress export --to hf` first")
@@ -417,13 +418,6 @@ def _tensor_bytes(folder: Path) -> int:
     from modelpress.models import loading
 
     return sum(header_bytes(loading.resolve(str(folder))).values())
-
-
-def _numel(shape) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
 
 
 def _itemsize(dtype: str) -> int:

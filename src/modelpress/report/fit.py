@@ -90,8 +90,6 @@ def _grid(sens: dict, value) -> tuple[list[str], int, list[list[float]]]:
 
 
 def sensitivity_map(sens: dict):
-    plt = _pyplot()
-
     def predicted(group, names):
         probes = sens.get("probes", {}).get(group, {})
         if not probes:
@@ -99,28 +97,26 @@ def sensitivity_map(sens: dict):
         spec = max(probes, key=lambda f: sum(sens["linears"][n]["nbytes"][f] for n in names))  # the 3-bit one
         return math.log10(max(probes[spec]["kl"], 1e-9))
 
-    kinds, n_layers, grid = _grid(sens, predicted)
-    fig, ax = plt.subplots(figsize=(max(5, 0.25 * n_layers + 2), 0.5 * len(kinds) + 1.2))
-    im = ax.imshow(grid, aspect="auto", cmap="Reds")
-    ax.set_yticks(range(len(kinds)), [_kind_label(k) for k in kinds])
-    ax.set_xlabel("decoder layer")
-    fig.colorbar(im, ax=ax, label="log10 KL (nats/token)")
-    return fig
+    return _layer_map(sens, predicted, "Reds", "log10 KL (nats/token)")
 
 
 def allocation_map(sens: dict, formats: dict[str, str]):
-    plt = _pyplot()
-
     def bits(group, names):
         n = sum(sens["linears"][m]["numel"] for m in names)
         return 8 * sum(sens["linears"][m]["nbytes"][formats[m]] for m in names) / n
 
-    kinds, n_layers, grid = _grid(sens, bits)
+    return _layer_map(sens, bits, "viridis", "bits per weight")
+
+
+def _layer_map(sens: dict, value, cmap: str, label: str):
+    """A heat map of ``value(group, names)`` by decoder layer (columns) and group kind (rows)."""
+    plt = _pyplot()
+    kinds, n_layers, grid = _grid(sens, value)
     fig, ax = plt.subplots(figsize=(max(5, 0.25 * n_layers + 2), 0.5 * len(kinds) + 1.2))
-    im = ax.imshow(grid, aspect="auto", cmap="viridis")
+    im = ax.imshow(grid, aspect="auto", cmap=cmap)
     ax.set_yticks(range(len(kinds)), [_kind_label(k) for k in kinds])
     ax.set_xlabel("decoder layer")
-    fig.colorbar(im, ax=ax, label="bits per weight")
+    fig.colorbar(im, ax=ax, label=label)
     return fig
 
 
