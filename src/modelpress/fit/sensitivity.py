@@ -88,7 +88,7 @@ class Sensitivity:
         """KL per unit of output error for ``group`` in ``spec``: that of the probed format nearest
         in bits per weight (the KL of a format far below the probe grows faster than its error)."""
         probed = self.probes[group]
-        names = self.groups()[group]
+        names = self._members[group]
         numel = sum(self.linears[n].numel for n in names)
 
         def bits(f: str) -> float:
@@ -109,6 +109,11 @@ class Sensitivity:
         data = json.loads(Path(path).read_text())
         data["linears"] = {n: LinearSensitivity(**s) for n, s in data["linears"].items()}
         return cls(**data)
+
+    @functools.cached_property
+    def _members(self) -> dict[str, list[str]]:
+        """:meth:`groups`, built once: :meth:`gain` runs for every group and format of an allocation."""
+        return self.groups()
 
     def groups(self) -> dict[str, list[str]]:
         """Group name -> its Linears, in model order."""
