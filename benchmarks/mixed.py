@@ -51,12 +51,15 @@ def sensitivity(name: str, src: Path, calib_samples: int):
     from modelpress.pipeline.recipe import CalibrationConfig, GPTQConfig
 
     path = WORK / f"{name}-sensitivity-{calib_samples}.json"
-    if path.is_file():
-        return Sensitivity.load(path)
+    sens = Sensitivity.load(path) if path.is_file() else None
+    if sens is not None and sens.probe_codes == "gptq":
+        return sens
     config = GPTQConfig(calibration=CalibrationConfig(text=str(austen("emma.txt")), samples=calib_samples))
-    sens = measure_sensitivity(str(src), CANDIDATES, config, "gptq")
-    probe_gains(sens, config)
+    probes = WORK / f"{name}-probe-weights"
+    sens = measure_sensitivity(str(src), CANDIDATES, config, "gptq", probe_dir=probes)
+    probe_gains(sens, config, probe_dir=probes)
     sens.save(path)
+    shutil.rmtree(probes)
     return sens
 
 

@@ -37,7 +37,8 @@ logger = logging.getLogger("modelpress")
 
 
 def export_calibrated_gguf(model: str, out_file: str, type_name: str, calibration: CalibrationConfig,
-                           pure: bool = False, damp: float = 0.01, block_size: int = 128) -> dict:
+                           pure: bool = False, damp: float = 0.01, block_size: int = 128,
+                           overrides: dict[str, str] | None = None) -> dict:
     """Write ``model`` as a GGUF file whose decoder Linears' codes GPTQ chose on calibration text.
 
     Args:
@@ -47,12 +48,14 @@ def export_calibrated_gguf(model: str, out_file: str, type_name: str, calibratio
         calibration: calibration windows.
         pure: one block type for every quantizable tensor.
         damp: GPTQ damping (fraction of the mean Hessian diagonal).
+        overrides: module-name regex -> GGUF type, over the file type's mix (a per-tensor mix
+            chosen by :mod:`modelpress.fit`).
 
     Returns:
         :func:`export_gguf`'s summary, with ``"calibrated"``: layers, Linears, tokens and the mean
         relative output error of the calibrated Linears.
     """
-    source, layout = gguf_layout(model, out_file, type_name, pure)  # refuse bad input before calibrating
+    source, layout = gguf_layout(model, out_file, type_name, pure, overrides=overrides)  # refuse bad input first
     lm = LayerwiseModel(source)
     types = {e.name: e.type for e in layout.entries}
     formats = {n: gguf_format(types[n + ".weight"]) for n, m in lm.model.named_modules()
@@ -62,7 +65,7 @@ def export_calibrated_gguf(model: str, out_file: str, type_name: str, calibratio
     with GGUFSink(formats) as sink:
         run = run_layers(lm, [GGUFGPTQStage(damp, block_size)], formats, sink, ids, calibration.batch_size)
         encoded = sink.encoded
-    result = export_gguf(model, out_file, type_name, pure=pure, encoded=encoded)
+    result = export_gguf(model, out_file, type_name, pure=pure, encoded=encoded, layout=layout)
     result["calibrated"] = {"layers": lm.n_layers, "linears": len(encoded), "tokens": ids.numel(),
                             "output_rel_mse": mean_finite(v.get("output_rel_mse") for v in run.layers.values())}
     return result

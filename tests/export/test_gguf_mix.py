@@ -138,3 +138,41 @@ def test_plan_of_a_bare_size_keeps_the_averaged_mix(capsys):
     assert main(["plan", "7B", "--formats", "q4_k_m", "--json"]) == 0
     row = json.loads(capsys.readouterr().out)["formats"][0]
     assert not row["weight_bytes_exact"] and row["linear_bits_per_weight"] == 4.85
+
+
+def test_overrides_set_per_tensor_types(mix_model, tmp_path):
+    """Module-name overrides over llama.cpp's mix: matched weights get their type, every other
+    tensor keeps the mix's type and bytes, the file loads in llama.cpp; a bad override is refused
+    before anything is written."""
+    import llama_cpp
+
+    base, mixed = tmp_path / "base.gguf", tmp_path / "mixed.gguf"
+    export_gguf(str(mix_model), str(base), "q4_k_m")
+    overrides = {r"model\.layers\.0\.self_attn\.q_proj": "q8_0", r"model\.layers\.\d+\.mlp\.down_proj": "q5_0",
+                 r"model\.layers\.[0-3]\..*": "q6_k"}  # first match wins: down_proj stays q5_0 in layers 0-3
+    export_gguf(str(mix_model), str(mixed), "q4_k_m", overrides=overrides)
+    before = {t.name: t for t in GGUFReader(base).tensors}
+    after = {t.name: t for t in GGUFReader(mixed).tensors}
+    expect = {}
+    for name, t in before.items():
+        layer = int(name.split(".")[1]) if name.startswith("blk.") else None
+        if name == "blk.0.attn_q.weight":
+            expect[name] = "Q8_0"
+        elif name.endswith("ffn_down.weight"):
+            expect[name] = "Q5_0"
+        elif layer is not None and layer < 4 and t.tensor_type.name not in ("F32",):
+            expect[name] = "Q6_K"
+        else:
+            expect[name] = t.tensor_type.name
+            assert np.array_equal(np.array(after[name].data), np.array(t.data)), name
+    assert {n: t.tensor_type.name for n, t in after.items()} == expect
+    llm = llama_cpp.Llama(model_path=str(mixed), n_ctx=64, verbose=False, n_threads=2)
+    tokens = llm.tokenize(b"Emma Woodhouse, handsome, clever")
+    llm.eval(tokens)
+    logits = np.array(llm.scores[len(tokens) - 1])
+    assert np.isfinite(logits).all() and logits.std() > 0
+    for bad, match in [({r".*down_proj": "q4_k"}, "not whole q4_k blocks"), ({r".*q_proj": "q9_k"}, "unknown type"),
+                       ({r".*qproj": "q8_0"}, "match no weight"), ({r"(": "q8_0"}, "not a regular expression")]:
+        with pytest.raises(UserError, match=match):
+            export_gguf(str(mix_model), str(tmp_path / "bad.gguf"), "q4_k_m", overrides=bad)
+        assert not (tmp_path / "bad.gguf").exists()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 
 import pytest
@@ -150,3 +151,58 @@ def test_a_large_fp16_kv_cache_adds_a_candidate_with_the_cache_in_fp8():
     assert kv_candidate(sens, replace(budget, kv_cache=0.01 * weights), pool) is None  # too small to matter
     assert kv_candidate(sens, replace(budget, weights_only=True), pool) is None
     assert kv_candidate(sens, replace(budget, kv_dtype="fp8"), pool) is None
+
+
+def test_gguf_bytes_of_llama_cpp_mixes_are_the_files_bytes(tiny_llama, tmp_path):
+    """For llama.cpp, a Linear's bytes in a block type plus the base type's other tensors add up
+    to the tensor bytes of the GGUF file export writes, for each of llama.cpp's own mixes."""
+    from modelpress.export.gguf import export_gguf
+    from modelpress.fit import gguf as fit_gguf
+    from modelpress.fit.sensitivity import measure_sensitivity
+    from modelpress.pipeline.recipe import CalibrationConfig, GPTQConfig
+
+    config = GPTQConfig(calibration=CalibrationConfig(text=str(austen("emma.txt")), samples=4, seq_len=48))
+    sens = measure_sensitivity(str(tiny_llama), list(fit_gguf.CANDIDATES), config, "rtn", fused=False)
+    for ftype in ("q4_k_m", "q8_0", "q3_k_m"):
+        sens.fixed_bytes = fit_gguf.fixed_bytes(str(tiny_llama), ftype, set(sens.linears))
+        choice = fit_gguf.mix_choice(str(tiny_llama), ftype, sens.linears)
+        export_gguf(str(tiny_llama), str(tmp_path / f"{ftype}.gguf"), ftype)
+        assert sens.bytes_of(choice) == fit_gguf.tensor_bytes(tmp_path / f"{ftype}.gguf"), ftype
+
+
+@pytest.mark.slow
+def test_fit_for_llama_cpp_writes_a_gguf_with_a_type_per_tensor(tiny_llama, tmp_path):
+    """--engine llama.cpp between q5_0 and q8_0 sizes: a GGUF whose Linears carry the winner's
+    types (more than one), within the budget by its tensor bytes, that llama.cpp loads and runs."""
+    import llama_cpp
+    import numpy as np
+    from gguf import GGUFReader
+
+    from modelpress.export.gguf import GGUFLayout
+    from modelpress.fit import gguf as fit_gguf
+    from modelpress.models import loading
+
+    layout = GGUFLayout(loading.load_config(loading.resolve(str(tiny_llama))), "q4_k_m")
+    linears = {e.name: e for e in layout.entries if ".layers." in e.name and len(e.shape) == 2}
+    numel = sum(math.prod(e.shape) for e in linears.values())
+    fixed = sum(e.nbytes for e in layout.entries if e.name not in linears)
+    budget = int(fixed + numel * (5.5 + 8.5) / 2 / 8)
+    out = tmp_path / "fit"
+    assert main(["fit", str(tiny_llama), "--memory", f"{budget}B", "--weights-only", "--engine", "llama.cpp",
+                 "--formats", "q8_0,q5_0,q4_0", "-o", str(out), "--calib", str(austen("emma.txt")),
+                 "--calib-samples", "8", "--calib-seq-len", "64", "--text", str(austen("pride_and_prejudice.txt")),
+                 "--windows", "2"]) == 0
+    record = json.loads((out / "fit.json").read_text())
+    winner = next(c for c in record["candidates"] if c["name"] == record["winner"])
+    gguf_file = out / "model.gguf"
+    assert fit_gguf.tensor_bytes(gguf_file) == record["check"]["written_tensor_bytes"] == winner["bytes"] <= budget
+    types = {t.name: t.tensor_type.name.lower() for t in GGUFReader(gguf_file).tensors}
+    names = {e.name.removesuffix(".weight"): e.gguf_name for e in linears.values()}
+    chosen = {names[m]: types[names[m]] for m in names}
+    assert len(set(chosen.values())) > 1 or winner["kind"] == "uniform"
+    if winner["kind"] == "mixed":
+        assert "mixed" in [c["name"] for c in record["candidates"]]
+    llm = llama_cpp.Llama(model_path=str(gguf_file), n_ctx=64, verbose=False, n_threads=2)
+    tokens = llm.tokenize(b"Emma Woodhouse, handsome, clever")
+    llm.eval(tokens)
+    assert np.isfinite(np.array(llm.scores[len(tokens) - 1])).all()

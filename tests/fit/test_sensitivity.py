@@ -89,7 +89,7 @@ def test_probes_measure_each_groups_kl_at_the_output(tiny_llama, calib):
     full forward's with that group rounded by hand."""
     import torch.nn.functional as F
 
-    from modelpress.fit.sensitivity import probe_formats, probe_gains
+    from modelpress.fit.sensitivity import group_bytes, probe_formats, probe_gains
 
     config = _config(calib)
     sens = probe_gains(measure_sensitivity(str(tiny_llama), ["int8", "int3-g64", "int2-g32", KEEP], config, "rtn"),
@@ -98,7 +98,9 @@ def test_probes_measure_each_groups_kl_at_the_output(tiny_llama, calib):
     assert set(sens.probes) == set(groups)
     for group, names in groups.items():
         probes = sens.probes[group]
-        assert set(probes) == set(probe_formats(sens, names)) == {"int2-g32", "int3-g64"}
+        numel = sum(sens.linears[n].numel for n in names)
+        assert set(probes) == set(probe_formats(group_bytes({n: sens.linears[n] for n in names}), numel)) \
+            == {"int2-g32", "int3-g64"}
         assert probes["int2-g32"]["kl"] > probes["int3-g64"]["kl"] > 0
         assert sens.gain(group, "int8") == probes["int3-g64"]["kl"] / probes["int3-g64"]["error"]
     group = "model.layers.1.self_attn.q_proj"
@@ -112,3 +114,69 @@ def test_probes_measure_each_groups_kl_at_the_output(tiny_llama, calib):
         logp = F.log_softmax(model(ids).logits, -1)
     kl = (base.exp() * (base - logp)).sum(-1).mean().item()
     assert sens.probes[group]["int3-g64"]["kl"] == pytest.approx(kl, rel=1e-3)
+
+
+def test_probes_use_the_codes_of_the_layer_pass(tiny_llama, calib, tmp_path):
+    """With a probe folder, a group is probed with the GPTQ weights the layer pass measured (their
+    output error is the recorded one, below round-to-nearest's), and the KL is that of a full
+    forward with those weights."""
+    import torch.nn.functional as F
+    from safetensors.torch import load_file
+
+    from modelpress.fit.sensitivity import probe_file, probe_gains
+
+    config = _config(calib)
+    sens = measure_sensitivity(str(tiny_llama), ["int8", "int3-g64", "int2-g32", KEEP], config, "gptq",
+                               probe_dir=tmp_path / "p")
+    probe_gains(sens, config, windows=2, probe_dir=tmp_path / "p")
+    assert sens.probe_codes == "gptq"
+    X = _inputs(tiny_llama, calib)
+    weights = checkpoint_tensors(tiny_llama)
+    group = "model.layers.1.self_attn.q_proj"
+    names = sens.groups()[group]
+    stored = load_file(probe_file(tmp_path / "p", 1))
+    assert {k.split("/")[0] for k in stored} == {"int3-g64", "int2-g32"}
+    for n in names:
+        W = weights[n + ".weight"].to(torch.float32)
+        for spec in ("int3-g64", "int2-g32"):
+            Wq = stored[f"{spec}/{n}"]
+            error = (X[n] @ (Wq - W).T).pow(2).sum(1).mean().item()
+            rtn = (X[n] @ (parse_format(spec).quantize(W).dequantize() - W).T).pow(2).sum(1).mean().item()
+            assert error == pytest.approx(sens.linears[n].errors[spec], rel=1e-3)
+            assert error < rtn
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).eval()
+    ids = calibration_ids(loading.load_tokenizer(loading.resolve(str(tiny_llama))), calib)[:2]
+    with torch.no_grad():
+        base = F.log_softmax(model(ids).logits, -1)
+        for n in names:
+            model.get_submodule(n).weight.copy_(stored[f"int2-g32/{n}"])
+        logp = F.log_softmax(model(ids).logits, -1)
+    kl = (base.exp() * (base - logp)).sum(-1).mean().item()
+    assert sens.probes[group]["int2-g32"]["kl"] == pytest.approx(kl, rel=1e-3)
+
+
+def test_llama_cpp_block_types_per_linear(tiny_llama, calib):
+    """llama.cpp's block types as candidates, each Linear its own group (llama.cpp does not fuse
+    q/k/v): round-to-nearest errors are those of llama.cpp's encoding on the real activations,
+    GPTQ's are never above them, bytes are the block type's, and a type whose blocks do not
+    divide a row is not offered."""
+    from modelpress.formats.gguf_blocks import gguf_format
+
+    specs = ["q8_0", "q5_0", "q4_0", "q4_k", KEEP]
+    rtn = measure_sensitivity(str(tiny_llama), specs, _config(calib), "rtn", fused=False)
+    gptq = measure_sensitivity(str(tiny_llama), specs, _config(calib), "gptq", fused=False)
+    X = _inputs(tiny_llama, calib)
+    weights = checkpoint_tensors(tiny_llama)
+    assert {s.group for s in rtn.linears.values()} == set(rtn.linears)
+    for name, s in rtn.linears.items():
+        W = weights[name + ".weight"].to(torch.float32)
+        assert "q4_k" not in s.nbytes  # rows of 64 and 128 weights: no 256-weight blocks
+        for spec in ("q8_0", "q5_0", "q4_0"):
+            fmt = gguf_format(spec)
+            measured = (X[name] @ (fmt.dequantize(fmt.quantize(W), tuple(W.shape)) - W).T).pow(2).sum(1).mean().item()
+            assert s.errors[spec] == pytest.approx(measured, rel=1e-3), (name, spec)
+            assert s.nbytes[spec] == gptq.linears[name].nbytes[spec] == W.numel() // fmt.block_size * fmt.type_bytes
+            assert gptq.linears[name].errors[spec] <= s.errors[spec] * (1 + 1e-5)
+        assert s.errors["q4_0"] > s.errors["q5_0"] > s.errors["q8_0"] > 0
+    total = {m.method: sum(s.errors["q4_0"] for s in m.linears.values()) for m in (rtn, gptq)}
+    assert total["gptq"] < 0.9 * total["rtn"]

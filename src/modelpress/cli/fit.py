@@ -4,12 +4,14 @@ The budget comes from the planner (device memory less the engine's reserve, the 
 --context x --batch and activations; --weights-only: the size itself). Every Linear's error in
 every candidate format is measured in one layer pass, priced in KL by short probes, and a
 per-Linear allocation at the budget is measured for real against the best uniform formats that
-fit. The winner is written to OUT (a compressed-tensors checkpoint) with OUT/fit.json (every
-candidate, its size and measured loss) and OUT/recipe.yaml (the winner, for `modelpress run`).
+fit. The winner is written to OUT (a compressed-tensors checkpoint; with --engine llama.cpp,
+OUT/model.gguf with a block type per tensor) with OUT/fit.json (every candidate, its size
+and measured loss) and OUT/recipe.yaml (the winner, for `modelpress run`).
 
 Example:
     modelpress fit smollm2-135m/ --memory 200MB --weights-only -o smollm2-fit
     modelpress fit llama-3.1-8b/ --target rtx4090 --context 8192 --batch 4 -o llama-4090
+    modelpress fit smollm2-135m/ --memory 100MB --weights-only --engine llama.cpp -o smollm2-gguf
 """
 
 from __future__ import annotations
@@ -34,8 +36,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     t.add_argument("--kv-dtype", choices=sorted(KV_BYTES), default="fp16", help="KV-cache element type (default fp16)")
     t.add_argument("--weights-only", action="store_true",
                    help="the budget is the weights' bytes alone (e.g. to match a file size): no KV cache, no reserve")
-    t.add_argument("--engine", choices=["vllm", "transformers"], default="vllm",
-                   help="the engine the output is for: which formats are candidates (default vllm)")
+    t.add_argument("--engine", choices=["vllm", "transformers", "llama.cpp"], default="vllm",
+                   help="the engine the output is for: which formats are candidates (default vllm); llama.cpp "
+                        "writes a GGUF file with a block type per tensor")
+    t.add_argument("--gguf-base", default="q4_k_m", metavar="TYPE",
+                   help="llama.cpp: the file type whose types the embeddings, output head and norms take "
+                        "(default q4_k_m)")
     t.add_argument("--formats", metavar="LIST", help="comma-separated candidate formats instead of the engine's")
     s = parser.add_argument_group("search")
     s.add_argument("--uniform", type=int, default=2, metavar="N",
@@ -53,6 +59,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     from modelpress.cli.plan import load_shape
+    from modelpress.export.gguf_mix import file_type
     from modelpress.fit.search import budget_for, fit_model
     from modelpress.pipeline.recipe import GPTQConfig
 
@@ -68,7 +75,7 @@ def main(args: argparse.Namespace) -> int:
     record = fit_model(args.model, args.output, budget, config, engine=args.engine, formats=formats,
                        eval_text=args.text, windows=args.windows,
                        probe_windows=args.probe_windows, n_uniform=args.uniform, sensitivity_method=args.sensitivity,
-                       report=args.report)
+                       report=args.report, gguf_base=file_type(args.gguf_base))
     if args.json:
         print(to_json(record, indent=2))
         return 0

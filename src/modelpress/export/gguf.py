@@ -99,9 +99,13 @@ def _unpermute_rope(W: torch.Tensor, n_head: int) -> torch.Tensor:
 class GGUFLayout:
     """The file a model becomes: entries in write order, and the weight transforms of its architecture."""
 
-    def __init__(self, config, ftype: str, pure: bool = False, types: dict[str, str] | None = None):
+    def __init__(self, config, ftype: str, pure: bool = False, types: dict[str, str] | None = None,
+                 overrides: dict[str, str] | None = None):
         """``types``: GGUF tensor name -> type, where they are given rather than chosen by
-        llama.cpp's rules for ``ftype`` (an existing file's, :func:`layout_of_file`)."""
+        llama.cpp's rules for ``ftype`` (an existing file's, :func:`layout_of_file`).
+        ``overrides``: checkpoint module-name regex -> type (``q4_k``, ``q8_0``, ``f16``...), the
+        first full match winning, for the weights of the modules they match (a per-tensor mix
+        chosen by measurement, :mod:`modelpress.fit`)."""
         import gguf
 
         tc = text_config(config)
@@ -131,7 +135,7 @@ class GGUFLayout:
         n_gqa = tc.num_attention_heads // tc.num_key_value_heads
         large_attn_v = n_layer == 80 and n_gqa > 1  # llama.cpp's "70B" rule
         types = {**tensor_types([(g, s) for _, g, s in rows], ftype, n_layer, n_gqa, large_attn_v, pure),
-                 **(types or {})}
+                 **(types or {}), **_override_types(rows, overrides or {})}
         self.entries = [GGUFEntry(n, g, s, types[g]) for n, g, s in rows]
 
     def to_gguf(self, name: str, W: torch.Tensor) -> torch.Tensor:
@@ -155,6 +159,36 @@ class GGUFLayout:
         if self.arch.permute_qk and name.endswith("k_proj.weight"):
             return self.tc.num_key_value_heads
         return None
+
+
+def _override_types(rows: list[tuple[str, str, tuple[int, ...]]], overrides: dict[str, str]) -> dict[str, str]:
+    """GGUF name -> type for the weights whose module an override pattern fully matches (first wins)."""
+    patterns = []
+    for pattern, t in overrides.items():
+        t = t.strip().lower()
+        if t not in FLOAT_TYPES and t not in GGUF_FORMATS:
+            raise UserError(f"GGUF override {pattern!r}: unknown type {t!r}; known: "
+                            f"{', '.join([*GGUF_FORMATS, *FLOAT_TYPES])}")
+        try:
+            patterns.append((pattern, re.compile(pattern), t))
+        except re.error as e:
+            raise UserError(f"GGUF override {pattern!r} is not a regular expression: {e}") from None
+    out, used = {}, set()
+    for name, gname, shape in rows:
+        module = name.removesuffix(".weight")
+        hit = next(((p, t) for p, rx, t in patterns if rx.fullmatch(module)), None)
+        if hit is None or module == name or len(shape) != 2:
+            continue
+        used.add(hit[0])
+        t = hit[1]
+        if t not in FLOAT_TYPES and shape[-1] % gguf_format(t).block_size:
+            raise UserError(f"{module}: rows of {shape[-1]} weights are not whole {t} blocks of "
+                            f"{gguf_format(t).block_size}; choose another type for it")
+        out[gname] = t
+    unmatched = [p for p in overrides if p not in used]
+    if unmatched:
+        raise UserError(f"GGUF overrides match no weight matrix of this model: {', '.join(unmatched)}")
+    return out
 
 
 def _state_shapes(meta: torch.nn.Module) -> list[tuple[str, tuple[int, ...]]]:
@@ -218,7 +252,8 @@ def read_gguf_params(gguf_file: str | Path, layout: GGUFLayout) -> dict[str, Blo
 
 
 def gguf_layout(model: str, out_file: str | Path, type_name: str, pure: bool = False,
-                layout: GGUFLayout | None = None) -> tuple[loading.ModelSource, GGUFLayout]:
+                layout: GGUFLayout | None = None,
+                overrides: dict[str, str] | None = None) -> tuple[loading.ModelSource, GGUFLayout]:
     """Check what an export needs before any work (a new output name, a checkpoint folder with a
     ``tokenizer.json``, a supported architecture and type); return the source and the file's layout
     (``layout`` when it is given)."""
@@ -229,11 +264,12 @@ def gguf_layout(model: str, out_file: str | Path, type_name: str, pure: bool = F
     if source.kind != "folder" or not (Path(source.path) / "tokenizer.json").is_file():
         raise UserError("GGUF export reads a checkpoint folder with a tokenizer.json; "
                         "convert first with `modelpress export MODEL --to hf -o DIR`")
-    return source, layout or GGUFLayout(loading.load_config(source), ftype, pure)
+    return source, layout or GGUFLayout(loading.load_config(source), ftype, pure, overrides=overrides)
 
 
 def export_gguf(model: str, out_file: str, type_name: str = "f16", pure: bool = False,
-                encoded: dict[str, torch.Tensor] | None = None, layout: GGUFLayout | None = None) -> dict:
+                encoded: dict[str, torch.Tensor] | None = None, layout: GGUFLayout | None = None,
+                overrides: dict[str, str] | None = None) -> dict:
     """Write ``model`` as a GGUF file of llama.cpp file type ``type_name`` (``f16``, ``q4_k_m``...).
 
     Args:
@@ -245,6 +281,7 @@ def export_gguf(model: str, out_file: str, type_name: str = "f16", pure: bool = 
             calibrated method (:func:`modelpress.calibrated_gguf.export_calibrated_gguf`); every
             other tensor gets llama.cpp's plain round-to-nearest encoding.
         layout: the file's layout when the caller built it already (QAT trained on it).
+        overrides: checkpoint module-name regex -> GGUF type, over llama.cpp's mix (:class:`GGUFLayout`).
 
     Returns:
         ``{"bytes": file size, "tensors": n, "types": {gguf type: count}}``.
@@ -252,7 +289,7 @@ def export_gguf(model: str, out_file: str, type_name: str = "f16", pure: bool = 
     import gguf
 
     out = Path(out_file)
-    source, layout = gguf_layout(model, out, type_name, pure, layout)
+    source, layout = gguf_layout(model, out, type_name, pure, layout, overrides)
     encoded = encoded or {}
     reader = WeightReader(source, {e.name: e.shape for e in layout.entries})
     tmp = out.with_name(out.name + f".partial-{os.getpid()}")

@@ -33,6 +33,7 @@ from pathlib import Path
 import yaml
 
 from modelpress.errors import UserError
+from modelpress.fit import gguf as fit_gguf
 from modelpress.fit.allocate import allocate, smallest_bytes, uniform
 from modelpress.fit.sensitivity import CANDIDATES, KEEP, Sensitivity, measure_sensitivity, probe_gains
 from modelpress.plan.memory import RUNTIME_RESERVE
@@ -133,17 +134,21 @@ def predicted_kl(sens: Sensitivity, choice: dict[str, str]) -> float:
     return sum(sens.gain(s.group, choice[n]) * s.errors[choice[n]] for n, s in sens.linears.items())
 
 
-def candidates(sens: Sensitivity, budget: float, n_uniform: int = 2) -> list[Candidate]:
+def candidates(sens: Sensitivity, budget: float, n_uniform: int = 2,
+               uniforms: dict[str, dict[str, str] | None] | None = None) -> list[Candidate]:
     """The float model if it fits, else the mixed allocation at ``budget`` and the ``n_uniform``
-    uniform formats that fit with the least predicted KL (ordered by it)."""
+    uniform formats that fit with the least predicted KL (ordered by it). ``uniforms``: name ->
+    choice of the fixed allocations to consider instead of one format everywhere (llama.cpp's
+    own mixes, :mod:`modelpress.fit.gguf`)."""
     keep = {n: KEEP for n in sens.linears}
     if sens.bytes_of(keep) <= budget:
         return [Candidate("float", "float", keep, sens.bytes_of(keep), 0.0, weights_budget=budget)]
+    if uniforms is None:
+        uniforms = {spec: uniform(sens, spec) for spec in sens.candidates if spec != KEEP}
     out = []
-    for spec in sens.candidates:
-        choice = uniform(sens, spec) if spec != KEEP else None
+    for name, choice in uniforms.items():
         if choice is not None and sens.bytes_of(choice) <= budget:
-            out.append(Candidate(spec, "uniform", choice, sens.bytes_of(choice), predicted_kl(sens, choice),
+            out.append(Candidate(name, "uniform", choice, sens.bytes_of(choice), predicted_kl(sens, choice),
                                  weights_budget=budget))
     out = sorted(out, key=lambda c: c.predicted_kl)[:n_uniform]
     mixed = allocate(sens, budget, "kl")
@@ -175,9 +180,15 @@ def kv_candidate(sens: Sensitivity, budget: Budget, pool: list[Candidate]) -> Ca
                      kv_dtype=KV_ALTERNATIVE, weights_budget=weights)
 
 
-def recipe_data(model: str, candidate: Candidate, config, evaluate: dict) -> dict:
+def recipe_data(model: str, candidate: Candidate, config, evaluate: dict, gguf_base: str | None = None,
+                float_types: dict[str, str] | None = None) -> dict:
     """The candidate as a YAML recipe's data: one GPTQ stage with ``config``'s settings, its most
-    common format as the default and every other Linear named in ``overrides``."""
+    common format as the default and every other Linear named in ``overrides``; with ``gguf_base``,
+    a calibrated GGUF export of that file type with every Linear's type named
+    (:func:`modelpress.fit.gguf.export_stage`)."""
+    if gguf_base is not None:
+        return {"model": model, "calibration": config.calibration.model_dump(mode="json"), "evaluate": evaluate,
+                "stages": [fit_gguf.export_stage(candidate, gguf_base, float_types)]}
     default = next(f for f in candidate.mix if f != KEEP)
     overrides = {re.escape(n): f for n, f in candidate.formats.items() if f != default}
     settings = config.model_dump(mode="json", exclude={"calibration", "format", "overrides", "bits", "granularity",
@@ -192,7 +203,7 @@ def recipe_data(model: str, candidate: Candidate, config, evaluate: dict) -> dic
 def fit_model(model: str, out_dir: str | Path, budget: Budget, config, engine: str = "vllm",
               formats: list[str] | None = None, eval_text: str | None = None, windows: int = 40,
               probe_windows: int = 2, n_uniform: int = 2, sensitivity_method: str = "gptq",
-              report: bool = False) -> dict:
+              report: bool = False, gguf_base: str = fit_gguf.BASE) -> dict:
     """Find, build and check the least-loss model of ``model`` within ``budget`` (see the module doc).
 
     Args:
@@ -200,7 +211,8 @@ def fit_model(model: str, out_dir: str | Path, budget: Budget, config, engine: s
         out_dir: output folder (must not exist; ``OUT.partial`` is where a stopped run resumes).
         budget: from :func:`budget_for`.
         config: the :class:`~modelpress.pipeline.recipe.GPTQConfig` (observer, damping, calibration).
-        engine: ``vllm`` or ``transformers``: which formats are candidates (:data:`CANDIDATES`).
+        engine: ``vllm`` or ``transformers``: which formats are candidates (:data:`CANDIDATES`);
+            ``llama.cpp``: a GGUF file with per-tensor block types (:mod:`modelpress.fit.gguf`).
         formats: candidate format specs instead of the engine's.
         eval_text: held-out text for the measurements; default: the calibration text past the
             windows calibration used.
@@ -209,6 +221,8 @@ def fit_model(model: str, out_dir: str | Path, budget: Budget, config, engine: s
         n_uniform: how many uniform formats are measured beside the mixed allocation.
         sensitivity_method: ``gptq`` or ``rtn`` codes for the sensitivity pass.
         report: also write ``OUT/report.html`` (:mod:`modelpress.report.fit`).
+        gguf_base: for llama.cpp, the file type whose types the tensors outside the decoder
+            Linears take (embeddings, output head, norms).
 
     Returns:
         The fit record (also ``OUT/fit.json``).
@@ -225,36 +239,44 @@ def fit_model(model: str, out_dir: str | Path, budget: Budget, config, engine: s
         raise UserError(f"{out} already exists; choose a new output folder")
     work = out.with_name(out.name + ".partial")
     work.mkdir(parents=True, exist_ok=True)
-    candidates_specs = list(formats or CANDIDATES[engine])
+    gguf = engine == fit_gguf.ENGINE
+    candidates_specs = list(formats or (fit_gguf.CANDIDATES if gguf else CANDIDATES[engine]))
     if KEEP not in candidates_specs:
         candidates_specs.append(KEEP)
-    check_reachable(model, candidates_specs, config, budget, work)
-    sens_file = work / "sensitivity.json"
+    check_reachable(model, candidates_specs, config, budget, work, gguf_base if gguf else None)
+    sens_file, probe_dir = work / "sensitivity.json", work / "probe-weights"
     sens = Sensitivity.load(sens_file) if sens_file.is_file() else None
-    if sens is None or sens.candidates != candidates_specs or sens.method != sensitivity_method:
+    if (sens is None or sens.candidates != candidates_specs or sens.method != sensitivity_method
+            or not (sens.probes or probe_dir.is_dir())):
         logger.info("sensitivity: %d candidate formats, one layer pass", len(candidates_specs))
-        sens = measure_sensitivity(model, candidates_specs, config, sensitivity_method)
+        sens = measure_sensitivity(model, candidates_specs, config, sensitivity_method, probe_dir=probe_dir,
+                                   fused=not gguf)
         sens.save(sens_file)
+    if gguf:  # the tensors outside the Linears as the GGUF file stores them
+        sens.fixed_bytes = fit_gguf.fixed_bytes(model, gguf_base, set(sens.linears))
     smallest = smallest_bytes(sens)
     if smallest > budget.weights:  # the planner's estimate said it might fit; the exact count says not
         _nothing_fits(budget, candidates_specs, smallest, work)
     if not sens.probes:
         logger.info("probing how each group's output error reaches the model's output (KL)")
-        probe_gains(sens, config, windows=probe_windows)
+        probe_gains(sens, config, windows=probe_windows, probe_dir=probe_dir)
         sens.save(sens_file)
-    pool = candidates(sens, budget.weights, n_uniform)
-    kv = kv_candidate(sens, budget, pool)
+    shutil.rmtree(probe_dir, ignore_errors=True)  # a model's worth of disk, needed by the probes only
+    mixes = {f"{m} mix": fit_gguf.mix_choice(model, m, sens.linears) for m in fit_gguf.MIXES} if gguf else None
+    pool = candidates(sens, budget.weights, n_uniform, mixes)
+    kv = None if gguf else kv_candidate(sens, budget, pool)  # llama.cpp's KV types are not measured yet
     if kv is not None:
         pool.append(kv)
+    floats = fit_gguf.float_types(model) if gguf else None
     text = eval_text or held_out_text(model, config.calibration, work, windows)
     evaluate = {"text": text, "windows": windows}
     if budget.device and not budget.weights_only and _in_catalogue(budget.device):
         evaluate["device"] = budget.device
     records, original = {}, None
     for c in pool:
-        if c.kind == "float":
+        if c.kind == "float" and not gguf:
             break
-        data = recipe_data(model, c, config, evaluate)
+        data = recipe_data(model, c, config, evaluate, gguf_base if gguf else None, floats)
         (work / "recipes").mkdir(exist_ok=True)
         (work / "recipes" / f"{c.name}.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
         logger.info("candidate %s: %s, %.1f MB, predicted KL %.4f", c.name, c.mix, c.nbytes / 1e6, c.predicted_kl)
@@ -263,16 +285,17 @@ def fit_model(model: str, out_dir: str | Path, budget: Budget, config, engine: s
         c.measured = {k: records[c.name]["steps"][-1].get(k) for k in ("ppl", "kl", "top1_agreement", "size_bytes")}
         c.output = records[c.name]["output"]
     winner = _winner(pool)
-    record = {"command": "fit", "model": model, "engine": engine, "budget": asdict(budget),
+    record = {"command": "fit", "model": model, "engine": engine, **({"gguf_base": gguf_base} if gguf else {}),
+              "budget": asdict(budget),
               "sensitivity": {"method": sens.method, "candidates": sens.candidates, "seconds": sens.seconds,
                               "smallest_bytes": smallest},
               "original": original, "candidates": [_row(c) for c in pool], "winner": winner.name,
               "formats": winner.formats}
-    if winner.kind == "float":
+    if winner.kind == "float" and not gguf:
         _copy_float(model, work / "model")
     else:
-        Path(winner.output).rename(work / "model")
-    written = _tensor_bytes(work / "model")
+        Path(winner.output).rename(work / ("model.gguf" if gguf else "model"))
+    written = fit_gguf.tensor_bytes(work / "model.gguf") if gguf else _tensor_bytes(work / "model")
     record["check"] = {"written_tensor_bytes": written, "predicted_bytes": winner.nbytes,
                        "fits": written <= winner.weights_budget, "budget_weights_bytes": winner.weights_budget,
                        "kv_dtype": winner.kv_dtype or budget.kv_dtype}
@@ -281,12 +304,15 @@ def fit_model(model: str, out_dir: str | Path, budget: Budget, config, engine: s
     # paths inside OUT.partial (the held-out text, the original's record) are written as they will be
     record = json.loads(json.dumps(record, default=str).replace(json.dumps(str(work))[1:-1], json.dumps(str(out))[1:-1]))
     (work / "fit.json").write_text(json.dumps(record, indent=1))
-    if winner.kind != "float":
+    if winner.output is not None:
         recipe = (work / "recipes" / f"{winner.name}.yaml").read_text()
         (work / "recipe.yaml").write_text(recipe.replace(str(work), str(out)))
-    for c in pool if winner.kind != "float" else []:  # the others' checkpoints (their records stay): a model's worth of disk each
-        if c is not winner:
-            shutil.rmtree(c.output, ignore_errors=True)
+    for c in pool if winner.output is not None else []:  # the others' checkpoints (their records stay): a model's worth of disk each
+        if c is not winner and c.output is not None:
+            if Path(c.output).is_file():
+                Path(c.output).unlink()
+            else:
+                shutil.rmtree(c.output, ignore_errors=True)
     work.rename(out)
     if report:
         from modelpress.report.fit import write_fit_report
@@ -295,10 +321,12 @@ def fit_model(model: str, out_dir: str | Path, budget: Budget, config, engine: s
     return record
 
 
-def check_reachable(model: str, specs: list[str], config, budget: Budget, work: Path) -> None:
+def check_reachable(model: str, specs: list[str], config, budget: Budget, work: Path,
+                    gguf_base: str | None = None) -> None:
     """Refuse, before any work, a budget below the smallest model the candidates can make, by the
     planner's count from the checkpoint's header: every Linear in its smallest format, the rest
-    as stored. (The exact count after the sensitivity pass differs by a few bytes per tensor.)"""
+    as stored (with ``gguf_base``, in that GGUF file type's types). (The exact count after the
+    sensitivity pass differs by a few bytes per tensor.)"""
     from modelpress.models import loading
     from modelpress.models.loading import meta_model
     from modelpress.models.tensors import plan_targets
@@ -307,6 +335,12 @@ def check_reachable(model: str, specs: list[str], config, budget: Budget, work: 
     meta = meta_model(loading.load_config(source))
     targets = plan_targets(meta, config.model_copy(update={"format": "int8", "overrides": {}}))
     stored = header_bytes(source)
+    if gguf_base is not None:
+        shapes = {m: tuple(meta.get_submodule(m).weight.shape) for m in targets.formats}
+        smallest = fit_gguf.smallest_bytes(model, gguf_base, shapes, specs)
+        if smallest > budget.weights:
+            _nothing_fits(budget, specs, smallest, work)
+        return
     smallest = 0.0
     for name, tensor_bytes in stored.items():
         module = name.removesuffix(".weight")

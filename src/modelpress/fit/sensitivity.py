@@ -83,6 +83,7 @@ class Sensitivity:
     seconds: float = 0.0
     # group -> probed format -> measured KL (nats/token) and output error (:func:`probe_gains`)
     probes: dict[str, dict[str, dict]] = field(default_factory=dict)
+    probe_codes: str = ""  # whose codes the probes rounded to: "gptq" (the layer pass's) or "rtn"
 
     def gain(self, group: str, spec: str) -> float:
         """KL per unit of output error for ``group`` in ``spec``: that of the probed format nearest
@@ -137,49 +138,99 @@ class SensitivityStage:
     needs = frozenset({HESSIAN})
     keeps_layer = True  # the runner passes on the statistics forward's outputs: one forward per layer
 
-    def __init__(self, candidates: list[str], method: str, gptq_config, float_itemsize):
+    def __init__(self, candidates: list[str], method: str, gptq_config, source_dtype, probe_dir: Path | None = None,
+                 fused: bool = True):
         self.candidates = candidates
+        self.fused = fused  # one format per group of Linears an engine fuses (vLLM); else per Linear (llama.cpp)
         self.method = method
         self.gptq_config = gptq_config
-        self.float_itemsize = float_itemsize  # Linear name -> bytes per element in the checkpoint
+        self.source_dtype = source_dtype  # Linear name -> its weight's dtype in the checkpoint
+        self.probe_dir = probe_dir  # where the probe formats' weights go (:func:`probe_gains`), if anywhere
         self.table: dict[str, LinearSensitivity] = {}
         self.tokens = 0
 
     def run(self, layer, prefix, modules, formats, stats) -> dict:
         i = int(re.search(r"\.(\d+)\.$", prefix)[1])
+        probe_weights: dict[str, torch.Tensor] = {}
         for names in stackable(modules, formats, stats):
             Ws = [modules[n].weight.data.to(torch.float32) for n in names]
             H, n_tokens = stats.hessian(names[0])
             self.tokens = max(self.tokens, n_tokens)
             W_all = torch.cat(Ws)
-            group = stats.owner_of(names[0])
+            owner = stats.owner_of(names[0])
             for n, W in zip(names, Ws):
-                self.table[n] = LinearSensitivity(layer=i, group=group, in_features=W.shape[1], numel=W.numel(),
-                                                  energy=_output_sq(W, H), errors={KEEP: 0.0},
-                                                  nbytes={KEEP: W.numel() * self.float_itemsize(n)})
+                self.table[n] = LinearSensitivity(layer=i, group=owner if self.fused else n, in_features=W.shape[1],
+                                                  numel=W.numel(), energy=_output_sq(W, H), errors={KEEP: 0.0},
+                                                  nbytes={KEEP: W.numel() * self.source_dtype(n).itemsize})
+            weights: dict[str, list[torch.Tensor]] = {}
             for spec in self.candidates:
-                fmt = None if spec == KEEP else self.gptq_config.spec_format(spec)
-                if fmt is None or not fmt.divides(W_all.shape[1]):
+                fmt = None if spec == KEEP else candidate_format(spec, self.gptq_config)
+                if fmt is None or not _divides(fmt, W_all.shape[1]):
                     continue
-                # as GPTQStage stores them: row-wise formats on the stacked rows, per-tensor ones alone
-                if fmt.granularity == "tensor" or len(Ws) == 1:
-                    parts = [self._quantize(W, H, n_tokens, fmt) for W in Ws]
-                else:
-                    qt = self._quantize(W_all, H, n_tokens, fmt)
-                    parts = [qt.rows(r, r + W.shape[0]) for r, W in _offsets(Ws)]
-                for n, W, part in zip(names, Ws, parts):
+                weights[spec] = []
+                for n, W, (Wq, nbytes) in zip(names, Ws, self._encode(Ws, W_all, H, n_tokens, fmt)):
                     s = self.table[n]
-                    s.errors[spec] = _output_sq(part.dequantize().to(torch.float32) - W, H)
-                    s.nbytes[spec] = sum(t.nbytes for t in compressed_tensors(n, part).values())  # as written
+                    s.errors[spec] = _output_sq(Wq - W, H)
+                    s.nbytes[spec] = nbytes
+                    weights[spec].append(Wq.to(self.source_dtype(n)))
+            if self.probe_dir is not None:
+                for group in [names] if self.fused else [[n] for n in names]:
+                    numel = sum(self.table[n].numel for n in group)
+                    for spec in probe_formats(group_bytes({n: self.table[n] for n in group}), numel):
+                        probe_weights.update({f"{spec}/{n}": weights[spec][names.index(n)] for n in group})
+        if self.probe_dir is not None:
+            _save(probe_weights, probe_file(self.probe_dir, i))
         return {}
 
-    def _quantize(self, W, H, n_tokens: int, fmt):
+    def _encode(self, Ws, W_all, H, n_tokens: int, fmt) -> list[tuple[torch.Tensor, int]]:
+        """Each part's dequantized weight (float32) and stored bytes in ``fmt``, encoded as the
+        writer will: row-wise formats on the stacked rows, per-tensor ones alone (as
+        ``GPTQStage``); llama.cpp's block types as ``GGUFGPTQStage`` (per row the better of
+        GPTQ's codes and llama.cpp's own)."""
         from modelpress.algorithms.gptq import gptq
+        from modelpress.formats.gguf_blocks import GGUFBlockFormat
 
-        if self.method == "gptq" and H is not None and n_tokens > 0:
-            c = self.gptq_config
-            return gptq(W, H, fmt, block_size=c.block_size, damp=c.damp, act_order=c.act_order).qt
-        return fmt.quantize(W)
+        c = self.gptq_config
+        calibrated = self.method == "gptq" and H is not None and n_tokens > 0
+        if isinstance(fmt, GGUFBlockFormat):
+            from modelpress.algorithms.gguf_gptq import gguf_gptq
+            from modelpress.pipeline.stages import better_rows
+
+            data = fmt.quantize(W_all)
+            if calibrated:
+                data = better_rows(W_all, H.to(torch.float32), fmt, data,
+                                   gguf_gptq(W_all, H, fmt, c.block_size, c.damp, c.act_order).data)
+            rows = [data[r:r + W.shape[0]] for r, W in _offsets(Ws)]
+            return [(fmt.dequantize(d, tuple(W.shape)), d.numel()) for d, W in zip(rows, Ws)]
+
+        def quantize(W):
+            return gptq(W, H, fmt, block_size=c.block_size, damp=c.damp, act_order=c.act_order).qt if calibrated \
+                else fmt.quantize(W)
+
+        if fmt.granularity == "tensor" or len(Ws) == 1:
+            parts = [quantize(W) for W in Ws]
+        else:
+            qt = quantize(W_all)
+            parts = [qt.rows(r, r + W.shape[0]) for r, W in _offsets(Ws)]
+        # bytes as the compressed-tensors writer stores them (codes, scales, shape); the name is a placeholder
+        return [(part.dequantize().to(torch.float32), sum(t.nbytes for t in compressed_tensors("w", part).values()))
+                for part in parts]
+
+
+def candidate_format(spec: str, config):
+    """The format a candidate names: one of llama.cpp's block types (``q4_k``...) or a format
+    spec of the compressed-tensors path (``int4-g128``, ``fp8``...)."""
+    from modelpress.formats.gguf_blocks import GGUF_FORMATS
+
+    return GGUF_FORMATS.get(spec.strip().lower()) or config.spec_format(spec)
+
+
+def _divides(fmt, in_features: int) -> bool:
+    from modelpress.formats.gguf_blocks import GGUFBlockFormat
+
+    if isinstance(fmt, GGUFBlockFormat):
+        return in_features % fmt.block_size == 0
+    return fmt.divides(in_features)
 
 
 def _offsets(Ws: list[torch.Tensor]):
@@ -190,6 +241,44 @@ def _offsets(Ws: list[torch.Tensor]):
         row += W.shape[0]
 
 
+def group_bytes(linears: dict[str, LinearSensitivity]) -> dict[str, int]:
+    """Bytes of a group in every format all its Linears can take (except ``keep``)."""
+    first = next(iter(linears.values()))
+    return {f: sum(s.nbytes[f] for s in linears.values()) for f in first.nbytes
+            if f != KEEP and all(f in s.nbytes for s in linears.values())}
+
+
+def probe_file(probe_dir: Path, layer: int) -> Path:
+    return Path(probe_dir) / f"layer-{layer:05d}.safetensors"
+
+
+def _rtn(fmt, W: torch.Tensor) -> torch.Tensor:
+    """``W`` rounded to nearest in ``fmt`` (llama.cpp's own encoding for its block types), dequantized."""
+    from modelpress.formats.gguf_blocks import GGUFBlockFormat
+
+    if isinstance(fmt, GGUFBlockFormat):
+        return fmt.dequantize(fmt.quantize(W), tuple(W.shape))
+    return fmt.quantize(W).dequantize()
+
+
+def _open_probes(probe_dir: str | Path, layer: int):
+    from safetensors import safe_open
+
+    path = probe_file(Path(probe_dir), layer)
+    if not path.is_file():
+        raise UserError(f"{path} is missing: measure the sensitivity again with the same probe folder")
+    return safe_open(str(path), framework="pt")
+
+
+def _save(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    save_file({k: t.contiguous() for k, t in tensors.items()}, str(tmp))
+    tmp.replace(path)
+
+
 def _output_sq(dW: torch.Tensor, H: torch.Tensor | None) -> float:
     """Mean over the calibration tokens of ``||dW x||^2``, from ``H = 2 X X^T / n``."""
     if H is None:
@@ -198,15 +287,23 @@ def _output_sq(dW: torch.Tensor, H: torch.Tensor | None) -> float:
     return 0.5 * ((dW @ H) * dW).sum(dtype=torch.float64).item()
 
 
-def measure_sensitivity(model: str, candidates: list[str], config, method: str = "gptq") -> Sensitivity:
+def measure_sensitivity(model: str, candidates: list[str], config, method: str = "gptq",
+                        probe_dir: str | Path | None = None, fused: bool = True) -> Sensitivity:
     """One layer pass over ``model``: every target Linear's error and bytes in every candidate.
 
     Args:
         model: checkpoint folder (or anything ``compress`` reads).
-        candidates: format specs (``int4-g128``, ``fp8``...) and ``"keep"``.
+        candidates: format specs (``int4-g128``, ``fp8``...), or llama.cpp block types
+            (``q4_k``, ``q8_0``...), and ``"keep"``.
         config: the :class:`~modelpress.pipeline.recipe.GPTQConfig` the model will be quantized
             with: its observer, damping, act-order, exclusions and calibration text.
         method: ``"gptq"`` (the error of the codes GPTQ would write) or ``"rtn"`` (cheaper).
+        probe_dir: where to keep each group's weights in its :func:`probe_formats`, in the
+            checkpoint's dtype, for :func:`probe_gains` to probe with the codes the model will
+            really have (up to twice the Linears' bytes on disk, until the probes are done).
+        fused: Linears that read one input (q/k/v, gate/up) form one group, allocated one format
+            (vLLM fuses them); ``False``: every Linear is its own group (llama.cpp stores and
+            runs them apart, and its own mixes give ``attn_v`` more bits than ``attn_q``).
     """
     from modelpress.models import loading
     from modelpress.models.layers import LayerwiseModel
@@ -218,13 +315,14 @@ def measure_sensitivity(model: str, candidates: list[str], config, method: str =
         raise UserError(f"sensitivity method must be gptq or rtn, got {method!r}")
     for spec in candidates:
         if spec != KEEP:
-            config.spec_format(spec)
+            candidate_format(spec, config)
     t0 = time.monotonic()
     source = loading.resolve(model)
     lm = LayerwiseModel(source)
     targets = plan_targets(lm.model, config.model_copy(update={"format": "int8", "overrides": {}}))
     ids = calibration_ids(loading.load_tokenizer(source), config.calibration)
-    stage = SensitivityStage(list(candidates), method, config, lambda n: lm.source_dtype(n + ".weight").itemsize)
+    stage = SensitivityStage(list(candidates), method, config, lambda n: lm.source_dtype(n + ".weight"),
+                             None if probe_dir is None else Path(probe_dir), fused)
     run_layers(lm, [stage], targets.formats, ObserveSink(), ids, config.calibration.batch_size)
     target_weights = {n + ".weight" for n in targets.formats}
     state = lm.model.state_dict()  # shapes only by now (every layer is back on the meta device)
@@ -236,30 +334,34 @@ def measure_sensitivity(model: str, candidates: list[str], config, method: str =
 PROBE_MIN_BITS = 3.0
 
 
-def probe_formats(sens: Sensitivity, names: list[str]) -> list[str]:
-    """The formats a group is probed in: its cheapest candidate of at least 3 bits per weight
-    (errors well above the noise of a short text, short of the collapse of 2-bit formats), and
-    its cheapest candidate when that has fewer bits (a 2-bit format's KL grows faster than its
-    error: it is measured, not extrapolated)."""
-    first = sens.linears[names[0]]
-    options = sorted((sum(sens.linears[n].nbytes[f] for n in names), f) for f in first.nbytes
-                     if f != KEEP and all(f in sens.linears[n].nbytes for n in names))
-    numel = sum(sens.linears[n].numel for n in names)
+def probe_formats(nbytes: dict[str, int], numel: int) -> list[str]:
+    """The formats a group of ``numel`` weights is probed in, given its bytes in each format
+    (:func:`group_bytes`): its cheapest candidate of at least 3 bits per weight (errors well above
+    the noise of a short text, short of the collapse of 2-bit formats), and its cheapest candidate
+    when that has fewer bits (a 2-bit format's KL grows faster than its error: it is measured, not
+    extrapolated)."""
+    options = sorted((b, f) for f, b in nbytes.items())
     mid = next((f for b, f in options if 8 * b / numel >= PROBE_MIN_BITS), None)
     return [f for f in dict.fromkeys([options[0][1], mid]) if f is not None]
 
 
 @torch.no_grad()
-def probe_gains(sens: Sensitivity, config, windows: int = 2) -> Sensitivity:
+def probe_gains(sens: Sensitivity, config, windows: int = 2, probe_dir: str | Path | None = None) -> Sensitivity:
     """How much each group's output error costs at the model's output, measured.
 
-    For each group alone, its Linears are rounded to each of :func:`probe_formats` and the whole model is
+    For each group alone, its Linears are set to each of :func:`probe_formats` and the whole model is
     run on ``windows`` calibration windows: the KL divergence of its next-token distribution
     from the float model's, divided by the group's output error on the same tokens, is the
     group's *gain* (:meth:`Sensitivity.gain`). The allocation's ``"kl"`` objective predicts a
     group's KL in every format as gain x error (to first order KL grows in proportion to the
     squared output error; the gain of the probe nearest in bits is used, so a 2-bit format is
     priced by its own measurement).
+
+    The probed weights are those the layer pass kept in ``probe_dir`` (:func:`measure_sensitivity`):
+    the codes the model will have (GPTQ's, whose errors are smaller and shaped differently from
+    round-to-nearest's at the same format; pricing GPTQ's 2-bit errors by a round-to-nearest
+    probe, which has saturated the model's output far beyond them, made 2-bit formats look
+    cheap). Without ``probe_dir`` they are rounded to nearest here.
 
     Costs one forward per probe (two per group at most) from the group's layer on
     (:class:`~modelpress.models.layers.TailForward`), with the model in memory (unlike the layer pass).
@@ -280,11 +382,16 @@ def probe_gains(sens: Sensitivity, config, windows: int = 2) -> Sensitivity:
     tail = TailForward(model, arch_for(model.config).layers, ids)
     base = F.log_softmax(tail.logits.float(), dim=-1)
     groups = sens.groups()
-    jobs = [(group, spec) for group, names in groups.items() for spec in probe_formats(sens, names)]
+    jobs = [(group, spec) for group, names in groups.items()
+            for spec in probe_formats(group_bytes({n: sens.linears[n] for n in names}),
+                                      sum(sens.linears[n].numel for n in names))]
     sens.probes = {}
+    opened: dict[int, object] = {}
     for group, spec in track(jobs, total=len(jobs), what="probe"):
         names = groups[group]
-        fmt = config.spec_format(spec)
+        layer = sens.linears[names[0]].layer
+        if probe_dir is not None and layer not in opened:
+            opened = {layer: _open_probes(probe_dir, layer)}  # one layer's file open at a time
         linears = {n: model.get_submodule(n) for n in names}
         saved = {n: m.weight.data for n, m in linears.items()}
         errors: list[float] = []
@@ -296,11 +403,14 @@ def probe_gains(sens: Sensitivity, config, windows: int = 2) -> Sensitivity:
         handles = []
         for n, m in linears.items():
             W = saved[n].to(torch.float32)
-            Wq = fmt.quantize(W).dequantize().to(torch.float32)
+            if probe_dir is None:
+                Wq = _rtn(candidate_format(spec, config), W).to(saved[n].dtype).to(torch.float32)
+            else:
+                Wq = opened[layer].get_tensor(f"{spec}/{n}").to(torch.float32)
             handles.append(m.register_forward_hook(functools.partial(hook, dW=Wq - W)))
             m.weight.data = Wq.to(saved[n].dtype)
         try:
-            logp = F.log_softmax(tail.logits_from(sens.linears[names[0]].layer).float(), dim=-1)
+            logp = F.log_softmax(tail.logits_from(layer).float(), dim=-1)
         finally:
             for h in handles:
                 h.remove()
@@ -308,5 +418,6 @@ def probe_gains(sens: Sensitivity, config, windows: int = 2) -> Sensitivity:
                 m.weight.data = saved[n]
         kl = (base.exp() * (base - logp)).sum(-1).mean().item()
         sens.probes.setdefault(group, {})[spec] = {"kl": kl, "error": sum(errors)}
+    sens.probe_codes = "rtn" if probe_dir is None else sens.method
     sens.seconds = round(sens.seconds + time.monotonic() - t0, 1)
     return sens

@@ -90,9 +90,10 @@ def _export(c, source: str, output: str, calibration: CalibrationConfig) -> None
         if c.calibrate:
             from modelpress.calibrated_gguf import export_calibrated_gguf
 
-            result = export_calibrated_gguf(source, str(tmp / "model.gguf"), gguf_type, calibration, pure=c.pure)
+            result = export_calibrated_gguf(source, str(tmp / "model.gguf"), gguf_type, calibration, pure=c.pure,
+                                            overrides=c.overrides)
         else:
-            result = export_gguf(source, str(tmp / "model.gguf"), gguf_type, pure=c.pure)
+            result = export_gguf(source, str(tmp / "model.gguf"), gguf_type, pure=c.pure, overrides=c.overrides)
         (tmp / "modelpress.json").write_text(to_json({"command": "export", "source": source, "to": "gguf",
                                                       "type": gguf_type, **result}, indent=2))
         tmp.replace(output)

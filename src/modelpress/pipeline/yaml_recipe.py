@@ -26,7 +26,8 @@ Stage kinds and what each reads:
   values quantized that way (per token and head, as at run time) and planned with that cache size.
   It writes no files: the checkpoint does not yet carry a ``kv_cache_scheme``, so tell the engine
   (vLLM ``--kv-cache-dtype``, llama.cpp ``-ctk``/``-ctv``);
-- ``export``: ``{to: gguf, type: q4_k_m, calibrate: gptq}`` or ``{to: hf, dtype: bfloat16}``.
+- ``export``: ``{to: gguf, type: q4_k_m, calibrate: gptq}`` (``overrides: {module regex: q6_k}`` for
+  per-tensor types) or ``{to: hf, dtype: bfloat16}``.
 
 Training stages take ``data`` (text files), defaulting to the calibration text, and an optional
 ``eval_text`` (held-out text that picks the best weights). Relative paths are read from the
@@ -100,11 +101,13 @@ class ExportConfig(BaseModel):
     calibrate: Literal["gptq"] | None = None
     pure: bool = False
     dtype: Literal["float32", "bfloat16", "float16"] | None = None
+    # module-name regex -> GGUF type (q4_k, q8_0, f16...), first full match wins, over the type's mix
+    overrides: dict[str, str] = {}
 
     @model_validator(mode="after")
     def _fields_of_its_container(self):
-        if self.to == "hf" and (self.type or self.calibrate or self.pure):
-            raise ValueError("type, calibrate and pure apply to to: gguf; an hf export takes dtype")
+        if self.to == "hf" and (self.type or self.calibrate or self.pure or self.overrides):
+            raise ValueError("type, calibrate, pure and overrides apply to to: gguf; an hf export takes dtype")
         if self.to == "gguf" and self.dtype:
             raise ValueError("dtype applies to to: hf; a GGUF export takes type (f16, q8_0, q4_k_m...)")
         return self
@@ -163,7 +166,8 @@ class Stage:
             return f"{self.kind} {t.mode} {budget}" + (f" {t.qat}" if t.qat else "")
         if self.kind == "kv-cache":
             return f"kv cache {c.dtype}"
-        return f"export {c.to} {c.type or c.dtype or ('f16' if c.to == 'gguf' else 'bfloat16')}"
+        mixed = f" + {len(c.overrides)} overrides" if c.overrides else ""
+        return f"export {c.to} {c.type or c.dtype or ('f16' if c.to == 'gguf' else 'bfloat16')}{mixed}"
 
     def fingerprint(self, source: str) -> str:
         """A hash of the stage's settings and its input: a resumed run must continue the same work."""
