@@ -108,3 +108,19 @@ def test_expert_formats_transformers_cannot_load_are_refused(tiny_models, tmp_pa
     with pytest.raises(UserError, match="experts"):
         compress(str(tiny_models["mixtral"]), _gptq(symmetric=False), str(tmp_path / "q"))
     assert not (tmp_path / "q").exists()
+
+
+@pytest.mark.parametrize("model_type", ["mixtral", "qwen3_moe"])
+def test_unfused_experts_with_copied_weights_compute_the_same(tiny_models, model_type):
+    from modelpress.models.arch import arch_for
+    from modelpress.models.moe import unfuse_experts
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_models[model_type], dtype=torch.float32).eval()
+    ids = torch.randint(3, 300, (2, 32), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        before = model(ids).logits
+        arch = arch_for(model.config)
+        unfuse_experts(model, arch.layers, arch.moe, copy_weights=True)
+        after = model(ids).logits
+    assert any(".experts.0." in n for n, _ in model.named_modules())
+    torch.testing.assert_close(after, before, rtol=1e-5, atol=1e-5)

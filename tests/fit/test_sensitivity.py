@@ -180,3 +180,22 @@ def test_llama_cpp_block_types_per_linear(tiny_llama, calib):
         assert s.errors["q4_0"] > s.errors["q5_0"] > s.errors["q8_0"] > 0
     total = {m.method: sum(s.errors["q4_0"] for s in m.linears.values()) for m in (rtn, gptq)}
     assert total["gptq"] < 0.9 * total["rtn"]
+
+
+def test_experts_of_a_moe_layer_share_one_group(tiny_models, calib, tmp_path):
+    """vLLM: every expert of a layer, all projections, one group (one fused kernel, one scheme);
+    llama.cpp: one group per layer and projection (one 3-D tensor in the GGUF file). The probes
+    run on the unfused model: each group gets a measured KL."""
+    from modelpress.fit.sensitivity import probe_gains
+
+    path = tiny_models["qwen3_moe"]
+    config = _config(calib)
+    sens = measure_sensitivity(str(path), ["int8", "int4-g32", KEEP], config, "rtn")
+    experts = {n: s.group for n, s in sens.linears.items() if ".experts." in n}
+    assert experts and all(g == n.split(".experts.")[0] + ".experts.*" for n, g in experts.items())
+    assert len(set(experts.values())) == 2  # one per layer
+    probe_gains(sens, config, windows=2)
+    assert all(p["kl"] > 0 for g in set(experts.values()) for p in sens.probes[g].values())
+    apart = measure_sensitivity(str(path), ["q8_0", KEEP], config, "rtn", fused=False)
+    groups = {s.group for n, s in apart.linears.items() if ".experts." in n}
+    assert groups == {f"model.layers.{i}.mlp.experts.*.{p}" for i in range(2) for p in ("gate_proj", "up_proj", "down_proj")}

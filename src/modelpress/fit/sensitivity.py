@@ -159,7 +159,7 @@ class SensitivityStage:
             W_all = torch.cat(Ws)
             owner = stats.owner_of(names[0])
             for n, W in zip(names, Ws):
-                self.table[n] = LinearSensitivity(layer=i, group=owner if self.fused else n, in_features=W.shape[1],
+                self.table[n] = LinearSensitivity(layer=i, group=engine_group(n, owner, self.fused), in_features=W.shape[1],
                                                   numel=W.numel(), energy=_output_sq(W, H), errors={KEEP: 0.0},
                                                   nbytes={KEEP: W.numel() * self.source_dtype(n).itemsize})
             weights: dict[str, list[torch.Tensor]] = {}
@@ -239,6 +239,23 @@ def _offsets(Ws: list[torch.Tensor]):
     for W in Ws:
         yield row, W
         row += W.shape[0]
+
+
+_EXPERT = re.compile(r"^(?P<experts>.+\.experts)\.\d+\.(?P<proj>[^.]+)$")
+
+
+def engine_group(name: str, owner: str, fused: bool) -> str:
+    """The group a Linear is allocated with (one format per group).
+
+    ``fused`` (vLLM): the Linears reading one input (``owner``: q/k/v, gate/up), and every expert
+    of a mixture-of-experts layer with all its projections (vLLM runs them as one fused kernel
+    under one scheme). Otherwise (llama.cpp): each Linear alone, except experts, which a GGUF file
+    stores as one 3-D tensor per layer and projection (``ffn_gate_exps``...) of one type.
+    """
+    m = _EXPERT.match(name)
+    if m:
+        return f"{m['experts']}.*" if fused else f"{m['experts']}.*.{m['proj']}"
+    return owner if fused else name
 
 
 def group_bytes(linears: dict[str, LinearSensitivity]) -> dict[str, int]:
@@ -374,12 +391,16 @@ def probe_gains(sens: Sensitivity, config, windows: int = 2, probe_dir: str | Pa
 
     from modelpress.models.arch import arch_for
     from modelpress.models.layers import TailForward
+    from modelpress.models.moe import unfuse_experts
 
     t0 = time.monotonic()
     source = loading.resolve(sens.model)
     model = loading.load_model(source).eval()
+    arch = arch_for(model.config)
+    if arch.moe is not None:  # one Linear per expert and projection, named as the layer pass named them
+        unfuse_experts(model, arch.layers, arch.moe, copy_weights=True)
     ids = calibration_ids(loading.load_tokenizer(source), config.calibration)[:windows]
-    tail = TailForward(model, arch_for(model.config).layers, ids)
+    tail = TailForward(model, arch.layers, ids)
     base = F.log_softmax(tail.logits.float(), dim=-1)
     groups = sens.groups()
     jobs = [(group, spec) for group, names in groups.items()

@@ -83,14 +83,26 @@ class RoutedExperts(nn.Module):
         return out
 
 
-def unfuse_experts(model: nn.Module, layers: str, spec) -> None:
+def unfuse_experts(model: nn.Module, layers: str, spec, copy_weights: bool = False) -> None:
     """Replace every decoder layer's fused experts (``spec.experts``) by :class:`RoutedExperts`
-    in place; layers without that module (dense layers of Qwen-MoE) are left alone."""
+    in place; layers without that module (dense layers of Qwen-MoE) are left alone.
+    ``copy_weights``: the Linears take the fused weights (a loaded model keeps computing the same);
+    otherwise they are empty stand-ins, for the layer runner to fill."""
     for layer in model.get_submodule(layers):
         parent_name, _, child = spec.experts.rpartition(".")
         parent = layer.get_submodule(parent_name) if parent_name else layer
         fused = getattr(parent, child, None)
         if fused is not None and not isinstance(fused, RoutedExperts):
             with torch.device(fused.gate_up_proj.device):
-                setattr(parent, child, RoutedExperts.like(fused, spec.projections))
+                routed = RoutedExperts.like(fused, spec.projections)
+            if copy_weights:
+                with torch.no_grad():
+                    for e, expert in enumerate(routed.experts()):
+                        gate, up, down = expert.projections()
+                        gate_up = fused.gate_up_proj[e]  # (2I, H) = [gate; up]
+                        gate.weight.copy_(gate_up[: gate.out_features])
+                        up.weight.copy_(gate_up[gate.out_features :])
+                        down.weight.copy_(fused.down_proj[e])
+                routed.to(fused.gate_up_proj.dtype)
+            setattr(parent, child, routed)
 
