@@ -15,6 +15,10 @@
    original. The winner is the least KL; among candidates within 1% of it, the smallest.
 5. **Checked**: the winner's bytes on disk and the planner's count of them against the budget.
 
+For llama.cpp the candidates are its block types, each Linear is its own group, the candidates
+measured beside the allocation are llama.cpp's own mixes, and the winner is ``OUT/model.gguf``
+(:mod:`modelpress.fit.gguf`).
+
 Everything lands in ``OUT.partial/`` and is renamed to ``OUT`` when complete; a rerun of the
 same command continues a stopped one.
 """
