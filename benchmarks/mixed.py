@@ -16,6 +16,7 @@ decoder Linears only (embeddings and norms stay in the checkpoint's dtype in eve
 
 Usage (from the project root, after scripts/setup.sh):
     .venv/bin/python benchmarks/mixed.py [--models smollm2,gemma3] [--rows all|uniform,heuristic,mixed]
+        [--only "mixed at = uniform int3,4.0 bits"]
 
 Writes benchmarks/results/mixed.md, .json and mixed.svg (ppl against bits per weight) after every row.
 The sensitivity of each model is kept in runs/mixed-bench/ and reused by later invocations.
@@ -150,6 +151,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="smollm2,gemma3")
     parser.add_argument("--rows", default="uniform,heuristic,mixed")
+    parser.add_argument("--only", metavar="TEXT", help="only the rows whose label contains TEXT (comma-separated: any)")
     parser.add_argument("--calib-samples", type=int, default=CALIB_128X512.n_windows)
     parser.add_argument("--windows", type=int, default=PPL_512.n_windows)
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: compress one row in a child process
@@ -175,7 +177,7 @@ def main() -> None:
         sens = sensitivity(name, src, args.calib_samples)
         n = sum(s.numel for s in sens.linears.values())
         for kind, label, choice in allocations(sens, group, set(args.rows.split(","))):
-            if choice is None:
+            if choice is None or (args.only and not any(t in label for t in args.only.split(","))):
                 continue
             default = Counter(choice.values()).most_common(1)[0][0]
             spec = {"src": str(src), "out": str(WORK / f"{name}-row"), "default": default,
