@@ -10,14 +10,14 @@ from modelpress.compress import AWQConfig, RTNConfig, compress
 pytestmark = pytest.mark.slow
 WINDOWS = 8
 def _calib():
-    return {"text": str(austen("emma.txt")), "samples": 16, "seq_len": 512}
-
+    return {"text": str(austen("emma.txt")), "samples": 8, "seq_len": 512}
 
 
 def test_awq_int3_recovers_most_of_rtn_int3_loss(smollm2, eval_text, tmp_path):
-    # int3 with groups of 64: far off the Q4_1 (groups of 32) grid SmolLM2's float weights came from
+    # int3 with groups of 64: far off the Q4_1 (groups of 32) grid SmolLM2's float weights came from.
+    # A 10-point grid (the default is 20) and 8 windows keep it in CI time; the claim holds on them.
     fmt = {"bits": 3, "group_size": 64, "symmetric": False}
-    record = compress(str(smollm2), AWQConfig(**fmt, calibration=_calib()), str(tmp_path / "awq"))
+    record = compress(str(smollm2), AWQConfig(**fmt, n_grid=10, calibration=_calib()), str(tmp_path / "awq"))
     compress(str(smollm2), RTNConfig(**fmt), str(tmp_path / "rtn"))
 
     def ppl(path):  # plain transformers loads the compressed-tensors checkpoint

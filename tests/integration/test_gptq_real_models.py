@@ -15,9 +15,9 @@ from conftest import austen, checkpoint_tensors, plain_transformers_ppl
 from modelpress.compress import GPTQConfig, RTNConfig, compress
 
 pytestmark = pytest.mark.slow
-WINDOWS = 8
+WINDOWS = 4  # RTN int3 on Gemma is far off; 4 windows separate the methods
 
-CALIB_SAMPLES = 32  # calib-128x512 is for benchmarks; 32 windows show the effect in CI time
+CALIB_SAMPLES = 16  # calib-128x512 is for benchmarks; 16 windows show the effect in CI time
 
 
 def _ppl(path, eval_text) -> float:

@@ -20,7 +20,7 @@ from modelpress.models import loading
 from modelpress.models.tensors import plan_targets
 
 pytestmark = pytest.mark.slow
-WINDOWS = 8
+WINDOWS = 4  # Gemma's 262k-token head makes every window costly; the orderings hold on 4
 # Group sizes from the issue: SmolLM2's hidden size 576 is not a multiple of 128.
 MODELS = {"smollm2": 64, "gemma3": 128}
 
