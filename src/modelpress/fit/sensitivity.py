@@ -375,10 +375,11 @@ def probe_gains(sens: Sensitivity, config, windows: int = 2, probe_dir: str | Pa
     priced by its own measurement).
 
     The probed weights are those the layer pass kept in ``probe_dir`` (:func:`measure_sensitivity`):
-    the codes the model will have (GPTQ's, whose errors are smaller and shaped differently from
-    round-to-nearest's at the same format; pricing GPTQ's 2-bit errors by a round-to-nearest
-    probe, which has saturated the model's output far beyond them, made 2-bit formats look
-    cheap). Without ``probe_dir`` they are rounded to nearest here.
+    the codes the model will have. GPTQ's errors are smaller than round-to-nearest's at the same
+    format and shaped differently, and pricing them by round-to-nearest probes misplaced the
+    allocation: on SmolLM2 at the bytes of uniform int3-g64 it went from 37.26 to 35.61 ppl
+    (uniform: 36.17) when the probes switched to GPTQ's codes (``benchmarks/mixed.py``). Without
+    ``probe_dir`` they are rounded to nearest here.
 
     Costs one forward per probe (two per group at most) from the group's layer on
     (:class:`~modelpress.models.layers.TailForward`), with the model in memory (unlike the layer pass).

@@ -114,14 +114,17 @@ def _layer_map(sens: dict, value, cmap: str, label: str):
     kinds, n_layers, grid = _grid(sens, value)
     fig, ax = plt.subplots(figsize=(max(5, 0.25 * n_layers + 2), 0.5 * len(kinds) + 1.2))
     im = ax.imshow(grid, aspect="auto", cmap=cmap)
-    ax.set_yticks(range(len(kinds)), [_kind_label(k) for k in kinds])
+    fused = not {"k_proj", "up_proj"} & set(kinds)  # vLLM's groups are named by their first Linear
+    ax.set_yticks(range(len(kinds)), [_kind_label(k, fused) for k in kinds])
     ax.set_xlabel("decoder layer")
     fig.colorbar(im, ax=ax, label=label)
     return fig
 
 
-def _kind_label(kind: str) -> str:
-    return {"q_proj": "q/k/v", "gate_proj": "gate/up"}.get(kind, kind)
+def _kind_label(kind: str, fused: bool) -> str:
+    if kind == "*":
+        return "experts"
+    return {"q_proj": "q/k/v", "gate_proj": "gate/up"}.get(kind, kind) if fused else kind
 
 
 def write_fit_report(run: Path, out: Path) -> Path:
