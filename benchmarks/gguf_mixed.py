@@ -81,7 +81,8 @@ def render(rows: list[dict], calib_samples: int, windows: int) -> str:
              "| model | type | tool | Linear types | tensor MB | bits/weight | llama.cpp ppl | Δ vs f32 | wall s | peak RSS MB |",
              "| --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
     floats = {r["model"]: r["ppl"] for r in rows if r["type"] == "f32"}
-    for r in rows:
+    tools = ["modelpress", "llama.cpp", "modelpress gptq", "modelpress fit"]
+    for r in sorted(rows, key=lambda r: (r["model"], r["type"] != "f32", r["type"], tools.index(r["tool"]))):
         if r["type"] == "f32":
             lines.append(f"| {r['model']} | F32 | | | {r['tensor_mb']:.1f} | 32.000 | {r['ppl']:.3f} | | | |")
             continue
