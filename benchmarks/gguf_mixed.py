@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import sys
 from collections import Counter
 from dataclasses import replace
@@ -37,29 +36,12 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from calibrated import austen, model_path, timed  # noqa: E402  (same model prep and timing)
 from gguf_export import MP, _version, _weights  # noqa: E402
+from mixed import sensitivity  # noqa: E402  (the same sensitivity with probes, here on llama.cpp's types)
 
 from modelpress.data import CALIB_128X512, PPL_512, read_text, token_windows  # noqa: E402
 
 WORK = ROOT / "runs" / "gguf-mixed-bench"
 RESULTS = ROOT / "benchmarks" / "results"
-
-
-def sensitivity(name: str, src: Path, calib_samples: int):
-    """The model's GGUF sensitivity with KL probes on GPTQ codes, measured once and kept."""
-    from modelpress.fit import gguf as fit_gguf
-    from modelpress.fit.sensitivity import Sensitivity, measure_sensitivity, probe_gains
-    from modelpress.pipeline.recipe import CalibrationConfig, GPTQConfig
-
-    path = WORK / f"{name}-sensitivity-{calib_samples}.json"
-    if path.is_file():
-        return Sensitivity.load(path)
-    config = GPTQConfig(calibration=CalibrationConfig(text=str(austen("emma.txt")), samples=calib_samples))
-    probes = WORK / f"{name}-probe-weights"
-    sens = measure_sensitivity(str(src), list(fit_gguf.CANDIDATES), config, "gptq", probe_dir=probes, fused=False)
-    probe_gains(sens, config, probe_dir=probes)
-    sens.save(path)
-    shutil.rmtree(probes)
-    return sens
 
 
 def export_one(spec_file: Path) -> None:
@@ -135,7 +117,8 @@ def main() -> None:
             timed([MP, "export", str(src), "--to", "gguf", "--format", "f32", "-o", str(f32)])
         add({"model": name, "type": "f32", "tool": "modelpress", "tensor_mb": _weights(f32)[0] / 1e6,
              "ppl": llama_cpp_ppl(f32, ids)})
-        sens = sensitivity(name, src, args.calib_samples) if "fit" in kinds else None
+        sens = sensitivity(name, src, args.calib_samples, fit_gguf.CANDIDATES, fused=False, work=WORK) \
+            if "fit" in kinds else None
         linear_names = [e.gguf_name for e in fit_gguf.layout(str(src), "f32").entries  # the decoder Linears
                         if ".layers." in e.name and len(e.shape) == 2]
         for t in args.types.split(","):

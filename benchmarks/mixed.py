@@ -46,18 +46,19 @@ WORK = ROOT / "runs" / "mixed-bench"
 CANDIDATES = ["int8", "int4-g128", "int4-g64", "int3-g128", "int3-g64", "int2-g64", "keep"]
 
 
-def sensitivity(name: str, src: Path, calib_samples: int):
-    """The model's sensitivity with KL probes, measured once and kept."""
+def sensitivity(name: str, src: Path, calib_samples: int, candidates=CANDIDATES, fused: bool = True,
+                work: Path = WORK):
+    """The model's sensitivity (GPTQ codes) with KL probes on those codes, measured once and kept in ``work``."""
     from modelpress.fit.sensitivity import Sensitivity, measure_sensitivity, probe_gains
     from modelpress.pipeline.recipe import CalibrationConfig, GPTQConfig
 
-    path = WORK / f"{name}-sensitivity-{calib_samples}.json"
+    path = work / f"{name}-sensitivity-{calib_samples}.json"
     sens = Sensitivity.load(path) if path.is_file() else None
     if sens is not None and sens.probe_codes == "gptq":
         return sens
     config = GPTQConfig(calibration=CalibrationConfig(text=str(austen("emma.txt")), samples=calib_samples))
-    probes = WORK / f"{name}-probe-weights"
-    sens = measure_sensitivity(str(src), CANDIDATES, config, "gptq", probe_dir=probes)
+    probes = work / f"{name}-probe-weights"
+    sens = measure_sensitivity(str(src), list(candidates), config, "gptq", probe_dir=probes, fused=fused)
     probe_gains(sens, config, probe_dir=probes)
     sens.save(path)
     shutil.rmtree(probes)

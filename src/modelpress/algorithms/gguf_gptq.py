@@ -65,7 +65,7 @@ class MatrixGrid:
         return self.fmt.group_size
 
     def divides(self, in_features: int) -> bool:
-        return in_features % self.fmt.block_size == 0
+        return self.fmt.divides(in_features)
 
     def for_tensor(self, W: torch.Tensor) -> MatrixGrid:
         return self  # the block parameters were chosen for this very matrix
@@ -112,7 +112,7 @@ def gguf_gptq_result(
     W = W.detach().to(torch.float32)
     if not torch.isfinite(W).all():
         raise UserError("weight contains NaN or inf values; the checkpoint is corrupt or was trained badly")
-    if W.shape[1] % fmt.block_size:
+    if not fmt.divides(W.shape[1]):
         raise UserError(f"{fmt.name} needs rows of a multiple of {fmt.block_size} weights, not {W.shape[1]}")
     params = fmt.choose_params(W)
     step, offset = fmt.grid(params)

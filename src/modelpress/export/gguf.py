@@ -81,8 +81,7 @@ class GGUFEntry:
         numel = int(np.prod(self.shape))
         if self.type in FLOAT_TYPES:
             return numel * (4 if self.type == "f32" else 2)
-        fmt = gguf_format(self.type)
-        return numel // fmt.block_size * fmt.type_bytes
+        return gguf_format(self.type).nbytes(numel)
 
 
 def _permute_rope(W: torch.Tensor, n_head: int) -> torch.Tensor:
@@ -100,12 +99,12 @@ class GGUFLayout:
     """The file a model becomes: entries in write order, and the weight transforms of its architecture."""
 
     def __init__(self, config, ftype: str, pure: bool = False, types: dict[str, str] | None = None,
-                 overrides: dict[str, str] | None = None):
+                 overrides: dict[str, str] | None = None, warn: bool = True):
         """``types``: GGUF tensor name -> type, where they are given rather than chosen by
         llama.cpp's rules for ``ftype`` (an existing file's, :func:`layout_of_file`).
         ``overrides``: checkpoint module-name regex -> type (``q4_k``, ``q8_0``, ``f16``...), the
         first full match winning, for the weights of the modules they match (a per-tensor mix
-        chosen by measurement, :mod:`modelpress.fit`)."""
+        chosen by measurement, :mod:`modelpress.fit`). ``warn``: report llama.cpp's fallbacks."""
         import gguf
 
         tc = text_config(config)
@@ -134,7 +133,7 @@ class GGUFLayout:
         n_layer = tc.num_hidden_layers
         n_gqa = tc.num_attention_heads // tc.num_key_value_heads
         large_attn_v = n_layer == 80 and n_gqa > 1  # llama.cpp's "70B" rule
-        types = {**tensor_types([(g, s) for _, g, s in rows], ftype, n_layer, n_gqa, large_attn_v, pure),
+        types = {**tensor_types([(g, s) for _, g, s in rows], ftype, n_layer, n_gqa, large_attn_v, pure, warn),
                  **(types or {}), **_override_types(rows, overrides or {})}
         self.entries = [GGUFEntry(n, g, s, types[g]) for n, g, s in rows]
 
@@ -181,7 +180,7 @@ def _override_types(rows: list[tuple[str, str, tuple[int, ...]]], overrides: dic
             continue
         used.add(hit[0])
         t = hit[1]
-        if t not in FLOAT_TYPES and shape[-1] % gguf_format(t).block_size:
+        if t not in FLOAT_TYPES and not gguf_format(t).divides(shape[-1]):
             raise UserError(f"{module}: rows of {shape[-1]} weights are not whole {t} blocks of "
                             f"{gguf_format(t).block_size}; choose another type for it")
         out[gname] = t

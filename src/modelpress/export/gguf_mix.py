@@ -86,7 +86,7 @@ def quantizable(name: str, shape: tuple[int, ...]) -> bool:
 
 
 def tensor_types(tensors: list[tuple[str, tuple[int, ...]]], ftype: str, n_layer: int, n_gqa: int,
-                 large_attn_v: bool = False, pure: bool = False) -> dict[str, str]:
+                 large_attn_v: bool = False, pure: bool = False, warn: bool = True) -> dict[str, str]:
     """The GGUF type of every tensor, as ``llama-quantize`` chooses it.
 
     Args:
@@ -96,6 +96,7 @@ def tensor_types(tensors: list[tuple[str, tuple[int, ...]]], ftype: str, n_layer
         n_layer: decoder layers; n_gqa: query heads per key/value head.
         large_attn_v: llama.cpp's 70B rule (80 layers, grouped KV): ``attn_v`` at ``Q5_K`` at least.
         pure: one type everywhere it fits (``llama-quantize --pure``).
+        warn: say which tensors fall back to another type (off where a mix is only priced, not written).
     """
     default = FILE_TYPES[ftype][0]
     tied = not any(n == "output.weight" for n, _ in tensors)
@@ -115,7 +116,7 @@ def tensor_types(tensors: list[tuple[str, tuple[int, ...]]], ftype: str, n_layer
                 fallbacks[f"{t}->{fits}"] = fallbacks.get(f"{t}->{fits}", 0) + 1
             t = fits
         types[name] = t
-    if fallbacks:
+    if fallbacks and warn:
         logger.warning("%d tensors have rows that are not whole blocks of their type and fall back as llama.cpp "
                        "does (%s)", sum(fallbacks.values()), ", ".join(f"{k}: {n}" for k, n in sorted(fallbacks.items())))
     return types

@@ -21,7 +21,6 @@ A ``keep`` Linear is written in the float type of the checkpoint (``f32``, ``f16
 from __future__ import annotations
 
 import functools
-import logging
 import re
 from collections import Counter
 
@@ -44,13 +43,7 @@ def layout(model: str, ftype: str):
     from modelpress.export.gguf import GGUFLayout
     from modelpress.models import loading
 
-    log = logging.getLogger("modelpress")
-    level = log.level
-    log.setLevel(logging.ERROR)
-    try:
-        return GGUFLayout(loading.load_config(loading.resolve(model)), ftype)
-    finally:
-        log.setLevel(level)
+    return GGUFLayout(loading.load_config(loading.resolve(model)), ftype, warn=False)
 
 
 def fixed_bytes(model: str, base: str, targets: set[str]) -> int:
@@ -74,16 +67,10 @@ def mix_choice(model: str, ftype: str, linears) -> dict[str, str] | None:
 
 def float_types(model: str) -> dict[str, str]:
     """Each weight's GGUF float type as the checkpoint stores it (``f32``, ``f16`` or ``bf16``), by module."""
-    from safetensors import safe_open
-
     from modelpress.models import loading
 
-    out = {}
-    for path in loading.resolve(model).safetensors_files():
-        with safe_open(str(path), framework="pt") as f:
-            for name in f.keys():
-                out[name.removesuffix(".weight")] = _FLOAT.get(f.get_slice(name).get_dtype(), "f16")
-    return out
+    return {name.removesuffix(".weight"): _FLOAT.get(dtype, "f16")
+            for name, (_, dtype) in loading.tensor_headers(loading.resolve(model)).items()}
 
 
 def export_stage(candidate, base: str, floats: dict[str, str]) -> dict:
@@ -103,8 +90,7 @@ def smallest_bytes(model: str, base: str, targets: dict[str, tuple[int, int]], s
 
     total = float(fixed_bytes(model, base, set(targets)))
     for rows, cols in targets.values():
-        sizes = [rows * cols // gguf_format(f).block_size * gguf_format(f).type_bytes for f in specs
-                 if f != KEEP and cols % gguf_format(f).block_size == 0]
+        sizes = [gguf_format(f).nbytes(rows * cols) for f in specs if f != KEEP and gguf_format(f).divides(cols)]
         total += min(sizes, default=rows * cols * 4)
     return total
 

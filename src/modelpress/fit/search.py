@@ -373,14 +373,9 @@ def _nothing_fits(budget: Budget, specs: list[str], smallest: float, work: Path)
 
 def header_bytes(source) -> dict[str, int]:
     """Each tensor's bytes in a checkpoint folder, from the safetensors headers (nothing loaded)."""
-    from safetensors import safe_open
+    from modelpress.models.loading import tensor_headers
 
-    out = {}
-    for path in source.safetensors_files():
-        with safe_open(str(path), framework="pt") as f:
-            for name in f.keys():
-                sl = f.get_slice(name)
-                out[name] = math.prod(sl.get_shape()) * _itemsize(sl.get_dtype())
+    out = {name: math.prod(shape) * _itemsize(dtype) for name, (shape, dtype) in tensor_headers(source).items()}
     if not out:
         raise UserError(f"{source.path}: fit reads a safetensors checkpoint folder; convert a GGUF file with "
                         "`modelpress export --to hf` first")

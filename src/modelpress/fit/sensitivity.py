@@ -165,7 +165,7 @@ class SensitivityStage:
             weights: dict[str, list[torch.Tensor]] = {}
             for spec in self.candidates:
                 fmt = None if spec == KEEP else candidate_format(spec, self.gptq_config)
-                if fmt is None or not _divides(fmt, W_all.shape[1]):
+                if fmt is None or not fmt.divides(W_all.shape[1]):
                     continue
                 weights[spec] = []
                 for n, W, (Wq, nbytes) in zip(names, Ws, self._encode(Ws, W_all, H, n_tokens, fmt)):
@@ -225,14 +225,6 @@ def candidate_format(spec: str, config):
     return GGUF_FORMATS.get(spec.strip().lower()) or config.spec_format(spec)
 
 
-def _divides(fmt, in_features: int) -> bool:
-    from modelpress.formats.gguf_blocks import GGUFBlockFormat
-
-    if isinstance(fmt, GGUFBlockFormat):
-        return in_features % fmt.block_size == 0
-    return fmt.divides(in_features)
-
-
 def _offsets(Ws: list[torch.Tensor]):
     """``(first row, W)`` of each part of a row-stacked weight."""
     row = 0
@@ -267,15 +259,6 @@ def group_bytes(linears: dict[str, LinearSensitivity]) -> dict[str, int]:
 
 def probe_file(probe_dir: Path, layer: int) -> Path:
     return Path(probe_dir) / f"layer-{layer:05d}.safetensors"
-
-
-def _rtn(fmt, W: torch.Tensor) -> torch.Tensor:
-    """``W`` rounded to nearest in ``fmt`` (llama.cpp's own encoding for its block types), dequantized."""
-    from modelpress.formats.gguf_blocks import GGUFBlockFormat
-
-    if isinstance(fmt, GGUFBlockFormat):
-        return fmt.dequantize(fmt.quantize(W), tuple(W.shape))
-    return fmt.quantize(W).dequantize()
 
 
 def _open_probes(probe_dir: str | Path, layer: int):
@@ -408,12 +391,12 @@ def probe_gains(sens: Sensitivity, config, windows: int = 2, probe_dir: str | Pa
             for spec in probe_formats(group_bytes({n: sens.linears[n] for n in names}),
                                       sum(sens.linears[n].numel for n in names))]
     sens.probes = {}
-    opened: dict[int, object] = {}
+    stored, stored_layer = None, None  # one layer's probe file open at a time
     for group, spec in track(jobs, total=len(jobs), what="probe"):
         names = groups[group]
         layer = sens.linears[names[0]].layer
-        if probe_dir is not None and layer not in opened:
-            opened = {layer: _open_probes(probe_dir, layer)}  # one layer's file open at a time
+        if probe_dir is not None and layer != stored_layer:
+            stored, stored_layer = _open_probes(probe_dir, layer), layer
         linears = {n: model.get_submodule(n) for n in names}
         saved = {n: m.weight.data for n, m in linears.items()}
         errors: list[float] = []
@@ -426,9 +409,9 @@ def probe_gains(sens: Sensitivity, config, windows: int = 2, probe_dir: str | Pa
         for n, m in linears.items():
             W = saved[n].to(torch.float32)
             if probe_dir is None:
-                Wq = _rtn(candidate_format(spec, config), W).to(saved[n].dtype).to(torch.float32)
+                Wq = candidate_format(spec, config).fake_quantize(W).to(saved[n].dtype).to(torch.float32)
             else:
-                Wq = opened[layer].get_tensor(f"{spec}/{n}").to(torch.float32)
+                Wq = stored.get_tensor(f"{spec}/{n}").to(torch.float32)
             handles.append(m.register_forward_hook(functools.partial(hook, dW=Wq - W)))
             m.weight.data = Wq.to(saved[n].dtype)
         try:

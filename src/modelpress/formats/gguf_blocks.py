@@ -116,6 +116,14 @@ class GGUFBlockFormat:
         """Stored bits per weight, block headers included: ``8 * type_bytes / block_size``."""
         return 8 * self.type_bytes / self.block_size
 
+    def divides(self, in_features: int) -> bool:
+        """Whether a row of ``in_features`` weights is whole blocks of this type."""
+        return in_features % self.block_size == 0
+
+    def nbytes(self, numel: int) -> int:
+        """Bytes a tensor of ``numel`` weights (whole rows of blocks) takes in this type."""
+        return numel // self.block_size * self.type_bytes
+
     def choose_params(self, W: Tensor) -> BlockParams:
         """Block scales (and mins) for a weight, as llama.cpp's reference encoder picks them.
 
@@ -235,6 +243,10 @@ class GGUFBlockFormat:
     def dequantize(self, data: Tensor, shape: tuple[int, int]) -> Tensor:
         """Decode GGUF bytes of a ``shape = (rows, cols)`` matrix to float32, exactly as ggml does."""
         return self.grid_dequant(*self.unpack(data, shape))
+
+    def fake_quantize(self, W: Tensor) -> Tensor:
+        """``dequantize(quantize(W))`` in ``W``'s dtype (llama.cpp's round trip of the weight)."""
+        return self.dequantize(self.quantize(W), tuple(W.shape)).to(W.dtype)
 
 
 def _cat_params(parts: list[BlockParams]) -> BlockParams:

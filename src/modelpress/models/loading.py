@@ -230,6 +230,20 @@ def shard_index(source: ModelSource) -> dict[str, str]:
     return index
 
 
+def tensor_headers(source: ModelSource) -> dict[str, tuple[tuple[int, ...], str]]:
+    """Each tensor's shape and safetensors dtype (``"BF16"``...) in a checkpoint folder, from the
+    file headers (nothing loaded)."""
+    from safetensors import safe_open
+
+    out = {}
+    for path in source.safetensors_files():
+        with safe_open(str(path), framework="pt") as f:
+            for name in f.keys():
+                sl = f.get_slice(name)
+                out[name] = (tuple(sl.get_shape()), sl.get_dtype())
+    return out
+
+
 def _listed(names, n: int = 3) -> str:
     names = sorted(names)
     return ", ".join(names[:n]) + (f" and {len(names) - n} more" if len(names) > n else "")
