@@ -166,7 +166,7 @@ def test_overrides_set_per_tensor_types(mix_model, tmp_path):
             expect[name] = t.tensor_type.name
             assert np.array_equal(np.array(after[name].data), np.array(t.data)), name
     assert {n: t.tensor_type.name for n, t in after.items()} == expect
-    llm = llama_cpp.Llama(model_path=str(mixed), n_ctx=64, verbose=False, n_threads=2)
+    llm = llama_cpp.Llama(model_path=str(mixed), n_ctx=64, logits_all=True, verbose=False, n_threads=2)
     tokens = llm.tokenize(b"Emma Woodhouse, handsome, clever")
     llm.eval(tokens)
     logits = np.array(llm.scores[len(tokens) - 1])
