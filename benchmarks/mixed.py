@@ -47,21 +47,25 @@ CANDIDATES = ["int8", "int4-g128", "int4-g64", "int3-g128", "int3-g64", "int2-g6
 
 
 def sensitivity(name: str, src: Path, calib_samples: int, candidates=CANDIDATES, fused: bool = True,
-                work: Path = WORK):
-    """The model's sensitivity (GPTQ codes) with KL probes on those codes, measured once and kept in ``work``."""
+                work: Path = WORK, embeddings: bool = False):
+    """The model's sensitivity (GPTQ codes) with KL probes on those codes, measured once and kept in
+    ``work``; with ``embeddings`` (llama.cpp's types), the embedding and output head as choices too."""
+    from modelpress.fit.gguf import measure_embeddings
     from modelpress.fit.sensitivity import Sensitivity, measure_sensitivity, probe_gains
     from modelpress.pipeline.recipe import CalibrationConfig, GPTQConfig
 
     path = work / f"{name}-sensitivity-{calib_samples}.json"
     sens = Sensitivity.load(path) if path.is_file() else None
-    if sens is not None and sens.probe_codes == "gptq":
-        return sens
     config = GPTQConfig(calibration=CalibrationConfig(text=str(austen("emma.txt")), samples=calib_samples))
-    probes = work / f"{name}-probe-weights"
-    sens = measure_sensitivity(str(src), list(candidates), config, "gptq", probe_dir=probes, fused=fused)
-    probe_gains(sens, config, probe_dir=probes)
-    sens.save(path)
-    shutil.rmtree(probes)
+    if sens is None or sens.probe_codes != "gptq":
+        probes = work / f"{name}-probe-weights"
+        sens = measure_sensitivity(str(src), list(candidates), config, "gptq", probe_dir=probes, fused=fused)
+        probe_gains(sens, config, probe_dir=probes)
+        sens.save(path)
+        shutil.rmtree(probes)
+    if embeddings and not any(s.kl_measured for s in sens.linears.values()):
+        measure_embeddings(sens, config)
+        sens.save(path)
     return sens
 
 

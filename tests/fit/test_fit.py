@@ -163,6 +163,7 @@ def test_gguf_bytes_of_llama_cpp_mixes_are_the_files_bytes(tiny_llama, tmp_path)
 
     config = GPTQConfig(calibration=CalibrationConfig(text=str(austen("emma.txt")), samples=4, seq_len=48))
     sens = measure_sensitivity(str(tiny_llama), list(fit_gguf.CANDIDATES), config, "rtn", fused=False)
+    fit_gguf.measure_embeddings(sens, config, windows=1)  # the embedding and output head as choices too
     for ftype in ("q4_k_m", "q8_0", "q3_k_m"):
         sens.fixed_bytes = fit_gguf.fixed_bytes(str(tiny_llama), ftype, set(sens.linears))
         choice = fit_gguf.mix_choice(str(tiny_llama), ftype, sens.linears)
@@ -197,9 +198,13 @@ def test_fit_for_llama_cpp_writes_a_gguf_with_a_type_per_tensor(tiny_llama, tmp_
     gguf_file = out / "model.gguf"
     assert fit_gguf.tensor_bytes(gguf_file) == record["check"]["written_tensor_bytes"] == winner["bytes"] <= budget
     types = {t.name: t.tensor_type.name.lower() for t in GGUFReader(gguf_file).tensors}
-    names = {e.name.removesuffix(".weight"): e.gguf_name for e in linears.values()}
-    chosen = {names[m]: types[names[m]] for m in names}
-    assert len(set(chosen.values())) > 1 or winner["kind"] == "uniform"
+    floats = fit_gguf.float_types(str(tiny_llama))
+    gguf_names = {e.name.removesuffix(".weight"): e.gguf_name for e in layout.entries}
+    # every decoder Linear, the embedding and the (untied) output head carry the record's type
+    assert {"model.embed_tokens", "lm_head"} <= set(record["formats"])
+    for m, t in record["formats"].items():
+        assert types[gguf_names[m]] == (floats[m] if t == "keep" else t), m
+    assert len({types[gguf_names[m]] for m in record["formats"]}) > 1 or winner["kind"] == "uniform"
     if winner["kind"] == "mixed":
         assert "mixed" in [c["name"] for c in record["candidates"]]
     llm = llama_cpp.Llama(model_path=str(gguf_file), n_ctx=64, logits_all=True, verbose=False, n_threads=2)

@@ -182,6 +182,43 @@ def test_llama_cpp_block_types_per_linear(tiny_llama, calib):
     assert total["gptq"] < 0.9 * total["rtn"]
 
 
+def test_embedding_and_output_head_are_priced_by_their_measured_kl(tiny_models, calib):
+    """The embedding and an untied output head become choices priced by the model's KL with the
+    tensor alone in each block type: that KL is what rounding the tensor in a full forward gives,
+    fewer bits cost more, keep costs nothing, bytes are the type's; a tied embedding is one choice.
+    The allocation then predicts exactly that KL for them (a gain of 1)."""
+    import torch.nn.functional as F
+
+    from modelpress.fit import gguf as fit_gguf
+    from modelpress.formats.gguf_blocks import gguf_format
+
+    specs = ["q8_0", "q5_0", "q4_0", "q2_k", KEEP]
+    for arch, entries in (("llama", {"model.embed_tokens", "lm_head"}), ("gemma3_text", {"model.embed_tokens"})):
+        path = tiny_models[arch]
+        sens = measure_sensitivity(str(path), specs, _config(calib), "rtn", fused=False)
+        linears = set(sens.linears)
+        fit_gguf.measure_embeddings(sens, _config(calib), windows=2)
+        assert set(sens.linears) - linears == entries, arch
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+        ids = calibration_ids(loading.load_tokenizer(loading.resolve(str(path))), calib)[:2]
+        with torch.no_grad():
+            base = F.log_softmax(model(ids).logits, -1)
+            W = model.get_submodule("model.embed_tokens").weight
+            saved = W.data.clone()
+            W.data = gguf_format("q4_0").fake_quantize(saved)
+            logp = F.log_softmax(model(ids).logits, -1)
+            W.data = saved
+        kl = (base.exp() * (base - logp)).sum(-1).mean().item()
+        e = sens.linears["model.embed_tokens"]
+        assert e.kl_measured and e.errors["q4_0"] == pytest.approx(kl, rel=1e-3), arch
+        for name in entries:
+            s = sens.linears[name]
+            assert "q2_k" not in s.nbytes  # rows of 64 weights: no 256-weight blocks
+            assert s.errors["q4_0"] > s.errors["q5_0"] > s.errors["q8_0"] > s.errors[KEEP] == 0
+            assert s.nbytes["q4_0"] == s.numel // 32 * 18 and s.nbytes[KEEP] == s.numel * 4  # float32 checkpoint
+        assert all(sens.gain(n, spec) == 1.0 for n in entries for spec in sens.linears[n].nbytes)
+
+
 def test_experts_of_a_moe_layer_share_one_group(tiny_models, calib, tmp_path):
     """vLLM: every expert of a layer, all projections, one group (one fused kernel, one scheme);
     llama.cpp: one group per layer and projection (one 3-D tensor in the GGUF file). The probes

@@ -40,8 +40,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="the engine the output is for: which formats are candidates (default vllm); llama.cpp "
                         "writes a GGUF file with a block type per tensor")
     t.add_argument("--gguf-base", default="q4_k_m", metavar="TYPE",
-                   help="llama.cpp: the file type whose types the embeddings, output head and norms take "
-                        "(default q4_k_m)")
+                   help="llama.cpp: the file type whose types the tensors other than the Linears, embedding "
+                        "and output head take: norms (default q4_k_m)")
     t.add_argument("--formats", metavar="LIST", help="comma-separated candidate formats instead of the engine's")
     s = parser.add_argument_group("search")
     s.add_argument("--uniform", type=int, default=2, metavar="N",

@@ -68,7 +68,7 @@ def group_options(sens: Sensitivity, objective: Objective = "output",
 
 
 def _scaled(s, spec: str, objective: Objective) -> float:
-    if objective == "relative":
+    if objective == "relative" and not s.kl_measured:
         return s.errors[spec] / s.energy if s.energy > 0 else 0.0
     return s.errors[spec]
 
@@ -162,7 +162,7 @@ def ends_high(sens: Sensitivity, base: str, high: str, budget: float) -> dict[st
     choice = uniform(sens, base)
     if choice is None or sens.bytes_of(choice) > budget:
         return None
-    layers = sorted({s.layer for s in sens.linears.values()})
+    layers = sorted({s.layer for s in sens.linears.values() if not s.kl_measured})
     order = [layers[i // 2] if i % 2 == 0 else layers[-1 - i // 2] for i in range(len(layers))]
     for layer in order:
         trial = {n: (high if s.layer == layer and high in s.nbytes else choice[n]) for n, s in sens.linears.items()}

@@ -226,7 +226,7 @@ def fit_model(model: str, out_dir: str | Path, budget: Budget, config, engine: s
         sensitivity_method: ``gptq`` or ``rtn`` codes for the sensitivity pass.
         report: also write ``OUT/report.html`` (:mod:`modelpress.report.fit`).
         gguf_base: for llama.cpp, the file type whose types the tensors outside the decoder
-            Linears take (embeddings, output head, norms).
+            Linears, the embedding and the output head take (norms, biases).
 
     Returns:
         The fit record (also ``OUT/fit.json``).
@@ -256,16 +256,20 @@ def fit_model(model: str, out_dir: str | Path, budget: Budget, config, engine: s
         sens = measure_sensitivity(model, candidates_specs, config, sensitivity_method, probe_dir=probe_dir,
                                    fused=not gguf)
         sens.save(sens_file)
-    if gguf:  # the tensors outside the Linears as the GGUF file stores them
-        sens.fixed_bytes = fit_gguf.fixed_bytes(model, gguf_base, set(sens.linears))
-    smallest = smallest_bytes(sens)
-    if smallest > budget.weights:  # the planner's estimate said it might fit; the exact count says not
-        _nothing_fits(budget, candidates_specs, smallest, work)
     if not sens.probes:
         logger.info("probing how each group's output error reaches the model's output (KL)")
         probe_gains(sens, config, windows=probe_windows, probe_dir=probe_dir)
         sens.save(sens_file)
     shutil.rmtree(probe_dir, ignore_errors=True)  # a model's worth of disk, needed by the probes only
+    if gguf and not any(s.kl_measured for s in sens.linears.values()):
+        logger.info("measuring the embedding and output head in each block type (KL)")
+        fit_gguf.measure_embeddings(sens, config, windows=probe_windows)
+        sens.save(sens_file)
+    if gguf:  # the other tensors as the GGUF file stores them
+        sens.fixed_bytes = fit_gguf.fixed_bytes(model, gguf_base, set(sens.linears))
+    smallest = smallest_bytes(sens)
+    if smallest > budget.weights:  # the planner's estimate said it might fit; the exact count says not
+        _nothing_fits(budget, candidates_specs, smallest, work)
     mixes = {f"{m} mix": fit_gguf.mix_choice(model, m, sens.linears) for m in fit_gguf.MIXES} if gguf else None
     pool = candidates(sens, budget.weights, n_uniform, mixes)
     kv = None if gguf else kv_candidate(sens, budget, pool)  # llama.cpp's KV types are not measured yet
@@ -339,8 +343,9 @@ def check_reachable(model: str, specs: list[str], config, budget: Budget, work: 
     meta = meta_model(loading.load_config(source))
     targets = plan_targets(meta, config.model_copy(update={"format": "int8", "overrides": {}}))
     stored = header_bytes(source)
-    if gguf_base is not None:
-        shapes = {m: tuple(meta.get_submodule(m).weight.shape) for m in targets.formats}
+    if gguf_base is not None:  # the decoder Linears, the embedding and an untied output head
+        shapes = {m: tuple(meta.get_submodule(m).weight.shape)
+                  for m in [*targets.formats, *fit_gguf.embedding_modules(meta)]}
         smallest = fit_gguf.smallest_bytes(model, gguf_base, shapes, specs)
         if smallest > budget.weights:
             _nothing_fits(budget, specs, smallest, work)

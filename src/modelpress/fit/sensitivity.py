@@ -68,6 +68,9 @@ class LinearSensitivity:
     energy: float  # mean ||W x||^2 over the calibration tokens: the scale its errors compare to
     errors: dict[str, float] = field(default_factory=dict)
     nbytes: dict[str, int] = field(default_factory=dict)
+    # errors are the model's KL with this tensor alone rounded, measured end to end, not an output
+    # error priced by a gain (the input embedding and output head, :mod:`modelpress.fit.gguf`)
+    kl_measured: bool = False
 
 
 @dataclass
@@ -90,6 +93,8 @@ class Sensitivity:
         in bits per weight (the KL of a format far below the probe grows faster than its error)."""
         probed = self.probes[group]
         names = self._members[group]
+        if self.linears[names[0]].kl_measured:
+            return 1.0
         numel = sum(self.linears[n].numel for n in names)
 
         def bits(f: str) -> float:
@@ -386,11 +391,11 @@ def probe_gains(sens: Sensitivity, config, windows: int = 2, probe_dir: str | Pa
     ids = calibration_ids(loading.load_tokenizer(source), config.calibration)[:windows]
     tail = TailForward(model, arch.layers, ids)
     base = F.log_softmax(tail.logits.float(), dim=-1)
-    groups = sens.groups()
+    groups = {g: names for g, names in sens.groups().items() if not sens.linears[names[0]].kl_measured}
     jobs = [(group, spec) for group, names in groups.items()
             for spec in probe_formats(group_bytes({n: sens.linears[n] for n in names}),
                                       sum(sens.linears[n].numel for n in names))]
-    sens.probes = {}
+    sens.probes = {g: p for g, p in sens.probes.items() if g not in groups}  # measured KL entries stay
     stored, stored_layer = None, None  # one layer's probe file open at a time
     for group, spec in track(jobs, total=len(jobs), what="probe"):
         names = groups[group]

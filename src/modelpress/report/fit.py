@@ -37,6 +37,10 @@ def render_fit(record: dict, sens: dict | None) -> str:
         if record.get("formats"):
             parts += ["<h2>Allocation: the winner's bits per weight</h2>",
                       _figure(allocation_map(sens, record["formats"]), "allocation")]
+        if any(s.get("kl_measured") for s in sens["linears"].values()):
+            parts += ["<h2>Embedding and output head</h2>",
+                      "<p class='note'>The model's KL with the tensor alone in each type, measured.</p>",
+                      tensor_table(sens, record.get("formats") or {})]
     return (f"<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'><title>modelpress fit: "
             f"{_e(Path(record['model']).name)}</title><style>{_CSS}</style></head><body>\n"
             + "\n".join(parts) + "\n</body></html>\n")
@@ -52,6 +56,19 @@ def candidate_table(record: dict) -> str:
                  "winner" if c["name"] == record["winner"] else ""]
         rows.append("<tr>" + "".join(f"<td class='n'>{x}</td>" if i in (2, 3, 4, 5, 6) else f"<td>{x}</td>"
                                      for i, x in enumerate(cells)) + "</tr>")
+    return f"<table><tr>{head}</tr>{''.join(rows)}</table>"
+
+
+def tensor_table(sens: dict, formats: dict[str, str]) -> str:
+    """The tensors priced by their own measured KL (embedding, output head): each type's KL and
+    size, the winner's type in bold."""
+    rows = []
+    for name, s in sens["linears"].items():
+        if s.get("kl_measured"):
+            cells = [f"<b>{_e(t)}</b>" if formats.get(name) == t else _e(t) for t in s["nbytes"]]
+            rows += [f"<tr><td>{_e(name)}</td><td>{c}</td><td class='n'>{size_text(s['nbytes'][t])}</td>"
+                     f"<td class='n'>{num(s['errors'][t], '.5f')}</td></tr>" for c, t in zip(cells, s["nbytes"])]
+    head = "".join(f"<th>{h}</th>" for h in ("tensor", "type", "bytes", "KL"))
     return f"<table><tr>{head}</tr>{''.join(rows)}</table>"
 
 
@@ -79,9 +96,10 @@ def _grid(sens: dict, value) -> tuple[list[str], int, list[list[float]]]:
     """Groups by (kind, layer): kinds are the group leaders' last name part (q_proj for q/k/v)."""
     groups: dict[str, list[str]] = {}
     for name, s in sens["linears"].items():
-        groups.setdefault(s["group"], []).append(name)
+        if not s.get("kl_measured"):  # the embedding and output head are not decoder layers' (:func:`tensor_table`)
+            groups.setdefault(s["group"], []).append(name)
     kinds = sorted({g.rsplit(".", 1)[-1] for g in groups})
-    n_layers = 1 + max(s["layer"] for s in sens["linears"].values())
+    n_layers = 1 + max(sens["linears"][names[0]]["layer"] for names in groups.values())
     grid = [[math.nan] * n_layers for _ in kinds]
     for g, names in groups.items():
         layer = sens["linears"][names[0]]["layer"]
