@@ -33,10 +33,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     sym = q.add_mutually_exclusive_group()
     sym.add_argument("--symmetric", dest="symmetric", action="store_true", default=True, help="zero point 0 (default)")
     sym.add_argument("--asymmetric", dest="symmetric", action="store_false", help="a zero point per group")
-    q.add_argument("--symmetric-range", choices=["full", "exact-negative", "restricted"], default="full",
-                   help="symmetric scales: full uses every code, both extremes within half a step (default); "
-                        "exact-negative maps a negative extreme exactly to -2^(b-1) (measured better for RTN); "
-                        "restricted is max|w| / (2^(b-1) - 1), which never uses -2^(b-1)")
+    q.add_argument("--symmetric-range", choices=["exact-negative", "full", "restricted"], default="exact-negative",
+                   help="symmetric scales: exact-negative maps a negative extreme exactly to -2^(b-1), a positive "
+                        "one within half a step of 2^(b-1)-1 (default; measured best); full puts both within half "
+                        "a step; restricted is max|w| / (2^(b-1) - 1), which never uses -2^(b-1)")
     q.add_argument("--observer", choices=["minmax", "percentile", "mse"],
                    help="how each group's range is chosen (default mse for gptq, minmax otherwise; mse searches clipping)")
     q.add_argument("--scale-dtype", choices=["float16", "bfloat16", "float32"], default="float16")

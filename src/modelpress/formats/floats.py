@@ -383,16 +383,17 @@ def parse_format(spec: str, observer: str | None = None, scale_dtype: str | None
         spec: the format name.
         observer: range observer to use instead of the default ``minmax``.
         scale_dtype: scale storage dtype, integer formats only (the others fix theirs).
-        symmetric_range: ``"full"``, ``"exact-negative"`` or ``"restricted"`` symmetric scale rule,
-            integer formats only.
+        symmetric_range: ``"exact-negative"`` (the default), ``"full"`` or ``"restricted"`` symmetric
+            scale rule, integer formats only; a rule the spec names (``int4-g128-full``) stands when
+            this is the default.
     """
-    from modelpress.formats.integer import parse_int_format
+    from modelpress.formats.integer import DEFAULT_SYMMETRIC_RANGE, parse_int_format
 
     key = spec.strip().lower()
     if key.startswith("int"):
         overrides = {k: v for k, v in (("observer", observer), ("scale_dtype", scale_dtype)) if v is not None}
         fmt = parse_int_format(key, **overrides)
-        if symmetric_range not in (None, "full") and fmt.symmetric:  # the spec's own "-restricted" also sets it
+        if symmetric_range not in (None, DEFAULT_SYMMETRIC_RANGE) and fmt.symmetric:  # a spec's own "-full" also sets it
             fmt = replace(fmt, symmetric_range=symmetric_range)
         return fmt
     if _SPEC.match(key):

@@ -4,22 +4,21 @@ Conventions follow compressed-tensors so that stored values need no translation:
 code ``q`` is signed, ``q in [-2^(b-1), 2^(b-1) - 1]``, and ``W ~ (q - z) * s``.
 Symmetric formats have ``z = 0``; asymmetric ones store ``z`` in the same signed range.
 
-Symmetric scales use the whole signed range by default (``symmetric_range="full"``): for a
-range ``[lo, hi]`` the scale is the finest step at which every value lies within half a step of
-a code in ``[-2^(b-1), 2^(b-1) - 1]``, ``s = max(-lo / (2^(b-1) + 1/2), hi / (2^(b-1) - 1/2))``,
-so every weight's error is at most ``s / 2``, as inside the range. At 4 bits a group whose
-largest magnitude is negative gets ``max|w| / 8.5`` and one whose largest is positive
-``max|w| / 7.5`` (compressed-tensors' ``max|w| / 7.5``), and all 16 codes are used.
+Symmetric scales use the whole signed range. The default rule, ``symmetric_range="exact-negative"``,
+is ``s = max(-lo / 2^(b-1), hi / (2^(b-1) - 1/2))`` for a range ``[lo, hi]``: a negative extreme
+lands exactly on the lowest code ``-2^(b-1)`` (as llama.cpp's Q4_0 puts its largest-magnitude
+weight exactly on -8), a positive one within half a step of ``2^(b-1) - 1``; every weight's error
+is at most ``s / 2``, and all ``2^b`` codes are used. It is the default because it measured best
+(``benchmarks/results/calibrated.md``, ppl-512 on Pride and Prejudice): with RTN it beat the two
+rules below and one placing both extremes exactly in all four cells (SmolLM2 g64 and Gemma-3-270M
+g128, int4 and int3); with GPTQ (MSE-searched scales) it beat the restricted rule, GPTQ's earlier
+default, in three cells and was 0.2% above it in the fourth (Gemma int4: 29.37 against 29.33).
+Representing the largest weight exactly is worth more than a 6% finer step.
 
-``symmetric_range="exact-negative"``: ``s = max(-lo / 2^(b-1), hi / (2^(b-1) - 1/2))``. A negative
-extreme lands exactly on the lowest code (as llama.cpp's Q4_0 puts its largest-magnitude weight
-exactly on -8) instead of being clipped by half a step; a positive one as in ``"full"``. Every
-weight's error is still at most ``s / 2``. Measured with RTN (ppl-512 on Pride and Prejudice, 40
-windows, float32 models, the weights fake-quantized in process; not yet a row of the benchmark
-table: ``benchmarks/calibrated.py --methods rtn4-exact-negative,...``) it beat ``"full"``
-on both test models at int4 and int3 (SmolLM2 g64: 33.64 vs 34.20, 108.2 vs 113.6; Gemma-3 g128:
-44.27 vs 45.54, 484.6 vs 546.7): representing the largest weight exactly is worth more than a 6%
-finer step. It becomes the default once GPTQ is rechecked with it (AWQ is asymmetric).
+``symmetric_range="full"``: ``s = max(-lo / (2^(b-1) + 1/2), hi / (2^(b-1) - 1/2))``, the finest
+step at which every value lies within half a step of a code (a negative extreme is clipped by up
+to half a step). At 4 bits: ``max|w| / 8.5`` for a negative extreme, ``max|w| / 7.5`` (what
+compressed-tensors divides by) for a positive one. The default before 2026-12-03.
 
 ``symmetric_range="restricted"`` is the textbook rule ``s = max|w| / (2^(b-1) - 1)``
 (``max|w| / 7`` at 4 bits), which never uses the code -2^(b-1): a 7% coarser step at 4 bits and
@@ -55,6 +54,8 @@ from modelpress.formats import observers
 
 Granularity = Literal["tensor", "channel", "group"]
 SymmetricRange = Literal["full", "exact-negative", "restricted"]
+SYMMETRIC_RANGES = ("exact-negative", "full", "restricted")
+DEFAULT_SYMMETRIC_RANGE = "exact-negative"  # see the module docstring
 
 SCALE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 SCALE_BITS = {"float16": 16, "bfloat16": 16, "float32": 32}
@@ -72,7 +73,7 @@ class IntFormat:
         group_size: columns per group; required for ``"group"``, forbidden otherwise.
         symmetric: ``z = 0`` and a range of ``[-max|W|, max|W|]``; else ``[min W, max W]`` with a zero point.
         observer: how each group's range is chosen: ``"minmax"``, ``"percentile"`` or ``"mse"``.
-        symmetric_range: the symmetric scale rule: ``"full"`` (default), ``"exact-negative"`` or
+        symmetric_range: the symmetric scale rule: ``"exact-negative"`` (default), ``"full"`` or
             ``"restricted"`` (``max|w| / (2^(b-1) - 1)``); see the module docstring.
         scale_dtype: storage dtype of scales: ``"float16"``, ``"bfloat16"`` or ``"float32"``.
     """
@@ -83,7 +84,7 @@ class IntFormat:
     symmetric: bool = True
     observer: str = "minmax"
     scale_dtype: str = "float16"
-    symmetric_range: SymmetricRange = "full"
+    symmetric_range: SymmetricRange = DEFAULT_SYMMETRIC_RANGE
 
     def __post_init__(self) -> None:
         if not isinstance(self.bits, int) or not 2 <= self.bits <= 8:
@@ -97,8 +98,8 @@ class IntFormat:
             raise UserError(f"group_size is only meaningful with granularity='group', not {self.granularity!r}")
         if self.observer not in observers.OBSERVERS:
             raise UserError(f"observer must be one of {', '.join(observers.OBSERVERS)}, got {self.observer!r}")
-        if self.symmetric_range not in ("full", "exact-negative", "restricted"):
-            raise UserError(f"symmetric_range must be full, exact-negative or restricted, got {self.symmetric_range!r}")
+        if self.symmetric_range not in SYMMETRIC_RANGES:
+            raise UserError(f"symmetric_range must be one of {', '.join(SYMMETRIC_RANGES)}, got {self.symmetric_range!r}")
         if self.scale_dtype not in SCALE_DTYPES:
             raise UserError(f"scale_dtype must be one of {', '.join(SCALE_DTYPES)}, got {self.scale_dtype!r}")
 
@@ -116,7 +117,7 @@ class IntFormat:
     def name(self) -> str:
         """Short spec string, parseable by :func:`parse_int_format`: ``int4-g128``, ``int8-channel-asym``."""
         gran = f"g{self.group_size}" if self.granularity == "group" else self.granularity
-        rule = f"-{self.symmetric_range}" if self.symmetric and self.symmetric_range != "full" else ""
+        rule = f"-{self.symmetric_range}" if self.symmetric and self.symmetric_range != DEFAULT_SYMMETRIC_RANGE else ""
         return f"int{self.bits}-{gran}" + ("" if self.symmetric else "-asym") + rule
 
     def overhead_bits_per_group(self) -> int:
@@ -283,13 +284,14 @@ class QuantizedTensor:
 
 
 _SPEC = re.compile(
-    r"^int(?P<bits>\d+)(?:-(?P<gran>tensor|channel|g(?P<group>\d+)))?(?:(?P<asym>-asym)|-(?P<rule>restricted|exact-negative))?$"
+    r"^int(?P<bits>\d+)(?:-(?P<gran>tensor|channel|g(?P<group>\d+)))?(?:(?P<asym>-asym)|-(?P<rule>restricted|exact-negative|full))?$"
 )
 
 
 def parse_int_format(spec: str, **overrides) -> IntFormat:
     """Parse ``int4-g128``, ``int8-channel``, ``int4-tensor-asym``, ``int4-g128-restricted``
-    (default granularity: channel; ``-restricted``, ``-exact-negative``: those symmetric scale rules)."""
+    (default granularity: channel; ``-full``, ``-restricted``, ``-exact-negative`` (the default):
+    those symmetric scale rules)."""
     m = _SPEC.match(spec.strip().lower())
     if not m:
         raise UserError(

@@ -42,7 +42,7 @@ class QuantConfig(BaseModel):
     granularity: Literal["tensor", "channel", "group"] = "group"
     group_size: int | None = 128
     symmetric: bool = True
-    symmetric_range: Literal["full", "exact-negative", "restricted"] = "full"  # see modelpress.formats.integer
+    symmetric_range: Literal["exact-negative", "full", "restricted"] = "exact-negative"  # see modelpress.formats.integer
     observer: Literal["minmax", "percentile", "mse"] = "minmax"
     scale_dtype: Literal["float16", "bfloat16", "float32"] = "float16"
     exclude: list[str] = Field(default_factory=lambda: ["lm_head"])
