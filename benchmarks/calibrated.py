@@ -6,7 +6,7 @@ process timed by /usr/bin/time (wall seconds and peak resident memory); both out
 loaded with plain transformers and evaluated by the same code (ppl-512 on Pride and Prejudice).
 
 Usage (from the project root, after scripts/setup.sh and scripts/setup_bench.sh):
-    .venv/bin/python benchmarks/calibrated.py [--models smollm2,gemma3] [--methods gptq4,gptq3,awq4,rtn4,rtn3,rtn4-mse,rtn4-restricted,gptq4-minmax]
+    .venv/bin/python benchmarks/calibrated.py [--models smollm2,gemma3] [--methods gptq4,gptq3,awq4,rtn4,rtn3,rtn4-mse,rtn4-full,gptq4-minmax]
         [--tools modelpress,llm-compressor]
         [--calib-samples 128] [--windows 40] [--fresh]
 
@@ -54,14 +54,16 @@ METHODS = {  # name -> (method, bits, symmetric, modelpress extra flags)
     "rtn3": ("rtn", 3, True, []),  # also the baseline GPTQ's paper improves on
     "rtn4-mse": ("rtn", 4, True, ["--observer", "mse"]),
     "rtn3-mse": ("rtn", 3, True, ["--observer", "mse"]),
-    # modelpress's RTN defaults before the full signed range: min/max and max|w| / (2^(b-1) - 1)
-    "rtn4-restricted": ("rtn", 4, True, ["--observer", "minmax", "--symmetric-range", "restricted"]),
-    "rtn3-restricted": ("rtn", 3, True, ["--observer", "minmax", "--symmetric-range", "restricted"]),
-    # a negative extreme exactly on -2^(b-1) (the candidate default, issue: RTN on the full grid)
-    "rtn4-exact-negative": ("rtn", 4, True, ["--observer", "minmax", "--symmetric-range", "exact-negative"]),
-    "rtn3-exact-negative": ("rtn", 3, True, ["--observer", "minmax", "--symmetric-range", "exact-negative"]),
-    "gptq4-exact-negative": ("gptq", 4, True, ["--symmetric-range", "exact-negative"]),
-    "gptq3-exact-negative": ("gptq", 3, True, ["--symmetric-range", "exact-negative"]),
+    # the symmetric scale rules before the default (exact-negative, since 2026-12-03): the textbook
+    # max|w| / (2^(b-1) - 1) until 2026-12-02, then the full rule (both extremes within half a step)
+    "rtn4-restricted": ("rtn", 4, True, ["--symmetric-range", "restricted"]),
+    "rtn3-restricted": ("rtn", 3, True, ["--symmetric-range", "restricted"]),
+    "rtn4-full": ("rtn", 4, True, ["--symmetric-range", "full"]),
+    "rtn3-full": ("rtn", 3, True, ["--symmetric-range", "full"]),
+    "gptq4-restricted": ("gptq", 4, True, ["--symmetric-range", "restricted"]),
+    "gptq3-restricted": ("gptq", 3, True, ["--symmetric-range", "restricted"]),
+    "gptq4-full": ("gptq", 4, True, ["--symmetric-range", "full"]),
+    "gptq3-full": ("gptq", 3, True, ["--symmetric-range", "full"]),
 }
 
 LLMCOMPRESSOR_ROWS = {"gptq4", "gptq3", "awq4", "rtn4", "rtn3"}  # the others are modelpress-only variants
@@ -163,10 +165,11 @@ def calibrated_caption(protocol: dict) -> str:
               "MSE-searched group scales (rows marked minmax: min/max scales), llm-compressor GPTQ with "
               "act-order static and min/max scales; modelpress AWQ with its scale search over both families and its "
               "clip search, llm-compressor AWQ with duo scaling and min/max scales (it has no clip search); "
-              "RTN: modelpress at its defaults, llm-compressor's QuantizationModifier (min/max scales), both symmetric "
-              "(modelpress RTN rows: min/max scales with the full signed range; marked mse: MSE-searched scales; "
-              "exact-negative: a negative extreme exactly on -2^(b-1); restricted: min/max and the "
-              "max|w| / (2^(b-1) - 1) scale, modelpress's RTN default before 2026-12). "
+              "RTN: modelpress at its defaults (min/max scales), llm-compressor's QuantizationModifier (min/max scales), "
+              "both symmetric. modelpress's symmetric rows use its default scale rule, exact-negative (a negative "
+              "extreme exactly on -2^(b-1), a positive one within half a step) unless marked: full (both extremes "
+              "within half a step; the default on 2026-12-02), restricted (max|w| / (2^(b-1) - 1); the default "
+              "before 2026-12-02); mse: MSE-searched scales. "
               "Wall times of rows measured beside other work are not comparable: see the README")
 
 
@@ -203,7 +206,7 @@ def run(models: list[str], methods: list[str], tools: list[str], calib_samples: 
             for tool, out, cmd, venv in runs:
                 stats = timed(cmd)
                 ppl = perplexity(out, eval_file, venv)
-                variant = next((v for v in ("minmax", "mse", "restricted", "exact-negative") if m.endswith(v)), "")
+                variant = next((v for v in ("minmax", "mse", "restricted", "full") if m.endswith(v)), "")
                 results.add({"model": name, "tool": tool, "method": f"{method} int{bits} g{group} {variant}".strip(),
                              "bits_per_weight": bpw, "ppl": ppl, **stats})
                 shutil.rmtree(out)
