@@ -5,19 +5,24 @@ tensor bytes, all scored by llama.cpp itself (ppl-512 on Pride and Prejudice, th
 
 - ``llama.cpp``: its quantizer (``llama_model_quantize`` through llama-cpp-python, what
   ``llama-quantize`` runs; no importance matrix) on the F32 GGUF, with its own per-tensor mix;
+- ``llama.cpp imatrix``: llama.cpp's calibrated path, its importance matrix: ``llama-imatrix``
+  on the F32 GGUF over the calibration text (Emma, chunks of 512 tokens, as many chunks as
+  calibration windows), then ``llama-quantize --imatrix`` (both built from the llama.cpp source
+  vendored in llama-cpp-python by ``scripts/setup_llama_tools.sh``);
 - ``modelpress gptq``: the same mix, codes chosen by GPTQ on llama.cpp's block grids
   (``export --calibrate gptq``);
-- ``modelpress fit``: the decoder Linears' types chosen by ``modelpress.fit`` (KL objective, each
-  Linear its own group, llama.cpp's block types as candidates) at exactly the mix's bytes, the
-  other tensors as the mix has them, codes by GPTQ as in the row above. Only the types differ.
+- ``modelpress fit``: the types of the decoder Linears, the embedding and an untied output head
+  chosen by ``modelpress.fit`` (KL objective, each Linear its own group, llama.cpp's block types
+  as candidates) at exactly the mix's bytes, the norms as the mix has them, codes by GPTQ as in
+  the row above. Only the types differ.
 
 The sensitivity (GPTQ codes in every candidate type, KL probes with those codes) is measured once
 per model and kept in runs/gguf-mixed-bench/. Calibration: calib-128x512 on Emma. Each row runs
 alone in its own process under /usr/bin/time (wall seconds, peak RSS).
 
-Usage (from the project root, after scripts/setup.sh):
+Usage (from the project root, after scripts/setup.sh; for the imatrix row scripts/setup_llama_tools.sh):
     .venv/bin/python benchmarks/gguf_mixed.py [--models smollm2,gemma3] [--types q4_k_m,q3_k_m]
-        [--rows llama.cpp,gptq,fit]
+        [--rows llama.cpp,imatrix,gptq,fit]
 
 Writes benchmarks/results/gguf_mixed.md and .json after every row. Quote ratios.
 """
@@ -26,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections import Counter
 from dataclasses import replace
@@ -55,21 +61,38 @@ def export_one(spec_file: Path) -> None:
                            overrides=spec["overrides"])
 
 
+def imatrix_quantize(f32: Path, out: Path, ftype: str, chunks: int) -> dict:
+    """llama.cpp's calibrated path: ``llama-imatrix`` over Emma in ``chunks`` chunks of 512 tokens,
+    then ``llama-quantize --imatrix``; wall seconds of both, the larger peak RSS."""
+    tools = ROOT / ".cache" / "llama.cpp" / "bin"
+    if not (tools / "llama-imatrix").is_file():
+        raise SystemExit("the imatrix row needs llama.cpp's tools: bash scripts/setup_llama_tools.sh")
+    matrix = out.with_suffix(".imatrix.gguf")
+    threads = str(os.cpu_count())
+    a = timed([str(tools / "llama-imatrix"), "-m", str(f32), "-f", str(austen("emma.txt")), "-c",
+               str(CALIB_128X512.seq_len), "--chunks", str(chunks), "--no-ppl", "-t", threads, "-o", str(matrix)])
+    b = timed([str(tools / "llama-quantize"), "--imatrix", str(matrix), str(f32), str(out), ftype.upper(), threads])
+    matrix.unlink()
+    return {"wall_s": a["wall_s"] + b["wall_s"], "peak_rss_mb": max(a["peak_rss_mb"], b["peak_rss_mb"])}
+
+
 def render(rows: list[dict], calib_samples: int, windows: int) -> str:
     lines = [f"llama.cpp (llama-cpp-python {_version()}) perplexity, ppl-512 ({windows} windows) on "
              f"pride_and_prejudice.txt; calibration: {calib_samples} x {CALIB_128X512.seq_len} tokens of emma.txt. "
-             "Every row of a type has the same tensor bytes; only the decoder Linears' types (fit) or codes "
-             "(gptq) differ. Each row ran alone on the machine.", "",
-             "| model | type | tool | Linear types | tensor MB | bits/weight | llama.cpp ppl | Δ vs f32 | wall s | peak RSS MB |",
-             "| --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+             "Every row of a type has the same tensor bytes; only the types (fit: the decoder Linears', and the "
+             "embedding's and output head's in rows that list them) or the codes (imatrix, gptq) differ. Each row "
+             "ran alone on the machine.", "",
+             "| model | type | tool | Linear types | token_embd / output | tensor MB | bits/weight | llama.cpp ppl | Δ vs f32 | wall s | peak RSS MB |",
+             "| --- | --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
     floats = {r["model"]: r["ppl"] for r in rows if r["type"] == "f32"}
-    tools = ["modelpress", "llama.cpp", "modelpress gptq", "modelpress fit"]
+    tools = ["modelpress", "llama.cpp", "llama.cpp imatrix", "modelpress gptq", "modelpress fit"]
     for r in sorted(rows, key=lambda r: (r["model"], r["type"] != "f32", r["type"], tools.index(r["tool"]))):
         if r["type"] == "f32":
-            lines.append(f"| {r['model']} | F32 | | | {r['tensor_mb']:.1f} | 32.000 | {r['ppl']:.3f} | | | |")
+            lines.append(f"| {r['model']} | F32 | | | | {r['tensor_mb']:.1f} | 32.000 | {r['ppl']:.3f} | | | |")
             continue
         mix = ", ".join(f"{k} {v}" for k, v in r["linear_types"].items())
-        lines.append(f"| {r['model']} | {r['type'].upper()} | {r['tool']} | {mix} | {r['tensor_mb']:.1f} | "
+        ends = " / ".join(r.get("ends", []))  # rows before 2026-12-03 did not record them
+        lines.append(f"| {r['model']} | {r['type'].upper()} | {r['tool']} | {mix} | {ends} | {r['tensor_mb']:.1f} | "
                      f"{r['bits_per_weight']:.3f} | {r['ppl']:.3f} | {100 * (r['ppl'] / floats[r['model']] - 1):+.2f}% | "
                      f"{r['wall_s']:.0f} | {r['peak_rss_mb']:.0f} |")
     return "\n".join(lines) + "\n"
@@ -79,7 +102,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="smollm2,gemma3")
     parser.add_argument("--types", default="q4_k_m,q3_k_m")
-    parser.add_argument("--rows", default="llama.cpp,gptq,fit")
+    parser.add_argument("--rows", default="llama.cpp,imatrix,gptq,fit")
     parser.add_argument("--calib-samples", type=int, default=CALIB_128X512.n_windows)
     parser.add_argument("--windows", type=int, default=PPL_512.n_windows)
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: write one file in a child process
@@ -117,8 +140,8 @@ def main() -> None:
             timed([MP, "export", str(src), "--to", "gguf", "--format", "f32", "-o", str(f32)])
         add({"model": name, "type": "f32", "tool": "modelpress", "tensor_mb": _weights(f32)[0] / 1e6,
              "ppl": llama_cpp_ppl(f32, ids)})
-        sens = sensitivity(name, src, args.calib_samples, fit_gguf.CANDIDATES, fused=False, work=WORK) \
-            if "fit" in kinds else None
+        sens = sensitivity(name, src, args.calib_samples, fit_gguf.CANDIDATES, fused=False, work=WORK,
+                           embeddings=True) if "fit" in kinds else None
         linear_names = [e.gguf_name for e in fit_gguf.layout(str(src), "f32").entries  # the decoder Linears
                         if ".layers." in e.name and len(e.shape) == 2]
         for t in args.types.split(","):
@@ -127,6 +150,9 @@ def main() -> None:
                 out = WORK / f"{name}-{t}-llamacpp.gguf"
                 code = f"from modelpress.eval.llamacpp import llama_cpp_quantize; llama_cpp_quantize({str(f32)!r}, {str(out)!r}, {t!r})"
                 files.append(("llama.cpp", out, lambda out=out, code=code: timed([str(ROOT / ".venv/bin/python"), "-c", code])))
+            if "imatrix" in kinds:
+                out = WORK / f"{name}-{t}-imatrix.gguf"
+                files.append(("llama.cpp imatrix", out, lambda out=out: imatrix_quantize(f32, out, t, args.calib_samples)))
             if "gptq" in kinds:
                 out = WORK / f"{name}-{t}-gptq.gguf"
                 files.append(("modelpress gptq", out, lambda out=out: timed([
@@ -152,6 +178,7 @@ def main() -> None:
                 linear = Counter(types[g] for g in linear_names)
                 add({"model": name, "type": t, "tool": tool, "tensor_mb": nbytes / 1e6,
                      "bits_per_weight": 8 * nbytes / numel, "linear_types": dict(linear.most_common()),
+                     "ends": [types[g] for g in ("token_embd.weight", "output.weight") if g in types],
                      "ppl": llama_cpp_ppl(out, ids), **stats})
                 out.unlink()
     print((RESULTS / "gguf_mixed.md").read_text())
