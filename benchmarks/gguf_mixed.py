@@ -85,7 +85,9 @@ def render(rows: list[dict], calib_samples: int, windows: int) -> str:
              "| model | type | tool | Linear types | token_embd / output | tensor MB | bits/weight | llama.cpp ppl | Δ vs f32 | wall s | peak RSS MB |",
              "| --- | --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
     floats = {r["model"]: r["ppl"] for r in rows if r["type"] == "f32"}
-    tools = ["modelpress", "llama.cpp", "llama.cpp imatrix", "modelpress gptq", "modelpress fit"]
+    # "modelpress fit (Linears only)": fit before the embedding and output head were choices (kept rows)
+    tools = ["modelpress", "llama.cpp", "llama.cpp imatrix", "modelpress gptq", "modelpress fit (Linears only)",
+             "modelpress fit"]
     for r in sorted(rows, key=lambda r: (r["model"], r["type"] != "f32", r["type"], tools.index(r["tool"]))):
         if r["type"] == "f32":
             lines.append(f"| {r['model']} | F32 | | | | {r['tensor_mb']:.1f} | 32.000 | {r['ppl']:.3f} | | | |")
