@@ -142,6 +142,7 @@ def measure_embeddings(sens: Sensitivity, config, windows: int = 2) -> Sensitivi
     from modelpress.models import loading
     from modelpress.pipeline.runner import calibration_ids
     from modelpress.progress import track
+    from modelpress.train.losses import kl as kl_divergence
 
     t0 = time.monotonic()
     source = loading.resolve(sens.model)
@@ -158,7 +159,6 @@ def measure_embeddings(sens: Sensitivity, config, windows: int = 2) -> Sensitivi
         sens.linears[name] = LinearSensitivity(layer=-1 if i == 0 else n_layers, group=name, in_features=W.shape[1],
                                                numel=W.numel(), energy=0.0, errors={KEEP: 0.0},
                                                nbytes={KEEP: W.numel() * itemsize}, kl_measured=True)
-        sens.probes[name] = {}
         for spec in sens.candidates:
             fmt = None if spec == KEEP else candidate_format(spec, config)
             if isinstance(fmt, GGUFBlockFormat) and fmt.divides(W.shape[1]):
@@ -171,10 +171,9 @@ def measure_embeddings(sens: Sensitivity, config, windows: int = 2) -> Sensitivi
             logp = F.log_softmax(model(input_ids=ids, use_cache=False).logits.float(), dim=-1)
         finally:
             weight.data = saved
-        kl = (base.exp() * (base - logp)).sum(-1).mean().item()
+        kl = kl_divergence(base, logp).mean().item()
         s = sens.linears[name]
         s.errors[spec], s.nbytes[spec] = kl, fmt.nbytes(s.numel)
-        sens.probes[name][spec] = {"kl": kl, "error": kl}
         logger.debug("%s in %s: KL %.5f", name, spec, kl)
     sens.seconds = round(sens.seconds + time.monotonic() - t0, 1)
     return sens

@@ -91,10 +91,10 @@ class Sensitivity:
     def gain(self, group: str, spec: str) -> float:
         """KL per unit of output error for ``group`` in ``spec``: that of the probed format nearest
         in bits per weight (the KL of a format far below the probe grows faster than its error)."""
-        probed = self.probes[group]
         names = self._members[group]
-        if self.linears[names[0]].kl_measured:
+        if self.linears[names[0]].kl_measured:  # its errors are measured KL already
             return 1.0
+        probed = self.probes[group]
         numel = sum(self.linears[n].numel for n in names)
 
         def bits(f: str) -> float:
@@ -377,6 +377,7 @@ def probe_gains(sens: Sensitivity, config, windows: int = 2, probe_dir: str | Pa
     from modelpress.models import loading
     from modelpress.pipeline.runner import calibration_ids
     from modelpress.progress import track
+    from modelpress.train.losses import kl as kl_divergence
 
     from modelpress.models.arch import arch_for
     from modelpress.models.layers import TailForward
@@ -395,7 +396,7 @@ def probe_gains(sens: Sensitivity, config, windows: int = 2, probe_dir: str | Pa
     jobs = [(group, spec) for group, names in groups.items()
             for spec in probe_formats(group_bytes({n: sens.linears[n] for n in names}),
                                       sum(sens.linears[n].numel for n in names))]
-    sens.probes = {g: p for g, p in sens.probes.items() if g not in groups}  # measured KL entries stay
+    sens.probes = {}
     stored, stored_layer = None, None  # one layer's probe file open at a time
     for group, spec in track(jobs, total=len(jobs), what="probe"):
         names = groups[group]
@@ -426,7 +427,7 @@ def probe_gains(sens: Sensitivity, config, windows: int = 2, probe_dir: str | Pa
                 h.remove()
             for n, m in linears.items():
                 m.weight.data = saved[n]
-        kl = (base.exp() * (base - logp)).sum(-1).mean().item()
+        kl = kl_divergence(base, logp).mean().item()
         sens.probes.setdefault(group, {})[spec] = {"kl": kl, "error": sum(errors)}
     sens.probe_codes = "rtn" if probe_dir is None else sens.method
     sens.seconds = round(sens.seconds + time.monotonic() - t0, 1)
