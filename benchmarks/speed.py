@@ -29,8 +29,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from calibrated import RESULTS, model_path  # noqa: E402  (same model prep)
 
 from modelpress.cli import main as modelpress  # noqa: E402
-from modelpress.eval.speed import decode_speed  # noqa: E402
-from modelpress.plan.local import read_bandwidth  # noqa: E402
+from modelpress.eval.speed import decode_speed, with_ceiling  # noqa: E402
 
 
 def best_of(model: str, repeats: int) -> dict:
@@ -38,11 +37,12 @@ def best_of(model: str, repeats: int) -> dict:
     return max(runs, key=lambda r: r["decode_tok_s"])
 
 
-def row(name: str, kind: str, speed: dict, bandwidth: float) -> dict:
-    ceiling = bandwidth / speed["bytes_per_token"]
-    return {"model": name, "type": kind, "engine": speed["engine"], "mb_per_token": speed["bytes_per_token"] / 1e6,
-            "decode_tok_s": speed["decode_tok_s"], "ceiling_tok_s": ceiling,
-            "fraction": speed["decode_tok_s"] / ceiling}
+def row(name: str, kind: str, speed: dict) -> dict:
+    """One table row: the speed beside this machine's ceiling (``eval --speed``'s arithmetic)."""
+    s = with_ceiling(speed)
+    return {"model": name, "type": kind, "engine": s["engine"], "mb_per_token": s["bytes_per_token"] / 1e6,
+            "decode_tok_s": s["decode_tok_s"], "ceiling_tok_s": s["ceiling_tok_s"], "fraction": s["fraction"],
+            "bandwidth": s["bandwidth"]}
 
 
 def render(rows: list[dict], bandwidth: float) -> str:
@@ -64,7 +64,6 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--no-transformers", action="store_true", help="skip the float checkpoint in transformers")
     args = parser.parse_args()
-    bandwidth = read_bandwidth()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.models.split(","):
@@ -73,12 +72,13 @@ def main() -> None:
                 out = Path(tmp) / f"{name}-{t}.gguf"
                 if modelpress(["export", str(src), "--to", "gguf", "--format", t, "-o", str(out)]) != 0:
                     raise SystemExit(f"export of {name} to {t} failed")
-                rows.append(row(name, t.upper(), best_of(str(out), args.repeats), bandwidth))
+                rows.append(row(name, t.upper(), best_of(str(out), args.repeats)))
                 out.unlink()
                 print(json.dumps(rows[-1]), flush=True)
             if not args.no_transformers:
-                rows.append(row(name, "safetensors (float32)", best_of(str(src), args.repeats), bandwidth))
+                rows.append(row(name, "safetensors (float32)", best_of(str(src), args.repeats)))
                 print(json.dumps(rows[-1]), flush=True)
+    bandwidth = rows[0]["bandwidth"]  # measured once per process (plan --hardware local)
     (RESULTS / "speed.json").write_text(json.dumps({"bandwidth": bandwidth, "rows": rows}, indent=1))
     (RESULTS / "speed.md").write_text(render(rows, bandwidth))
     print(render(rows, bandwidth))
