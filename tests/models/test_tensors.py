@@ -73,3 +73,23 @@ def test_nan_in_a_tensor_is_a_user_error_naming_it(tiny_llama, tmp_path):
     stream, _ = tensor_stream(source, meta_model(loading.load_config(source)))
     with pytest.raises(UserError, match="model.layers.1.mlp.up_proj.weight contains NaN"):
         list(stream)
+
+
+def test_overrides_that_split_a_fused_layer_are_warned_about(tiny_llama, tmp_path, caplog):
+    """q/k/v (and gate/up) in different formats: transformers loads it, vLLM (one scheme per fused
+    layer) refuses it, so compress says so and names the parts; one format for all of them is silent."""
+    from modelpress.compress import RTNConfig, compress
+
+    split = {r"model\.layers\.0\.self_attn\.q_proj": "int8", r"model\.layers\.1\.mlp\.up_proj": "keep"}
+    with caplog.at_level("WARNING", logger="modelpress"):
+        compress(str(tiny_llama), RTNConfig(bits=4, group_size=32, overrides=split), str(tmp_path / "split"),
+                 quality_guard=False)
+    fused = [r.getMessage() for r in caplog.records if "one fused layer in vLLM" in r.getMessage()]
+    assert len(fused) == 2
+    assert fused[0].startswith("model.layers.0.self_attn: q_proj int8-channel, k_proj int4-g32, v_proj int4-g32")
+    caplog.clear()
+    whole = {r"model\.layers\.0\.self_attn\.[qkv]_proj": "int8", r"model\.layers\.1\.mlp\.(gate|up)_proj": "keep"}
+    with caplog.at_level("WARNING", logger="modelpress"):
+        compress(str(tiny_llama), RTNConfig(bits=4, group_size=32, overrides=whole), str(tmp_path / "whole"),
+                 quality_guard=False)
+    assert not [r for r in caplog.records if "fused" in r.getMessage()]

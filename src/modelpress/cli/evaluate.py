@@ -13,6 +13,7 @@ from rich.console import Console
 from rich.table import Table
 
 from modelpress.cli import options
+from modelpress.errors import UserError
 from modelpress.eval.compare import measure
 from modelpress.eval.kv_cache import KV_CACHE_FORMATS
 from modelpress.record import to_json
@@ -23,6 +24,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--baseline", metavar="MODEL", help="reference model for KL divergence and top-1 agreement")
     parser.add_argument("--kv-cache", choices=KV_CACHE_FORMATS,
                         help="evaluate MODEL with its keys and values quantized as they enter the cache")
+    parser.add_argument("--engine", choices=("transformers", "vllm"), default="transformers",
+                        help="who computes the logits: transformers (default; .gguf files are dequantized), or vLLM "
+                             "itself, from $MODELPRESS_VLLM_PYTHON or this Python (ppl and top-1 agreement; vLLM "
+                             "returns top log-probabilities only, so no KL)")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
+                        help="with --engine vllm: the activation dtype (vLLM's CPU int4/int8 weight-only kernels "
+                             "take bfloat16 or float16 only)")
     parser.add_argument("--speed", action="store_true",
                         help="also measure decode tokens/s (llama.cpp for .gguf, transformers otherwise) beside this "
                              "machine's memory-bound ceiling (its read bandwidth, measured)")
@@ -33,7 +41,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def print_table(result: dict, console: Console | None = None) -> None:
     """Before/after table of an eval result."""
     console = console or Console()
-    table = Table(title=f"{result['protocol']} on {Path(result['text']).name} ({result['n_tokens']} tokens)")
+    engine = f", {result['engine']} in {result['dtype']}" if result.get("engine") else ""
+    table = Table(title=f"{result['protocol']} on {Path(result['text']).name} ({result['n_tokens']} tokens{engine})")
     for col in ("model", "size", "ppl", "Δ ppl", "KL (nats/token)", "top-1 agree"):
         table.add_column(col, justify="left" if col == "model" else "right")
 
@@ -48,11 +57,13 @@ def print_table(result: dict, console: Console | None = None) -> None:
         delta = 100 * (result["ppl"] / result["baseline_ppl"] - 1)
         table.add_row(
             name, mb(result["size_bytes"]), f"{result['ppl']:.3f}", f"{delta:+.2f}%",
-            f"{result['kl']:.4f}", f"{100 * result['top1_agreement']:.1f}%",
+            "-" if result["kl"] is None else f"{result['kl']:.4f}", f"{100 * result['top1_agreement']:.1f}%",
         )
     else:
         table.add_row(name, mb(result["size_bytes"]), f"{result['ppl']:.3f}", "", "", "")
     console.print(table)
+    if result.get("schemes"):
+        console.print("vLLM ran its Linears as: " + ", ".join(f"{k} x{n}" for k, n in result["schemes"].items()))
 
 
 def print_speed(speed: dict, console: Console | None = None) -> None:
@@ -68,7 +79,15 @@ def print_speed(speed: dict, console: Console | None = None) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    result = measure(args.model, args.text, args.windows, args.baseline, kv_cache=args.kv_cache)
+    if args.engine == "vllm":
+        if args.kv_cache or args.speed:
+            raise UserError("--engine vllm takes neither --kv-cache nor --speed yet; run vLLM with its own "
+                            "--kv-cache-dtype, or drop --engine vllm")
+        from modelpress.eval.vllm import vllm_measure
+
+        result = vllm_measure(args.model, args.text, args.windows, args.baseline, dtype=args.dtype)
+    else:
+        result = measure(args.model, args.text, args.windows, args.baseline, kv_cache=args.kv_cache)
     if args.speed:
         from modelpress.eval.speed import decode_speed, with_ceiling
 

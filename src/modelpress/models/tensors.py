@@ -119,6 +119,10 @@ def plan_targets(meta: nn.Module, config) -> Targets:
         )
     if misfits:
         logger.warning("%d layers use the group-size fallback %r", len(misfits), config.group_fallback)
+    for parent, parts in split_fused_layers(targets).items():
+        logger.warning("%s: %s are one fused layer in vLLM, which needs one scheme for all of them and refuses "
+                       "or misreads this checkpoint (transformers and llama.cpp take it); give them one format",
+                       parent, ", ".join(f"{p} {f}" for p, f in parts.items()))
     if not targets.formats:
         if misfits:
             group = config.format_for(misfits[0]).group_size
@@ -126,6 +130,35 @@ def plan_targets(meta: nn.Module, config) -> Targets:
                             "the layers --group-fallback keep would keep; choose a group size that divides them")
         raise UserError("no Linear layer is left to quantize; check the exclude patterns")
     return targets
+
+
+# The Linears that vLLM's models fuse into one layer (their ``packed_modules_mapping``): q/k/v into
+# qkv_proj, gate/up into gate_up_proj. vLLM runs a fused layer under one compressed-tensors scheme.
+VLLM_FUSED = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+
+
+def split_fused_layers(targets: Targets) -> dict[str, dict[str, str]]:
+    """The fused layers (as vLLM fuses them) whose parts ``targets`` gives different formats:
+    ``{parent module: {part: format name or "float"}}``.
+
+    Example:
+        >>> from modelpress.formats.integer import parse_int_format
+        >>> t = Targets(formats={"a.q_proj": parse_int_format("int8"), "a.k_proj": parse_int_format("int4-g64"),
+        ...                      "a.v_proj": parse_int_format("int4-g64"), "a.o_proj": parse_int_format("int8")})
+        >>> split_fused_layers(t)
+        {'a': {'q_proj': 'int8-channel', 'k_proj': 'int4-g64', 'v_proj': 'int4-g64'}}
+    """
+    chosen = {n: f.name for n, f in targets.formats.items()} | {n: "float" for n in targets.kept}
+    out = {}
+    for name in chosen:
+        parent, _, leaf = name.rpartition(".")
+        for fused in VLLM_FUSED:
+            if leaf != fused[0]:
+                continue
+            parts = {p: chosen[f"{parent}.{p}"] for p in fused if f"{parent}.{p}" in chosen}
+            if len(set(parts.values())) > 1:
+                out[parent] = parts
+    return out
 
 
 def _stream_safetensors(files) -> Iterator[tuple[str, torch.Tensor]]:
