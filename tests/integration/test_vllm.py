@@ -267,7 +267,7 @@ def test_eval_engine_vllm(outputs, smollm2, vllm_python, capsys):
     assert main(["eval", str(outputs["w8a8"]), "--engine", "vllm", "--baseline", str(smollm2),
                  "--text", str(text), "--windows", "2", "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
-    assert result["engine"] == "vllm 0.32.0"
+    assert result["engine"] == "vllm 0.32.0" and result["vllm_kernel_library"] in WNA16_RUNS
     reference = measure(str(smollm2), str(text), 2)["ppl"]
     assert abs(result["baseline_ppl"] / reference - 1) < 1e-4
     assert result["kl"] is None and 0.5 < result["top1_agreement"] <= 1

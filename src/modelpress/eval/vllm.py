@@ -121,6 +121,7 @@ def vllm_measure(model: str, text: str | None, windows: int, baseline: str | Non
     from modelpress.eval.compare import size_on_disk
 
     out = {"text": str(text), "model": model, "engine": f"vllm {ran['vllm_version']}", "dtype": dtype,
+           "vllm_kernel_library": ran["kernel_library"],
            "size_bytes": size_on_disk(source), "protocol": protocol, "n_windows": len(ids), "n_tokens": n,
            "ppl": math.exp(total / n), "nll": total / n, "schemes": scheme_summary(got[0]["schemes"]),
            "kl": None, "top1_agreement": None}
