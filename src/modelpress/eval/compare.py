@@ -15,6 +15,8 @@ import math
 from dataclasses import replace
 from pathlib import Path
 
+import torch
+
 from modelpress.data import PPL_512, read_text, token_windows
 from modelpress.errors import UserError
 from modelpress.eval.fake_quant import activation_fake_quant, checkpoint_input_quant
@@ -30,6 +32,23 @@ def size_on_disk(source: loading.ModelSource) -> int | None:
     if source.kind == "folder":
         return sum(p.stat().st_size for p in source.safetensors_files())
     return None
+
+
+def eval_windows(source: loading.ModelSource, text: str | None, windows: int,
+                 base_source: loading.ModelSource | None = None) -> tuple[torch.Tensor, str]:
+    """The ``ppl-512`` token windows of ``text`` in ``source``'s tokenizer, and the protocol's name
+    for that many windows; a baseline that tokenizes the text differently is refused (KL and top-1
+    agreement compare the same positions). Every engine's measurement starts here."""
+    if text is None:
+        raise UserError("no evaluation text: pass --text FILE (UTF-8 .txt or .jsonl)")
+    raw = read_text(text)
+    ids = token_windows(loading.load_tokenizer(source), raw, replace(PPL_512, n_windows=windows))
+    protocol = PPL_512.name if windows == PPL_512.n_windows else f"{PPL_512.name} (first {len(ids)} windows)"
+    if base_source is not None:
+        base_ids = token_windows(loading.load_tokenizer(base_source), raw, replace(PPL_512, n_windows=windows))
+        if not (base_ids.shape == ids.shape and (base_ids == ids).all()):
+            raise UserError("the model and the baseline tokenize the text differently; compare models that share a tokenizer")
+    return ids, protocol
 
 
 def measure(model: str, text: str | None, windows: int, baseline: str | None = None,
@@ -51,18 +70,9 @@ def measure(model: str, text: str | None, windows: int, baseline: str | None = N
     A W8A8 checkpoint is evaluated with its Linear inputs fake-quantized the engine's way
     (:mod:`modelpress.eval.fake_quant`); ``kv_cache`` (``int8``/``fp8``) quantizes its KV cache.
     """
-    if text is None:
-        raise UserError("no evaluation text: pass --text FILE (UTF-8 .txt or .jsonl)")
     source = loading.resolve(model)
     base_source = loading.resolve(baseline) if baseline else None
-    raw = read_text(text)
-    tokenizer = loading.load_tokenizer(source)
-    ids = token_windows(tokenizer, raw, replace(PPL_512, n_windows=windows))
-    protocol = PPL_512.name if windows == PPL_512.n_windows else f"{PPL_512.name} (first {len(ids)} windows)"
-    if base_source is not None:
-        base_ids = token_windows(loading.load_tokenizer(base_source), raw, replace(PPL_512, n_windows=windows))
-        if not (base_ids.shape == ids.shape and (base_ids == ids).all()):
-            raise UserError("the model and the baseline tokenize the text differently; compare models that share a tokenizer")
+    ids, protocol = eval_windows(source, text, windows, base_source)
     if kv_cache is not None:
         check_kv_format(kv_cache)
     loaded = loading.load_model(source)

@@ -26,11 +26,10 @@ import os
 import subprocess
 import sys
 import tempfile
-from dataclasses import replace
 from pathlib import Path
 
-from modelpress.data import PPL_512, read_text, token_windows
 from modelpress.errors import UserError
+from modelpress.eval.compare import eval_windows, size_on_disk
 from modelpress.models import loading
 
 WORKER = Path(__file__).with_name("vllm_worker.py")
@@ -80,7 +79,7 @@ def nll(result: dict) -> tuple[float, int]:
 def checked(result: dict) -> dict:
     """``result`` when vLLM loaded and ran the model, else a :class:`UserError` saying where it failed."""
     if result["failed_at"] is not None:
-        raise UserError(f"vLLM could not {'load' if result['failed_at'] == 'load' else 'run'} "
+        raise UserError(f"vLLM could not {result['failed_at']} "
                         f"{result['path']}: {result['error'].splitlines()[0][:400]}")
     return result
 
@@ -101,25 +100,19 @@ def vllm_measure(model: str, text: str | None, windows: int, baseline: str | Non
 
     Both models run in one vLLM process, in ``dtype`` (the protocol's float32 by default).
     """
-    if text is None:
-        raise UserError("no evaluation text: pass --text FILE (UTF-8 .txt or .jsonl)")
     source = loading.resolve(model)
-    if source.kind != "folder":
-        raise UserError(f"--engine vllm takes a checkpoint folder; {model} is a {source.kind}")
-    ids = token_windows(loading.load_tokenizer(source), read_text(text), replace(PPL_512, n_windows=windows))
+    base = loading.resolve(baseline) if baseline is not None else None
+    for name, src in ((model, source), (baseline, base)):
+        if src is not None and src.kind != "folder":
+            raise UserError(f"--engine vllm takes checkpoint folders; {name} is a {src.kind}")
+    ids, protocol = eval_windows(source, text, windows, base)
     specs = [{"name": "model", "path": source.path, "windows": ids.tolist(), "dtype": dtype,
               "max_model_len": ids.shape[1] + 16}]
-    if baseline is not None:
-        base = loading.resolve(baseline)
-        if base.kind != "folder":
-            raise UserError(f"--engine vllm takes a checkpoint folder as baseline; {baseline} is a {base.kind}")
+    if base is not None:
         specs.append({**specs[0], "name": "baseline", "path": base.path})
     ran = run_vllm(specs)
     got = [checked(r) for r in ran["models"]]
     total, n = nll(got[0])
-    protocol = PPL_512.name if windows == PPL_512.n_windows else f"{PPL_512.name} (first {len(ids)} windows)"
-    from modelpress.eval.compare import size_on_disk
-
     out = {"text": str(text), "model": model, "engine": f"vllm {ran['vllm_version']}", "dtype": dtype,
            "vllm_kernel_library": ran["kernel_library"],
            "size_bytes": size_on_disk(source), "protocol": protocol, "n_windows": len(ids), "n_tokens": n,

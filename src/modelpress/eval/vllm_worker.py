@@ -38,7 +38,7 @@ def _schemes(model) -> dict:
         if not isinstance(module, LinearBase):
             continue
         method, scheme = module.quant_method, getattr(module, "scheme", None)
-        kernel = getattr(scheme, "kernel", None) if scheme is not None else None
+        kernel = getattr(scheme, "kernel", None)
         if kernel is None and scheme is not None:  # some schemes keep their kernel under another name
             kernel = next((v for k, v in vars(scheme).items() if "kernel" in k and v is not None), None)
         out[name] = [type(scheme).__name__ if scheme is not None else type(method).__name__,
@@ -66,7 +66,7 @@ def parse(path: str) -> dict:
     if not quant:
         return {"config": "error: no quantization_config"}
     try:
-        ct = CompressedTensorsConfig.from_config(json.loads(json.dumps(quant)))
+        ct = CompressedTensorsConfig.from_config(json.loads(json.dumps(quant)))  # a copy: it edits the dict
     except BaseException as exc:  # noqa: BLE001 - the refusal is the result
         return {"config": "error: " + _error(exc)}
     model_cls = ModelRegistry._try_load_model_cls(config["architectures"][0])
