@@ -13,6 +13,7 @@ from transformers import AutoModelForCausalLM
 from modelpress.cli import main
 from modelpress.compress import GPTQConfig, RTNConfig, compress
 from modelpress.pipeline.recipe import MagnitudeConfig, SparseGPTConfig, WandaConfig
+from modelpress.pipeline.sinks import FloatSink
 from modelpress.prune import prune
 
 LINEAR_SUFFIXES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "fc1", "fc2",
@@ -155,3 +156,24 @@ def test_an_interrupted_prune_resumes_to_the_same_checkpoint(tiny_models, tmp_pa
     assert resumed["resumed_at_layer"] == 1 and resumed["pruned"]["zeros"] == straight["pruned"]["zeros"]
     a, b = checkpoint_tensors(tmp_path / "straight"), checkpoint_tensors(tmp_path / "resumed")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gemma3_text", "opt"])
+@pytest.mark.parametrize("pattern", ["0.5", "2:4"])
+def test_streamed_magnitude_pruning_writes_what_the_layer_pass_writes(tiny_models, tmp_path, model_type, pattern):
+    """``prune --method magnitude`` streams tensor by tensor (no calibration, no layer pass); its
+    checkpoint and per-Linear record equal the layer runner's magnitude stage."""
+    from modelpress.prune import _prune_layers
+
+    path = tiny_models[model_type]
+    config = MagnitudeConfig(pattern=pattern) if ":" in pattern else MagnitudeConfig(sparsity=float(pattern))
+    streamed = prune(str(path), config, str(tmp_path / "streamed"), quality_guard=False)
+    layered = _prune_layers(str(path), config, str(tmp_path / "layered"), resume=False, make_sink=FloatSink)
+    a, b = checkpoint_tensors(tmp_path / "streamed"), checkpoint_tensors(tmp_path / "layered")
+    assert a.keys() == b.keys() and all(a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]) for k in a)
+    assert streamed["layers"].keys() == layered["layers"].keys()
+    for name, layer in streamed["layers"].items():
+        assert layer["zeros"] == layered["layers"][name]["zeros"]
+        assert layer["rel_mse"] == pytest.approx(layered["layers"][name]["rel_mse"], rel=1e-5)
+    assert streamed["pruned"] == layered["pruned"] and streamed["kept_dense"] == layered["kept_dense"]
+    assert "calibration" not in streamed

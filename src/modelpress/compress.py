@@ -83,6 +83,7 @@ def compress_rtn(model: str, config: RTNConfig, out_dir: str) -> dict:
     Returns:
         The run record (also written as ``out_dir/modelpress.json``).
     """
+    from modelpress.export.checkpoint import tokenizer_to_save
     from modelpress.export.compressed_tensors import CompressedCheckpointWriter
 
     t0 = time.monotonic()
@@ -93,7 +94,7 @@ def compress_rtn(model: str, config: RTNConfig, out_dir: str) -> dict:
                         "use a calibrated method such as GPTQ, which quantizes each expert")
     meta = meta_model(hf_config)
     targets = plan_targets(meta, config)
-    tokenizer = loading.load_tokenizer(source)
+    tokenizer = tokenizer_to_save(source)
     inputs = None if config.act_format() is None else InputQuant(config.act_format())
     layer_errors: dict[str, dict] = {}
     with CompressedCheckpointWriter(out_dir) as writer:

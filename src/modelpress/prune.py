@@ -19,14 +19,19 @@ from __future__ import annotations
 import logging
 import time
 
+from modelpress.algorithms.rtn import LayerError
+from modelpress.algorithms.sparsity import magnitude
 from modelpress.errors import UserError
 from modelpress.eval.guard import guard_output
+from modelpress.export.checkpoint import CheckpointWriter, tokenizer_to_save
 from modelpress.models import loading
+from modelpress.models.arch import arch_for
 from modelpress.models.layers import LayerwiseModel
-from modelpress.models.tensors import prune_targets
+from modelpress.models.tensors import prune_targets, tensor_stream
 from modelpress.pipeline.recipe import CalibrationConfig, PruneConfig, StructuredConfig, stage_for
 from modelpress.pipeline.runner import calibration_ids, fingerprint, run_layers
 from modelpress.pipeline.sinks import FloatSink
+from modelpress.progress import track
 from modelpress.prune_structured import prune_structured
 from modelpress.record import calibration_summary, record_header, to_json
 
@@ -41,8 +46,8 @@ WHAT_IT_BUYS = {
            "it is a quality experiment, or a step before quantization.",
 }
 
-# Magnitude pruning reads no data, but the runner still passes each layer's output on to the
-# next: a single short window keeps that cost negligible.
+# A prune stage without data in a layer pass (a magnitude stage before a quantizer that needs
+# none): the runner still passes each layer's output on, and one short window keeps that cheap.
 _NO_DATA = CalibrationConfig(samples=1, seq_len=16, batch_size=1)
 
 
@@ -67,7 +72,8 @@ def prune(model: str, config: PruneConfig | StructuredConfig, out_dir: str, resu
     (``structured``: a smaller one, see :mod:`modelpress.prune_structured`).
 
     Each layer is pruned on the outputs of the already-pruned layers before it (as the papers
-    do); ``OUT.partial`` holds the resume point after every layer. With ``quality_guard`` the
+    do); ``OUT.partial`` holds the resume point after every layer. Magnitude pruning reads no
+    data, so it streams instead (:func:`prune_magnitude`). With ``quality_guard`` the
     output is scored against ``model`` on a little of the calibration text, and an exploded
     perplexity fails the run (see :mod:`modelpress.eval.guard`).
 
@@ -83,6 +89,68 @@ def prune(model: str, config: PruneConfig | StructuredConfig, out_dir: str, resu
             raise UserError("structured pruning does not resume: its scoring pass writes nothing and the cut "
                             "streams in one go; run it again without --resume")
         return prune_structured(model, config, out_dir, quality_guard=quality_guard)
+    if config.method == "magnitude" and not _fused_experts(model):
+        if resume:
+            logger.info("magnitude pruning streams the checkpoint once, with nothing to resume; starting over")
+        record = prune_magnitude(model, config, out_dir)
+    else:
+        record = _prune_layers(model, config, out_dir, resume, make_sink)
+    if quality_guard:
+        record["quality_guard"] = guard_output(model, getattr(config, "calibration", None), out_dir)
+    return record
+
+
+def prune_magnitude(model: str, config: PruneConfig, out_dir: str) -> dict:
+    """Magnitude pruning tensor by tensor, straight from the source's shards into the output.
+
+    It needs no activations, so there is no calibration forward and no layer runner: the peak
+    memory is about one tensor (the largest, often the embedding) plus the libraries, and the
+    time is reading and writing the file.
+
+    Returns:
+        The run record (also written as ``out_dir/modelpress.json``).
+    """
+    t0 = time.monotonic()
+    pattern = config.sparsity_pattern()
+    source = loading.resolve(model)
+    hf_config = loading.load_config(source)
+    meta = loading.meta_model(hf_config)
+    targets = prune_targets(meta, config)
+    _note_dropped_sparsity_config(hf_config)
+    copy_from = source.path if source.kind == "folder" else None
+    tokenizer = tokenizer_to_save(source)
+    layers: dict[str, dict] = {}
+    with CheckpointWriter(out_dir) as writer:
+        stream, n_tensors = tensor_stream(source, meta)
+        for name, tensor in track(stream, total=n_tensors, what="tensor"):
+            module = name.removesuffix(".weight")
+            if not name.endswith(".weight") or module not in targets.formats:
+                writer.add_tensor(name, tensor)
+                continue
+            result = magnitude(tensor, pattern, per_row=config.per_row)
+            written = result.W.to(tensor.dtype)
+            layers[module] = {"format": pattern.name, "numel": tensor.numel(),
+                              "nbytes": tensor.numel() * tensor.element_size(),
+                              **LayerError.between(tensor, written).__dict__,
+                              "sparsity": result.sparsity, "zeros": int((written == 0).sum())}
+            del result
+            writer.add_tensor(name, written)
+        elapsed = time.monotonic() - t0
+        record = _record(source, config, pattern, targets, layers, elapsed, checkpoint_name=lambda n: n)
+        writer.finish(config=loading.clean_config(hf_config).to_dict(), tokenizer=tokenizer,
+                      extra_files={"modelpress.json": to_json(record, indent=2)}, copy_files_from=copy_from)
+    logger.info("wrote %s in %.1fs", out_dir, time.monotonic() - t0)
+    return record
+
+
+def _fused_experts(model: str) -> bool:
+    """Whether transformers fuses the model's experts into 3-D tensors: the layer runner splits
+    them into one Linear per expert, so magnitude pruning of such a model takes that path."""
+    return arch_for(loading.load_config(loading.resolve(model))).moe is not None
+
+
+def _prune_layers(model: str, config: PruneConfig, out_dir: str, resume: bool, make_sink) -> dict:
+    """Wanda, SparseGPT, and magnitude on a mixture of experts: one pass of the layer runner."""
     t0 = time.monotonic()
     pattern = config.sparsity_pattern()
     source = loading.resolve(model)
@@ -97,32 +165,29 @@ def prune(model: str, config: PruneConfig | StructuredConfig, out_dir: str, resu
                          (calibration or _NO_DATA).batch_size, run_id=fingerprint(model, config))
         for name, zeros in sink.zeros.items():  # counted in the tensors as written
             run.layers[name]["zeros"] = zeros
-        record = _record(source, config, pattern, targets, run, lm)
+        record = _record(source, config, pattern, targets, run.layers, run.elapsed_s, lm.checkpoint_name)
+        if run.resumed_at is not None:
+            record["resumed_at_layer"] = run.resumed_at
         if calibration is not None:
             record["calibration"] = calibration_summary(ids, calibration)
         sink.finish(config=loading.clean_config(lm.config).to_dict(), tokenizer=tokenizer,
                     extra_files={"modelpress.json": to_json(record, indent=2)},
                     copy_files_from=source.path if source.kind == "folder" else None)
     logger.info("wrote %s in %.1fs", out_dir, time.monotonic() - t0)
-    if quality_guard:
-        record["quality_guard"] = guard_output(model, calibration, out_dir)
     return record
 
 
-def _record(source, config, pattern, targets, run, lm) -> dict:
-    numel = sum(v["numel"] for v in run.layers.values())
-    zeros = sum(v["zeros"] for v in run.layers.values())
-    record = {
-        **record_header(source, config, run.elapsed_s),
-        "pruned": {"layers": len(run.layers), "params": numel, "zeros": zeros,
+def _record(source, config, pattern, targets, layers: dict, elapsed_s: float, checkpoint_name) -> dict:
+    numel = sum(v["numel"] for v in layers.values())
+    zeros = sum(v["zeros"] for v in layers.values())
+    return {
+        **record_header(source, config, elapsed_s),
+        "pruned": {"layers": len(layers), "params": numel, "zeros": zeros,
                    "sparsity": zeros / numel if numel else None, "pattern": pattern.name,
                    "what_it_buys": what_it_buys(pattern)},
-        "kept_dense": {lm.checkpoint_name(n): why for n, why in targets.kept.items()},
-        "layers": run.layers,
+        "kept_dense": {checkpoint_name(n): why for n, why in targets.kept.items()},
+        "layers": layers,
     }
-    if run.resumed_at is not None:
-        record["resumed_at_layer"] = run.resumed_at
-    return record
 
 
 def _note_dropped_sparsity_config(hf_config) -> None:

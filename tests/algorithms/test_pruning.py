@@ -99,3 +99,31 @@ def test_gptq_keeps_pruned_weights_at_zero_and_compensates_onto_the_rest():
 def test_bad_patterns_are_user_errors(make, message):
     with pytest.raises(UserError, match=message):
         make()
+
+
+@pytest.mark.parametrize("per_row", [True, False])
+def test_unstructured_masks_drop_exactly_the_count_with_ties_to_the_lower_index(per_row):
+    """Weights with few distinct values (a dequantized int model) tie in whole levels: the mask
+    still drops exactly ``int(sparsity * n)``, the lowest first and, among equals, the lowest index."""
+    from modelpress.algorithms.sparsity import lowest
+
+    g = torch.Generator().manual_seed(0)
+    for _ in range(50):
+        rows, cols = torch.randint(1, 6, (2,), generator=g).tolist()
+        cols *= 7
+        score = torch.randint(0, 4, (rows, cols), generator=g).float()
+        sparsity = torch.rand(1, generator=g).item() * 0.99
+        mask = lowest(score, Pattern(sparsity=sparsity), per_row=per_row)
+        flat = score if per_row else score.reshape(1, -1)
+        k = int(flat.shape[1] * sparsity)
+        ref = torch.ones_like(flat, dtype=torch.bool)
+        for r in range(flat.shape[0]):
+            ref[r, sorted(range(flat.shape[1]), key=lambda j: (flat[r, j].item(), j))[:k]] = False
+        assert torch.equal(mask, ref.reshape(rows, cols))
+
+
+def test_n_m_ties_go_to_the_lower_index():
+    from modelpress.algorithms.sparsity import lowest
+
+    score = torch.tensor([[1.0, 1.0, 1.0, 1.0, 2.0, 0.5, 2.0, 0.5]])
+    assert lowest(score, Pattern.parse("2:4")).int().tolist() == [[0, 0, 1, 1, 1, 0, 1, 0]]

@@ -93,3 +93,17 @@ def test_overrides_that_split_a_fused_layer_are_warned_about(tiny_llama, tmp_pat
         compress(str(tiny_llama), RTNConfig(bits=4, group_size=32, overrides=whole), str(tmp_path / "whole"),
                  quality_guard=False)
     assert not [r for r in caplog.records if "fused" in r.getMessage()]
+
+
+@pytest.mark.parametrize("dtype,bad", [(torch.float32, float("nan")), (torch.float32, float("inf")),
+                                       (torch.bfloat16, float("-inf")), (torch.float8_e4m3fn, float("nan"))])
+def test_the_finiteness_check_reads_every_chunk(monkeypatch, dtype, bad):
+    """Checked a chunk at a time (to bound its temporaries), a bad value in the last, partial
+    chunk is still found."""
+    from modelpress.models import loading
+
+    monkeypatch.setattr(loading, "_FINITE_CHUNK", 64)
+    t = torch.zeros(10, 33)
+    assert loading.all_finite(t.to(dtype))
+    t[-1, -1] = bad
+    assert not loading.all_finite(t.to(dtype))

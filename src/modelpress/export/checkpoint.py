@@ -1,8 +1,8 @@
-"""An atomic, sharded safetensors checkpoint writer.
+"""An atomic, sharded safetensors checkpoint writer that holds no tensor in memory.
 
-Tensors are buffered up to ``max_shard_bytes`` and flushed as numbered shards into a temporary
-sibling folder (``OUT.partial-<pid>``); ``finish`` writes the index and config, then renames the
-folder to ``OUT`` in one step. An exception (or Ctrl-C) inside the ``with`` block removes the
+Each tensor goes to disk as it arrives (:class:`_Shard`); a shard closes at ``max_shard_bytes``
+into a numbered file in a temporary sibling folder (``OUT.partial-<pid>``); ``finish`` writes the
+index and config, then renames the folder to ``OUT`` in one step. An exception (or Ctrl-C) inside the ``with`` block removes the
 temporary folder, so a folder named ``OUT`` is always complete.
 
 A *resumable* writer uses the fixed name ``OUT.partial`` and keeps it on failure: the run saves
@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import shutil
+import struct
 from pathlib import Path
 
 import torch
@@ -29,7 +30,7 @@ logger = logging.getLogger("modelpress")
 
 RESUME_PREFIX = "resume-"
 RESUME_STATE = RESUME_PREFIX + "state.json"
-DEFAULT_SHARD_BYTES = 1 << 30  # 1 GiB: bounds the writer's buffer, i.e. its share of peak memory
+DEFAULT_SHARD_BYTES = 1 << 30  # 1 GiB per shard file (the writer holds none of it in memory)
 
 
 class CheckpointWriter:
@@ -69,8 +70,7 @@ class CheckpointWriter:
         self.tmp_dir.mkdir(parents=True, exist_ok=True)
         self.max_shard_bytes = max_shard_bytes
         self.state = "open"
-        self._buffer: dict[str, torch.Tensor] = {}
-        self._buffer_bytes = 0
+        self._shard: _Shard | None = None
         self._shards: list[dict[str, torch.Tensor | None]] = []  # names per flushed shard
         self._names: set[str] = set()
         self.total_bytes = 0
@@ -87,14 +87,15 @@ class CheckpointWriter:
         self._names.add(name)
         tensor = tensor.detach().to("cpu").contiguous()
         nbytes = tensor.numel() * tensor.element_size()
-        if self._buffer and self._buffer_bytes + nbytes > self.max_shard_bytes:
+        if self._shard is not None and self._shard.nbytes + nbytes > self.max_shard_bytes:
             self._flush()
-        self._buffer[name] = tensor
-        self._buffer_bytes += nbytes
+        if self._shard is None:
+            self._shard = _Shard(self.tmp_dir / f"part-{len(self._shards):05d}")
+        self._shard.add(name, tensor)
         self.total_bytes += nbytes
 
     def flush(self) -> None:
-        """Write buffered tensors as a shard now (a resumable run does this after every layer)."""
+        """Close the open shard now (a resumable run does this after every layer)."""
         self._check_open()
         self._flush()
 
@@ -115,15 +116,16 @@ class CheckpointWriter:
         for path in self.tmp_dir.glob("shard-*.safetensors"):
             if int(path.stem.split("-")[1]) >= len(self._shards):
                 path.unlink()
+        for path in self.tmp_dir.glob("part-*"):  # a shard the previous run had not closed
+            path.unlink()
         return state
 
     def _flush(self) -> None:
-        if not self._buffer:
+        if self._shard is None:
             return
-        path = self.tmp_dir / f"shard-{len(self._shards):05d}.safetensors"
-        save_file(self._buffer, path, metadata={"format": "pt"})
-        self._shards.append(dict.fromkeys(self._buffer))
-        self._buffer, self._buffer_bytes = {}, 0
+        self._shard.close(self.tmp_dir / f"shard-{len(self._shards):05d}.safetensors")
+        self._shards.append(dict.fromkeys(self._shard.names))
+        self._shard = None
 
     def _name_shards(self) -> dict[str, str]:
         """Rename shards to HF's ``model-0000i-of-0000n.safetensors`` (or ``model.safetensors``)."""
@@ -177,6 +179,9 @@ class CheckpointWriter:
     def abort(self, keep: bool = True) -> None:
         """Stop writing; the temporary folder is removed unless the run is resumable and ``keep``."""
         if self.state == "open":
+            if self._shard is not None:
+                self._shard.discard()
+                self._shard = None
             if not (self.resumable and keep):
                 shutil.rmtree(self.tmp_dir, ignore_errors=True)
             self.state = "aborted"
@@ -187,6 +192,81 @@ class CheckpointWriter:
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is not None or self.state == "open":
             self.abort()
+
+
+class _Shard:
+    """One safetensors file built as its tensors arrive, holding none of them in memory.
+
+    ``safetensors.torch.save_file`` takes every tensor of a file at once, so a writer built on it
+    holds a whole shard (1 GiB by default, the whole model below that) on top of the tensor it is
+    computing: for Gemma-3-270M that buffer was half of ``prune``'s peak memory. Here each tensor
+    is saved alone by ``save_file`` (so the library names its dtype and shape), and :meth:`close`
+    writes the shard's header and appends the parts' data, largest element size first as
+    safetensors orders them, which keeps every tensor aligned. The cost is writing each byte
+    twice (the second copy runs in the kernel, ``os.copy_file_range``).
+    """
+
+    def __init__(self, stem: Path):
+        self.stem = stem
+        self.names: list[str] = []
+        self.nbytes = 0
+        self._parts: list[tuple[int, str, Path, dict, int]] = []  # (element size, name, file, entry, data start)
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        path = self.stem.with_name(f"{self.stem.name}-{len(self._parts):06d}.safetensors")
+        save_file({name: tensor}, path)
+        with open(path, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            entry = json.loads(f.read(n))[name]
+        self._parts.append((tensor.element_size(), name, path, entry, 8 + n))
+        self.names.append(name)
+        self.nbytes += tensor.numel() * tensor.element_size()
+
+    def close(self, path: Path) -> None:
+        parts = sorted(self._parts, key=lambda p: -p[0])  # stable: arrival order within a size
+        header: dict = {"__metadata__": {"format": "pt"}}
+        offset = 0
+        for _, name, _, entry, _ in parts:
+            length = entry["data_offsets"][1] - entry["data_offsets"][0]
+            header[name] = {"dtype": entry["dtype"], "shape": entry["shape"], "data_offsets": [offset, offset + length]}
+            offset += length
+        text = json.dumps(header, separators=(",", ":")).encode()
+        text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned, as safetensors writes it
+        tmp = path.with_name(path.name + ".tmp")
+        with open(tmp, "wb", buffering=0) as out:  # unbuffered: kernel copies and writes share one offset
+            out.write(struct.pack("<Q", len(text)) + text)
+            for _, name, part, entry, start in parts:
+                length = entry["data_offsets"][1] - entry["data_offsets"][0]
+                with open(part, "rb") as src:
+                    _copy_range(src, out, start, length)
+        tmp.replace(path)
+        self.discard()
+
+    def discard(self) -> None:
+        for *_, part, _, _ in self._parts:
+            part.unlink(missing_ok=True)
+        self._parts = []
+
+
+def _copy_range(src, dst, start: int, length: int) -> None:
+    """Append ``length`` bytes of ``src`` from ``start`` to ``dst`` (in the kernel where it can)."""
+    done = 0
+    if hasattr(os, "copy_file_range"):
+        try:
+            while done < length:
+                n = os.copy_file_range(src.fileno(), dst.fileno(), length - done, start + done)
+                if n == 0:
+                    break
+                done += n
+        except OSError:  # a file system without it: copy through user space
+            pass
+    src.seek(start + done)
+    while done < length:
+        chunk = src.read(min(64 << 20, length - done))
+        if not chunk:
+            raise OSError(f"{src.name} ended {length - done} bytes early")
+        dst.write(chunk)
+        done += len(chunk)
 
 
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
@@ -200,6 +280,17 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
 
 def has_tokenizer(folder: Path) -> bool:
     return any((Path(folder) / name).is_file() for name in TOKENIZER_FILES)
+
+
+def tokenizer_to_save(source):
+    """The tokenizer a writer must save for an output of ``source``, or ``None`` when
+    ``finish(copy_files_from=source.path)`` copies the source folder's own tokenizer files (a
+    run that tokenizes nothing then never loads it: Gemma-3's costs 470 MB of memory)."""
+    from modelpress.models import loading
+
+    if source.kind == "folder" and has_tokenizer(source.path):
+        return None
+    return loading.load_tokenizer(source)
 
 
 def copy_side_files(src: Path, dst: Path) -> None:
