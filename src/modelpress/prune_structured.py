@@ -12,7 +12,7 @@ Two steps:
    is applied tensor by tensor while the source streams from its shards
    (:mod:`modelpress.models.surgery`) into a new checkpoint with an edited ``config.json``.
    Peak memory: the scoring pass's (one layer plus the calibration activations), or the cut's
-   (one tensor plus the writer's shard buffer, at most 1 GiB), whichever is larger.
+   (about one tensor: the writer holds none), whichever is larger.
 
 The output is an ordinary checkpoint: ``AutoModelForCausalLM.from_pretrained(OUT)`` loads it,
 ``export --to gguf`` writes it, and ``plan OUT`` sizes it.

@@ -199,7 +199,8 @@ class _Shard:
 
     ``safetensors.torch.save_file`` takes every tensor of a file at once, so a writer built on it
     holds a whole shard (1 GiB by default, the whole model below that) on top of the tensor it is
-    computing: for Gemma-3-270M that buffer was half of ``prune``'s peak memory. Here each tensor
+    computing: streaming magnitude pruning of Gemma-3-270M peaked at 1944 MB with that buffer and
+    at 1026 MB with this writer, whose file is byte for byte the same. Here each tensor
     is saved alone by ``save_file`` (so the library names its dtype and shape), and :meth:`close`
     writes the shard's header and appends the parts' data, largest element size first as
     safetensors orders them, which keeps every tensor aligned. The cost is writing each byte
