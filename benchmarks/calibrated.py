@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -53,6 +54,9 @@ METHODS = {  # name -> (method, bits, symmetric, modelpress extra flags)
     "rtn4": ("rtn", 4, True, []),
     "rtn3": ("rtn", 3, True, []),  # also the baseline GPTQ's paper improves on
     "rtn4-mse": ("rtn", 4, True, ["--observer", "mse"]),
+    # float32 scales, as llm-compressor stores them for a float32 model: the same bytes as its rows
+    "rtn4-scale32": ("rtn", 4, True, ["--scale-dtype", "float32"]),
+    "rtn3-scale32": ("rtn", 3, True, ["--scale-dtype", "float32"]),
     "rtn3-mse": ("rtn", 3, True, ["--observer", "mse"]),
     # the symmetric scale rules before the default (exact-negative, since 2026-12-03): the textbook
     # max|w| / (2^(b-1) - 1) until 2026-12-02, then the full rule (both extremes within half a step)
@@ -67,6 +71,32 @@ METHODS = {  # name -> (method, bits, symmetric, modelpress extra flags)
 }
 
 LLMCOMPRESSOR_ROWS = {"gptq4", "gptq3", "awq4", "rtn4", "rtn3"}  # the others are modelpress-only variants
+
+
+def stored_bits_per_weight(folder: Path) -> float:
+    """Bits per weight of the quantized Linears as written: every tensor stored under a module
+    that has a ``weight_packed`` (codes, scales, zero points, group indices), over the weights its
+    ``weight_shape`` gives. Counted from the file, not the format's formula: llm-compressor stores
+    the scales in the model's dtype (float32 here, 32 bits a group), modelpress in float16."""
+    from safetensors import safe_open
+
+    nbytes, numel, modules = 0, 0, set()
+    shards = sorted(folder.glob("*.safetensors"))
+    for shard in shards:
+        with safe_open(shard, "pt") as f:
+            modules |= {k.removesuffix(".weight_packed") for k in f.keys() if k.endswith(".weight_packed")}
+    for shard in shards:
+        with safe_open(shard, "pt") as f:
+            for k in f.keys():
+                module, _, field = k.rpartition(".")
+                if module not in modules or field == "weight_shape":
+                    continue
+                t = f.get_slice(k)
+                nbytes += math.prod(t.get_shape()) * {"I32": 4, "I64": 8, "F32": 4, "F16": 2, "BF16": 2, "I8": 1,
+                                                       "U8": 1}[t.get_dtype()]
+                if field == "weight_packed":
+                    numel += math.prod(f.get_tensor(module + ".weight_shape").tolist())
+    return 8 * nbytes / numel
 
 
 def model_path(name: str) -> Path:
@@ -169,7 +199,10 @@ def calibrated_caption(protocol: dict) -> str:
               "both symmetric. modelpress's symmetric rows use its default scale rule, exact-negative (a negative "
               "extreme exactly on -2^(b-1), a positive one within half a step) unless marked: full (both extremes "
               "within half a step; the default on 2026-12-02), restricted (max|w| / (2^(b-1) - 1); the default "
-              "before 2026-12-02); mse: MSE-searched scales. "
+              "before 2026-12-02); mse: MSE-searched scales; scale32: float32 scales. bits/weight is counted in the "
+              "written files (codes, scales and zero points of the quantized Linears) for rows measured from "
+              "2026-12-06; earlier rows took bits + 16/group (+8/group asymmetric) for both tools, which understates "
+              "llm-compressor's, whose scales are float32 for a float32 model (4.25, not 4.125, at int4 g128). "
               "Wall times of rows measured beside other work are not comparable: see the README")
 
 
@@ -188,7 +221,6 @@ def run(models: list[str], methods: list[str], tools: list[str], calib_samples: 
         results.add({"model": name, "tool": "float32", "method": "-", "bits_per_weight": 32.0, "ppl": float_ppl})
         for m in methods:
             method, bits, symmetric, extra = METHODS[m]
-            bpw = bits + (16 + (0 if symmetric else 8)) / group
             mp_out = work / f"{name}-{m}-modelpress"
             cmd = [str(ROOT / ".venv/bin/modelpress"), "compress", str(src), "--method", method, "--bits", str(bits),
                    "--group-size", str(group), "-o", str(mp_out), *extra,
@@ -206,9 +238,9 @@ def run(models: list[str], methods: list[str], tools: list[str], calib_samples: 
             for tool, out, cmd, venv in runs:
                 stats = timed(cmd)
                 ppl = perplexity(out, eval_file, venv)
-                variant = next((v for v in ("minmax", "mse", "restricted", "full") if m.endswith(v)), "")
+                variant = next((v for v in ("minmax", "mse", "restricted", "full", "scale32") if m.endswith(v)), "")
                 results.add({"model": name, "tool": tool, "method": f"{method} int{bits} g{group} {variant}".strip(),
-                             "bits_per_weight": bpw, "ppl": ppl, **stats})
+                             "bits_per_weight": stored_bits_per_weight(out), "ppl": ppl, **stats})
                 shutil.rmtree(out)
 
 
