@@ -123,15 +123,14 @@ def test_masks_drop_exactly_the_count_lowest_first_on_heavily_tied_scores(patter
         dropped_max = torch.where(kept, torch.tensor(-1.0), groups).amax(1)
         kept_min = torch.where(kept, groups, torch.tensor(99.0)).amin(1)
         assert (dropped_max <= kept_min).all()
+        assert torch.equal(mask, lowest(score, p, per_row=per_row))  # seeded: the same mask every time
 
 
-def test_ties_go_to_the_higher_column_in_every_row():
-    """All scores equal: the same positions go in every row, the higher columns first."""
+@pytest.mark.parametrize("pattern", ["0.5", "2:4", "4:8"])
+def test_ties_favour_no_column(pattern):
+    """All scores equal: every column position is pruned in about the same share of rows (a fixed
+    tie order would prune the same positions in every row)."""
     from modelpress.algorithms.sparsity import lowest
 
-    same = torch.ones(3, 8)
-    assert lowest(same, Pattern.parse("2:4")).int().tolist() == [[1, 1, 0, 0, 1, 1, 0, 0]] * 3
-    assert lowest(same, Pattern.parse("0.25")).int().tolist() == [[1, 1, 1, 1, 1, 1, 0, 0]] * 3
-    assert lowest(same, Pattern(sparsity=0.5), per_row=False).int().tolist() == [[1, 1, 1, 1, 0, 0, 0, 0]] * 3
-    mixed = torch.tensor([[1.0, 2.0, 1.0, 1.0, 0.5, 3.0, 0.5, 0.5]])  # 2:4: the cut splits a tie
-    assert lowest(mixed, Pattern.parse("2:4")).int().tolist() == [[1, 1, 0, 0, 1, 1, 0, 0]]
+    share = (~lowest(torch.ones(2000, 16), Pattern.parse(pattern))).float().mean(0)
+    assert (share - 0.5).abs().max() < 0.06

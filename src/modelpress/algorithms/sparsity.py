@@ -77,7 +77,12 @@ class PruneResult:
         return 1 - self.mask.float().mean().item()
 
 
+_TIE_SEED = 0  # ties are broken by seeded random keys: the same mask on every run and device
 _ROW_BLOCK = 4096  # rows per N:M selection, bounding its sort's temporaries
+
+
+def _generator() -> torch.Generator:
+    return torch.Generator().manual_seed(_TIE_SEED)
 
 
 def lowest(score: torch.Tensor, pattern: Pattern, per_row: bool = True) -> torch.Tensor:
@@ -85,52 +90,48 @@ def lowest(score: torch.Tensor, pattern: Pattern, per_row: bool = True) -> torch
 
     Unstructured: exactly ``int(sparsity * n)`` of each row's ``n`` scores (or of the whole
     matrix, ``per_row=False``); N:M: the ``n`` lowest of every ``m`` consecutive columns of each
-    row. Ties at the cut go to the higher column index, the same order in every row (so the mask
-    is the same on every device). Where ties are everywhere (a model dequantized from a 4-bit
-    format holds 16 values per block; both models this project benchmarks on are) the order
-    alone moves magnitude pruning's perplexity a lot. Measured on them (ppl-512): an order
-    that is the same in every row beat a random one in all four N:M cells (SmolLM2 4:8: higher
-    index first 531, lower first 569, random 578; 2:4: 1075 against 1494; Gemma-3 4:8: 3399
-    against 3785, 2:4: 5618 against 10213), and the higher index first beat the lower in the one
-    cell measured with both. On continuous scores (Wanda, SparseGPT, most float weights) ties are
-    rare and the order does not matter.
+    row. Ties at the cut are broken at random with a fixed seed: the same mask on every run and
+    device, and no column or row favoured across the matrix. Where ties are everywhere (a model
+    dequantized from a 4-bit format holds 16 values per block; both models this project
+    benchmarks on are such) the order of ties alone moves magnitude pruning's perplexity a lot,
+    and no order is right in general. Measured at 4:8 on the smaller one (ppl-512): the lower
+    index first 569, the higher first 827, ``torch.topk``'s value-dependent order (used before)
+    531, this random order 578. A fixed positional order can land far from the others (827);
+    a random one favours no position and does not depend on how a checkpoint lays out its
+    columns. On continuous scores (Wanda, SparseGPT, most float weights) ties are rare.
 
     The count is exact rather than "every score at or below the k-th smallest" (llm-compressor's
     rule, which prunes all ties: 50.009% of SmolLM2's weights at 0.5): where whole levels tie,
     that rule overshoots the target by far.
     """
     rows, cols = score.shape
+    gen = _generator()
     if pattern.n is not None:
         pattern.check_width(cols)
         mask = torch.empty(rows, cols, dtype=torch.bool)
         for r0 in range(0, rows, _ROW_BLOCK):
             block = score[r0 : r0 + _ROW_BLOCK]
-            groups = block.reshape(block.shape[0], cols // pattern.m, pattern.m).flip(-1)  # higher index first
-            drop = torch.sort(groups, dim=-1, stable=True).indices[..., : pattern.n]
-            kept = torch.ones_like(groups, dtype=torch.bool).scatter_(-1, drop, False).flip(-1)
+            groups = block.reshape(block.shape[0], cols // pattern.m, pattern.m)
+            shuffle = torch.argsort(torch.rand(groups.shape, generator=gen), dim=-1)  # the tie order
+            ranked = torch.sort(groups.gather(-1, shuffle), dim=-1, stable=True).indices[..., : pattern.n]
+            kept = torch.ones_like(groups, dtype=torch.bool).scatter_(-1, shuffle.gather(-1, ranked), False)
             mask[r0 : r0 + _ROW_BLOCK] = kept.reshape(block.shape[0], cols)
         return mask
-    k = int((cols if per_row else rows * cols) * pattern.sparsity)
+    flat = score if per_row else score.reshape(1, -1)
+    k = int(flat.shape[1] * pattern.sparsity)
     if not k:
         return torch.ones_like(score, dtype=torch.bool)
-    flat = score if per_row else score.reshape(1, -1)
-    cut = torch.kthvalue(flat, k, dim=1, keepdim=True).values.reshape(-1, 1)  # O(n) selection: 4x faster than topk
-    cut = cut if per_row else cut.expand(rows, 1)
-    drop = score < cut
-    tie_row, tie_col = torch.nonzero(score == cut, as_tuple=True)
-    if per_row:  # each row's ties, highest column first
-        order = torch.argsort(tie_row * cols + (cols - 1 - tie_col))
-        short = k - drop.sum(dim=1, dtype=torch.int64)
-        tie_row, tie_col = tie_row[order], tie_col[order]
-        counts = torch.bincount(tie_row, minlength=rows)
-        rank = torch.arange(len(tie_row)) - (torch.cumsum(counts, 0) - counts)[tie_row]
-        chosen = rank < short[tie_row]
-    else:  # the matrix's ties, highest column first, in every row alike
-        order = torch.argsort((cols - 1 - tie_col) * rows + tie_row)
-        tie_row, tie_col = tie_row[order], tie_col[order]
-        chosen = torch.arange(len(tie_row)) < k - int(drop.sum())
+    cut = torch.kthvalue(flat, k, dim=1, keepdim=True).values  # O(n) selection: 4x faster than topk here
+    drop = flat < cut
+    short = k - drop.sum(dim=1, dtype=torch.int64)  # ties at the cut still to drop, per row
+    tie_row, tie_col = torch.nonzero(flat == cut, as_tuple=True)  # row-major: rows in order
+    order = torch.argsort(tie_row.double() + torch.rand(len(tie_row), generator=gen, dtype=torch.float64))
+    tie_row, tie_col = tie_row[order], tie_col[order]  # each row's ties, in random order
+    counts = torch.bincount(tie_row, minlength=flat.shape[0])
+    rank = torch.arange(len(tie_row)) - (torch.cumsum(counts, 0) - counts)[tie_row]
+    chosen = rank < short[tie_row]
     drop[tie_row[chosen], tie_col[chosen]] = True
-    return ~drop
+    return (~drop).reshape(rows, cols)
 
 
 def magnitude(W: torch.Tensor, pattern: Pattern, per_row: bool = False) -> PruneResult:
