@@ -13,6 +13,9 @@ its imports tens of seconds), and each test asserts on its part of the result:
   bfloat16 (the CPU WNA16 kernel has no float32 path), close to our float32 evaluation;
 - FP8, NVFP4, MXFP4: no CPU kernel in vLLM 0.32; vLLM parses the config into the expected
   scheme, and loading fails at the kernel choice, not at the config;
+- an FP8 KV cache carried in the checkpoint (``kv_cache_scheme`` and calibrated scales): vLLM
+  picks the FP8 cache from the file alone, loads our scales, and its perplexity is our evaluator's
+  (which uses the same scales) within a measured bound;
 - the config validation users hit: a leftover ``sparsity_config`` is refused (none of ours has
   one), and the parts of every fused layer share one scheme.
 """
@@ -35,6 +38,7 @@ from modelpress.compress import RTNConfig, compress
 from modelpress.data import PPL_512, read_text, token_windows
 from modelpress.eval.compare import measure
 from modelpress.eval.vllm import ENV_VAR, nll, run_vllm, scheme_summary
+from modelpress.kv_scales import carry_kv_cache, checkpoint_kv_scales
 from modelpress.models import loading
 
 pytestmark = pytest.mark.slow
@@ -50,6 +54,7 @@ GEN_TOKENS = 16
 #   for weights within +-63), and no int4 GEMM at all (`cpu_gemm_wna16` is missing).
 W8A8_BOUND = {"_C": 0.01, "_C_AVX512": 0.15, "_C_AVX2": 0.15}
 WNA16_BOUND = 0.01  # int4 weight-only in bfloat16 against our float32 evaluation of the same checkpoint
+KV_FP8_BOUND = 0.01  # vLLM's FP8 cache against our evaluation with the same scales (float32 otherwise)
 WNA16_RUNS = {"_C": True, "_C_AVX512": None, "_C_AVX2": False}  # None: not seen yet, either is accepted
 
 
@@ -106,6 +111,11 @@ def outputs(smollm2, tmp_path_factory) -> dict[str, Path]:
                  r"model\.layers\.1\d\.mlp\.down_proj": "int4-channel"}
     compress(str(smollm2), RTNConfig(bits=4, granularity="group", group_size=64, overrides=overrides),
              str(out["mixed"]), quality_guard=False)
+    # an FP8 KV cache carried in the checkpoint: calibrated per-layer scales and the kv_cache_scheme
+    out["kv-fp8"] = root / "kv-fp8"
+    tokenizer = loading.load_tokenizer(loading.resolve(out["float"]))
+    calib = token_windows(tokenizer, read_text(austen("emma.txt")), replace(PPL_512, n_windows=8))
+    carry_kv_cache(str(out["float"]), str(out["kv-fp8"]), calib)
     return out
 
 
@@ -116,7 +126,7 @@ def ran(outputs, gemma3, vllm_python) -> dict[str, dict]:
     parse_only = {"fp8", "nvfp4", "mxfp4"}
     specs = []
     for name, path in {**outputs, "gemma3": gemma3}.items():
-        quantized = name not in ("float", "structured", "wanda-2:4", "gemma3")
+        quantized = name not in ("float", "structured", "wanda-2:4", "gemma3", "kv-fp8")
         specs.append({"name": name, "path": str(path), "dtype": run_in.get(name, "float32"),
                       "windows": [] if name in parse_only else _windows(path)[: 2 if name == "gemma3" else WINDOWS],
                       "prompts": [] if name in parse_only else [_prompt(path)], "max_tokens": GEN_TOKENS,
@@ -272,3 +282,18 @@ def test_eval_engine_vllm(outputs, smollm2, vllm_python, capsys):
     assert abs(result["baseline_ppl"] / reference - 1) < 1e-4
     assert result["kl"] is None and 0.5 < result["top1_agreement"] <= 1
     assert result["schemes"] == {"CompressedTensorsW8A8Int8 / CPUInt8ScaledMMLinearKernel": 120}
+
+
+def test_a_carried_fp8_kv_cache_runs_in_vllm_with_our_scales(ran, outputs):
+    """No flag: vLLM reads the scheme, stores keys and values in FP8 with the checkpoint's scales,
+    and its perplexity is our evaluation's of the same checkpoint (the same static scales)."""
+    result = ran["kv-fp8"]
+    _loaded_and_ran(result)
+    assert result["kv_cache_dtype"].startswith("fp8")
+    scales = checkpoint_kv_scales(loading.resolve(outputs["kv-fp8"]))
+    assert [x for ks in result["kv_scales"] for x in ks] == pytest.approx(
+        [x for i in sorted(scales) for x in scales[i]], rel=1e-6)
+    ours = measure(str(outputs["kv-fp8"]), str(austen("pride_and_prejudice.txt")), WINDOWS)
+    assert ours["kv_cache"] == "fp8 (the checkpoint's scales)"
+    print(f"kv-fp8: vLLM ppl {_ppl(result):.4f}, ours {ours['ppl']:.4f}, float vLLM {_ppl(ran['float']):.4f}")
+    assert abs(_ppl(result) / ours["ppl"] - 1) < KV_FP8_BOUND

@@ -102,6 +102,28 @@ def test_a_kv_cache_step_measures_the_same_files_with_the_cache_quantized(compar
     assert not (out / "03-kv-cache").exists()
     again = measure(pruned["output"], str(text), 2, baseline=str(deep_llama), kv_cache="int8")
     assert kv["ppl"] == pytest.approx(again["ppl"], rel=1e-6) and kv["ppl"] != pruned["ppl"]
+    assert not kv["kv_cache_how"]["carried"] and "-ctk q8_0 -ctv q8_0" in kv["kv_cache_how"]["how"]
+
+
+def test_a_last_fp8_kv_cache_stage_is_carried_in_the_checkpoint(deep_llama, text, tmp_path):
+    """FP8 as the last stage: the checkpoint carries calibrated scales and the kv_cache_scheme,
+    and the step is measured with them."""
+    from modelpress.kv_scales import SCHEME, checkpoint_kv_scales
+    from modelpress.models import loading
+
+    recipe = write_recipe(tmp_path / "kv.yaml", deep_llama, text,
+                          [{"quantize": {"method": "rtn", "bits": 4, "group_size": 32}}, {"kv-cache": {"dtype": "fp8"}}])
+    run = run_cli(str(recipe), "-o", str(tmp_path / "run"))
+    assert run.returncode == 0, run.stderr
+    quantized, kv = json.loads((tmp_path / "run" / "modelpress.json").read_text())["steps"]
+    folder = tmp_path / "run" / "02-kv-cache"
+    assert kv["output"] == str(folder) and kv["kv_cache"] == "fp8 (the checkpoint's scales)"
+    assert kv["kv_cache_how"]["carried"] and "vLLM runs it as is" in kv["kv_cache_how"]["how"]
+    config = json.loads((folder / "config.json").read_text())["quantization_config"]
+    assert config["kv_cache_scheme"] == SCHEME and config["config_groups"]
+    assert len(checkpoint_kv_scales(loading.resolve(folder))) == 8
+    again = measure(str(folder), str(text), 2, baseline=str(deep_llama))
+    assert kv["ppl"] == pytest.approx(again["ppl"], rel=1e-6) and kv["ppl"] != quantized["ppl"]
 
 
 def test_every_step_is_measured_on_its_own_checkpoint(compared, deep_llama, text):

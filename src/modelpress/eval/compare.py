@@ -22,6 +22,7 @@ from modelpress.errors import UserError
 from modelpress.eval.fake_quant import activation_fake_quant, checkpoint_input_quant
 from modelpress.eval.kv_cache import check_kv_format
 from modelpress.eval.perplexity import evaluate
+from modelpress.kv_scales import checkpoint_kv_scales
 from modelpress.models import loading
 
 
@@ -60,7 +61,9 @@ def measure(model: str, text: str | None, windows: int, baseline: str | None = N
         text: UTF-8 .txt or .jsonl to evaluate on (protocol ``ppl-512``).
         windows: how many 512-token windows (40 is the protocol).
         baseline: a reference model for KL divergence and top-1 agreement.
-        kv_cache: ``int8``/``fp8``: evaluate with the KV cache quantized.
+        kv_cache: ``int8``/``fp8``: evaluate with the KV cache quantized. A checkpoint that
+            carries a ``kv_cache_scheme`` is always evaluated with its FP8 scales, as vLLM runs it
+            (``kv_cache`` is then refused: the checkpoint already says).
 
     Returns:
         ``{"text", "model", "size_bytes", "protocol", "ppl", "n_tokens", ...}`` and, with a
@@ -75,6 +78,12 @@ def measure(model: str, text: str | None, windows: int, baseline: str | None = N
     ids, protocol = eval_windows(source, text, windows, base_source)
     if kv_cache is not None:
         check_kv_format(kv_cache)
+    kv_scales = checkpoint_kv_scales(source)
+    if kv_scales is not None:
+        if kv_cache is not None:
+            raise UserError(f"{model} carries its own FP8 KV-cache scales (kv_cache_scheme); evaluate it without "
+                            "--kv-cache")
+        kv_cache = "fp8"
     loaded = loading.load_model(source)
     inputs = checkpoint_input_quant(loaded)
     with activation_fake_quant(loaded, inputs):
@@ -84,11 +93,14 @@ def measure(model: str, text: str | None, windows: int, baseline: str | None = N
             baseline=loading.load_model(base_source) if base_source else None,
             protocol=protocol,
             kv_cache=kv_cache,
+            kv_scales=kv_scales,
         )
     if not math.isfinite(result.ppl):
         raise UserError(f"perplexity of {model} is {result.ppl}: its outputs overflow or are NaN; "
                         "evaluate it in float32, or check the weights")
     result.activations = ", ".join(sorted({q.fmt.name for q in inputs.values()})) or None
+    if kv_scales is not None:
+        result.kv_cache = "fp8 (the checkpoint's scales)"
     out = {"text": str(text), "model": model, "size_bytes": size_on_disk(source), **result.to_dict()}
     if base_source is not None:
         out["baseline"] = baseline

@@ -16,6 +16,8 @@ Granularities (a scale per ``(batch, kv-head)`` and more, never across heads):
   over the states of the first ``update`` (the prompt) and frozen afterwards; later values beyond
   the range saturate. vLLM's ``fp8`` cache uses one scale per layer (1.0 unless calibrated), so
   this is at least as fine-grained. In a one-pass evaluation the prompt is the whole window.
+- ``fp8`` with ``scales`` (a checkpoint's ``kv_cache_scheme``, :mod:`modelpress.kv_scales`): one
+  calibrated scale per layer for keys and one for values, exactly vLLM's static FP8 cache.
 
 Example::
 
@@ -71,18 +73,26 @@ class FakeQuantKVCache(DynamicCache):
     Args:
         kind: ``"int8"`` or ``"fp8"``.
         config: the model config (layer types: full or sliding-window attention).
+        scales: ``fp8`` only: layer index -> the ``(k_scale, v_scale)`` a checkpoint carries; without
+            them each head's scale comes from the prompt.
     """
 
-    def __init__(self, kind: str, config=None):
+    def __init__(self, kind: str, config=None, scales: dict[int, tuple[float, float]] | None = None):
         super().__init__(config=config)
         self.kind = check_kv_format(kind)
-        self._fp8_scales: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # layer -> (key, value) scales
+        if scales is not None and self.kind != "fp8":
+            raise ValueError("calibrated KV-cache scales are FP8 scales")
+        self._fp8_scales: dict[int, tuple[torch.Tensor, torch.Tensor]] = {  # layer -> (key, value) scales
+            i: (torch.tensor(k), torch.tensor(v)) for i, (k, v) in (scales or {}).items()}
+        self._static = scales is not None
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
         if self.kind == "int8":
             k, v = fake_quant_int8(key_states), fake_quant_int8(value_states)
         else:
             if layer_idx not in self._fp8_scales:
+                if self._static:
+                    raise UserError(f"the checkpoint's kv_cache_scheme has no scales for layer {layer_idx}")
                 self._fp8_scales[layer_idx] = (fp8_head_scale(key_states), fp8_head_scale(value_states))
             k_scale, v_scale = self._fp8_scales[layer_idx]
             k, v = fake_quant_fp8(key_states, k_scale), fake_quant_fp8(value_states, v_scale)

@@ -42,12 +42,14 @@ class EvalResult:
         return asdict(self)
 
 
-def _logits(model: torch.nn.Module, ids: torch.Tensor, kv_cache: str | None = None) -> torch.Tensor:
+def _logits(model: torch.nn.Module, ids: torch.Tensor, kv_cache: str | None = None,
+            kv_scales: dict[int, tuple[float, float]] | None = None) -> torch.Tensor:
     device = next(model.parameters()).device
     if kv_cache is None:
         out = model(input_ids=ids.to(device), use_cache=False)
     else:  # a fresh cache per window: the window's keys/values are quantized as they are stored
-        out = model(input_ids=ids.to(device), **cache_kwargs(model, FakeQuantKVCache(kv_cache, model.config)))
+        cache = FakeQuantKVCache(kv_cache, model.config, scales=kv_scales)
+        out = model(input_ids=ids.to(device), **cache_kwargs(model, cache))
     return out.logits[:, :-1].float().cpu()
 
 
@@ -58,6 +60,7 @@ def evaluate(
     baseline: torch.nn.Module | None = None,
     protocol: str = "ppl-512",
     kv_cache: str | None = None,
+    kv_scales: dict[int, tuple[float, float]] | None = None,
 ) -> EvalResult:
     """Perplexity of ``model`` on ``windows: (n, T)``, and KL / top-1 agreement vs ``baseline``.
 
@@ -67,6 +70,8 @@ def evaluate(
         baseline: the reference model (usually the uncompressed one), or ``None``.
         protocol: the protocol name, recorded with the result.
         kv_cache: ``"int8"`` or ``"fp8"`` to evaluate ``model`` with a quantized KV cache.
+        kv_scales: with ``"fp8"``: a checkpoint's per-layer ``(k_scale, v_scale)`` (else per-head
+            scales from each window).
 
     Returns:
         An :class:`EvalResult`.
@@ -78,7 +83,7 @@ def evaluate(
     for window in track(windows, total=len(windows), what="eval window"):
         ids = window.unsqueeze(0)
         targets = ids[:, 1:].reshape(-1)
-        logp = F.log_softmax(_logits(model, ids, kv_cache).view(targets.numel(), -1), dim=-1)
+        logp = F.log_softmax(_logits(model, ids, kv_cache, kv_scales).view(targets.numel(), -1), dim=-1)
         nll_sum += -logp.gather(1, targets[:, None]).sum().item()
         n_tokens += targets.numel()
         if baseline is not None:

@@ -46,6 +46,13 @@ def _schemes(model) -> dict:
     return out
 
 
+def _kv_cache(model) -> list[list[float]]:
+    """``[k_scale, v_scale]`` of every attention layer vLLM built, in model order: what its cache
+    divides keys and values by (1.0 unless the checkpoint carries calibrated scales)."""
+    return [[float(module._k_scale_float), float(module._v_scale_float)] for _, module in model.named_modules()
+            if hasattr(module, "_k_scale_float") and hasattr(module, "_v_scale_float")]
+
+
 def parse(path: str) -> dict:
     """vLLM's reading of a checkpoint's ``quantization_config``, with no weights loaded and no kernel
     chosen: ``{fused Linear name: scheme class | "error: ..."}``, as its loader would build them.
@@ -140,6 +147,8 @@ def run_model(spec: dict, LLM, SamplingParams) -> dict:
     result.update(loaded=True, load_seconds=time.perf_counter() - t0)
     try:
         result["schemes"] = llm.apply_model(_schemes)[0]
+        result["kv_cache_dtype"] = str(llm.llm_engine.vllm_config.cache_config.cache_dtype)
+        result["kv_scales"] = llm.apply_model(_kv_cache)[0]
         windows = spec.get("windows") or []
         if windows:
             t1 = time.perf_counter()

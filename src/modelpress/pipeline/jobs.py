@@ -67,6 +67,13 @@ def run_stage(stages: tuple[Stage, ...], source: str, output: str, original: str
         compress(source, c, output, resume=resume)
     elif stage.kind == "export":
         _export(c, source, output, calibration)
+    elif stage.kind == "kv-cache":
+        from modelpress.kv_scales import carry_kv_cache
+        from modelpress.models import loading
+        from modelpress.pipeline.runner import calibration_ids
+
+        ids = calibration_ids(loading.load_tokenizer(loading.resolve(source)), calibration)
+        carry_kv_cache(source, output, ids, calibration.batch_size)
     else:
         from modelpress.train.distill import distill
 

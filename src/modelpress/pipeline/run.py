@@ -84,8 +84,11 @@ def run_recipe(recipe: Recipe, out_dir: str | Path, original: dict | None = None
         where = f"stage {label}/{n}"
         folder = out / name
         done = state["stages"].get(name, {})
-        if unit[0].kind == "kv-cache":  # no files: every step from here on is measured with it
-            kv_cache = unit[0].config.dtype
+        kv_stage = unit[0] if unit[0].kind == "kv-cache" else None
+        carried = kv_stage is not None and carries_kv_scheme(kv_stage, n)
+        if kv_stage is not None:
+            kv_cache = None if carried else kv_stage.config.dtype  # a carried scheme is read from the checkpoint
+        if kv_stage is not None and not carried:  # no files: every step from here on is measured with it
             state["stages"][name] = done = {**done, "fingerprint": fingerprint, "title": title, "seconds": None,
                                             "peak_rss_mb": None}
         elif not folder.exists():
@@ -96,7 +99,7 @@ def run_recipe(recipe: Recipe, out_dir: str | Path, original: dict | None = None
             _save_state(out, state)
         elif "seconds" not in done:
             done.update({"fingerprint": fingerprint, "title": title, "seconds": None, "peak_rss_mb": None})
-        if unit[0].kind != "kv-cache":
+        if kv_stage is None or carried:
             source = str(model_in(folder))
         for stage in unit:
             spec = format_spec(stage, spec, source)
@@ -107,7 +110,7 @@ def run_recipe(recipe: Recipe, out_dir: str | Path, original: dict | None = None
             _save_state(out, state)
         steps.append({"stages": [s.index for s in unit], "kinds": [s.kind for s in unit], "title": title,
                       "output": source, "seconds": done["seconds"], "peak_rss_mb": done["peak_rss_mb"],
-                      **done["measured"]})
+                      **done["measured"], **({"kv_cache_how": kv_cache_note(kv_stage, carried)} if kv_stage else {})})
     record = {
         "command": "run",
         "recipe": _recipe_dump(recipe),
@@ -120,6 +123,27 @@ def run_recipe(recipe: Recipe, out_dir: str | Path, original: dict | None = None
     tmp.write_text(to_json(record, indent=2))
     tmp.replace(out / RECORD)
     return record
+
+
+def carries_kv_scheme(stage: Stage, n_stages: int) -> bool:
+    """Whether a kv-cache stage writes its scales into the checkpoint: an FP8 cache (the one KV
+    scheme vLLM reads) as the recipe's last stage (a later quantize would rewrite the checkpoint,
+    and a GGUF export cannot carry it: llama.cpp takes the cache type as flags)."""
+    return stage.config.dtype == "fp8" and stage.index == n_stages
+
+
+def kv_cache_note(stage: Stage, carried: bool) -> dict:
+    """How an engine runs this step's KV cache, for the record and the table."""
+    dtype = stage.config.dtype
+    if carried:
+        how = "carried in the checkpoint (kv_cache_scheme, calibrated per-layer scales): vLLM runs it as is"
+    elif dtype == "int8":
+        how = ("not in the checkpoint (vLLM has no int8 KV cache); llama.cpp: -ctk q8_0 -ctv q8_0; measured here "
+               "per token and head")
+    else:
+        how = ("not in the checkpoint (only a last-stage FP8 cache is carried); vLLM: --kv-cache-dtype fp8; "
+               "llama.cpp has no FP8 cache (q8_0 is its nearest); measured here with per-head scales")
+    return {"dtype": dtype, "carried": carried, "how": how}
 
 
 def _evaluation_key(recipe: Recipe, text: str) -> str:

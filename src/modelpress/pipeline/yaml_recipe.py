@@ -23,9 +23,11 @@ Stage kinds and what each reads:
   written in that format;
 - ``distill``: the same as ``heal``, with ``teacher`` given explicitly (or ``alpha: 0``, no teacher);
 - ``kv-cache``: ``{dtype: int8}`` or ``fp8``: every later step is evaluated with its keys and
-  values quantized that way (per token and head, as at run time) and planned with that cache size.
-  It writes no files: the checkpoint does not yet carry a ``kv_cache_scheme``, so tell the engine
-  (vLLM ``--kv-cache-dtype``, llama.cpp ``-ctk``/``-ctv``);
+  values quantized that way and planned with that cache size. As the last stage, ``fp8`` is
+  carried in the checkpoint: calibrated per-layer scales and the ``kv_cache_scheme`` vLLM reads
+  (:mod:`modelpress.kv_scales`), so vLLM runs it with an FP8 cache and no flag, and the step is
+  measured with those scales. Otherwise it writes no files and the step's record says how to run
+  it (vLLM has no int8 cache; llama.cpp takes ``-ctk q8_0 -ctv q8_0`` and has no FP8 cache);
 - ``export``: ``{to: gguf, type: q4_k_m, calibrate: gptq}`` (``overrides: {module regex: q6_k}`` for
   per-tensor types) or ``{to: hf, dtype: bfloat16}``.
 

@@ -1,0 +1,194 @@
+"""Carry an FP8 KV cache in the checkpoint: calibrated key and value scales and the
+``kv_cache_scheme`` vLLM reads.
+
+vLLM stores keys and values in E4M3 when a checkpoint's compressed-tensors config declares a
+``kv_cache_scheme`` (8-bit float, symmetric, one scale per layer: the ``tensor`` strategy), and
+reads each layer's scales from ``<attention>.k_scale`` / ``v_scale``; it divides by them before
+the cast. Without calibrated scales it uses 1.0, which clips any key beyond +-448 and spends the
+format's range badly on small ones.
+
+Calibration: the model (dequantized when it is quantized) runs over the calibration windows with
+a recording cache (:class:`KVRange`): the cache's ``update`` is where every transformers
+attention hands over its keys after RoPE and any k-norm, which is what an engine caches. Each
+layer's scale is ``max |k| / 448`` over every calibration token and head, and the same for ``v``
+(the static min/max observer llm-compressor uses for this strategy). *Simplification:* the model
+is loaded whole for this pass, as the pipeline's own measurement loads it anyway; a layer-by-layer
+pass would bound memory for models that do not fit.
+
+The output is the source checkpoint (its shards hard-linked where the file system allows, else
+copied, under an index) plus one shard of scales and ``config.json`` with the scheme, so vLLM runs
+it with an FP8 cache and no flag; ``modelpress eval`` measures it with those scales
+(:mod:`modelpress.eval.kv_cache`).
+
+Only ``fp8`` is carried: vLLM's compressed-tensors reader accepts no other KV scheme
+(``CompressedTensorsKVCacheMethod``: ``num_bits=8, type=float``), and llama.cpp takes its cache
+type from the command line (``-ctk``/``-ctv``), not the file.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from transformers import DynamicCache
+
+from modelpress.errors import UserError
+from modelpress.eval.kv_cache import FP8_MAX, cache_kwargs
+from modelpress.export.checkpoint import copy_side_files
+from modelpress.models import loading
+from modelpress.progress import track
+from modelpress.record import to_json
+
+logger = logging.getLogger("modelpress")
+
+SCHEME = {"num_bits": 8, "type": "float", "strategy": "tensor", "dynamic": False, "symmetric": True}
+SCALES_FILE = "kv-cache-scales.safetensors"
+
+
+class KVRange(DynamicCache):
+    """A ``DynamicCache`` that records, per layer, the largest ``|key|`` and ``|value|`` it is handed."""
+
+    def __init__(self, config=None):
+        super().__init__(config=config)
+        self.amax: dict[int, list[float]] = {}
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+        k, v = key_states.detach().abs().amax().item(), value_states.detach().abs().amax().item()
+        seen = self.amax.setdefault(layer_idx, [0.0, 0.0])
+        seen[0], seen[1] = max(seen[0], k), max(seen[1], v)
+        return super().update(key_states, value_states, layer_idx, *args, **kwargs)
+
+
+def kv_amax(model, batches: list[torch.Tensor]) -> list[tuple[float, float]]:
+    """``(max |k|, max |v|)`` of every decoder layer over ``batches``, in layer order."""
+    amax: dict[int, list[float]] = {}
+    with torch.no_grad():
+        for batch in track(batches, total=len(batches), what="calibration batch"):
+            cache = KVRange(model.config)
+            model(input_ids=batch, **cache_kwargs(model, cache))
+            for i, (k, v) in cache.amax.items():
+                seen = amax.setdefault(i, [0.0, 0.0])
+                seen[0], seen[1] = max(seen[0], k), max(seen[1], v)
+    n_layers = model.config.get_text_config().num_hidden_layers
+    if sorted(amax) != list(range(n_layers)):
+        raise UserError(f"the KV cache saw layers {sorted(amax)} of {n_layers}: this architecture does not hand every "
+                        "layer's keys to the cache, so its scales cannot be calibrated")
+    return [(amax[i][0], amax[i][1]) for i in range(n_layers)]
+
+
+def attention_paths(model) -> list[str]:
+    """The state-dict prefix of each decoder layer's attention module (which owns ``k_scale``), in layer order."""
+    found = {}
+    for name, module in model.named_modules():
+        idx = getattr(module, "layer_idx", None)
+        if idx is not None and (hasattr(module, "k_proj") or hasattr(module, "qkv_proj")):
+            found.setdefault(idx, name)
+    n_layers = model.config.get_text_config().num_hidden_layers
+    if sorted(found) != list(range(n_layers)):
+        raise UserError("could not find every decoder layer's attention module (one with k_proj or qkv_proj); "
+                        "this architecture's KV cache cannot be carried in the checkpoint")
+    return [found[i] for i in range(n_layers)]
+
+
+def carry_kv_cache(model: str, out_dir: str, ids: torch.Tensor, batch_size: int = 4) -> dict:
+    """Calibrate FP8 key and value scales for ``model`` on ``ids`` and write ``model`` with them
+    and a ``kv_cache_scheme`` to ``out_dir`` (which appears only when complete).
+
+    Returns:
+        The run record (also written as ``out_dir/modelpress.json``).
+    """
+    source = loading.resolve(model)
+    if source.kind != "folder" or not source.safetensors_files():
+        raise UserError(f"{model}: a KV-cache scheme is carried in a safetensors checkpoint folder; put the kv-cache "
+                        "stage before any GGUF export (llama.cpp takes its cache type as -ctk/-ctv flags instead)")
+    out = Path(out_dir)
+    if out.exists():
+        raise UserError(f"output {out} already exists; choose a new folder or remove it")
+    loaded = loading.load_model(source, dequantize=True)
+    paths = attention_paths(loaded)
+    amax = kv_amax(loaded, list(torch.split(ids, batch_size)))
+    del loaded
+    scales = {}
+    for path, (k, v) in zip(paths, amax):
+        scales[f"{path}.k_scale"] = torch.tensor([max(k, 1e-12) / FP8_MAX], dtype=torch.float32)
+        scales[f"{path}.v_scale"] = torch.tensor([max(v, 1e-12) / FP8_MAX], dtype=torch.float32)
+    record = {"command": "kv-cache", "source": model, "kv_cache_scheme": SCHEME,
+              "calibration": {"windows": len(ids), "tokens_per_window": ids.shape[1]},
+              "layers": [{"k_amax": k, "v_amax": v} for k, v in amax]}
+    tmp = out.with_name(f"{out.name}.partial-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        _write(source, tmp, scales, record)
+        tmp.rename(out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    logger.info("wrote %s: FP8 KV-cache scales for %d layers", out, len(paths))
+    return record
+
+
+def _write(source, tmp: Path, scales: dict[str, torch.Tensor], record: dict) -> None:
+    src = Path(source.path)
+    weight_map = dict(loading.shard_index(source))
+    shards = sorted(set(weight_map.values()))
+    n = len(shards) + 1
+    renamed = {old: f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i, old in enumerate(shards)}
+    for old, new in renamed.items():  # renamed: transformers reads a lone model.safetensors and no index
+        try:
+            os.link(src / old, tmp / new)
+        except OSError:  # another file system, or links not allowed
+            shutil.copy2(src / old, tmp / new)
+    last = f"model-{n:05d}-of-{n:05d}.safetensors"
+    save_file(scales, tmp / last, metadata={"format": "pt"})
+    weight_map = {name: renamed[shard] for name, shard in weight_map.items()}
+    weight_map.update(dict.fromkeys(scales, last))
+    total = sum((tmp / f).stat().st_size for f in set(weight_map.values()))
+    (tmp / "model.safetensors.index.json").write_text(
+        to_json({"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, indent=2))
+    config = json.loads((src / "config.json").read_text())
+    qc = config.get("quantization_config") or {"quant_method": "compressed-tensors", "format": "dense",
+                                                 "config_groups": {}, "ignore": [], "quantization_status": "compressed"}
+    if qc.get("quant_method") != "compressed-tensors":
+        raise UserError(f"{src} is quantized with {qc.get('quant_method')!r}; a KV-cache scheme is carried only in "
+                        "float or compressed-tensors checkpoints")
+    config["quantization_config"] = {**qc, "kv_cache_scheme": SCHEME}
+    (tmp / "config.json").write_text(to_json(config, indent=2, sort_keys=True))
+    (tmp / "modelpress.json").write_text(to_json(record, indent=2))
+    copy_side_files(src, tmp)
+
+
+def checkpoint_kv_scales(source: loading.ModelSource) -> dict[int, tuple[float, float]] | None:
+    """Layer index -> ``(k_scale, v_scale)`` that a checkpoint carries with an FP8
+    ``kv_cache_scheme``, or ``None`` when it declares none."""
+    if source.kind != "folder" or not (Path(source.path) / "config.json").is_file():
+        return None
+    config = json.loads((Path(source.path) / "config.json").read_text())
+    scheme = (config.get("quantization_config") or {}).get("kv_cache_scheme")
+    if not scheme:
+        return None
+    if scheme.get("type") != "float" or scheme.get("num_bits") != 8 or scheme.get("strategy") != "tensor":
+        raise UserError(f"{source.path}: kv_cache_scheme {scheme} is not one modelpress evaluates (8-bit float, one "
+                        "scale per layer)")
+    from safetensors import safe_open
+
+    found: dict[str, float] = {}
+    for path in source.safetensors_files():
+        with safe_open(str(path), framework="pt") as f:
+            for name in f.keys():
+                if name.endswith((".k_scale", ".v_scale")):
+                    found[name] = float(f.get_tensor(name).float().reshape(-1)[0])
+    layers: dict[int, dict[str, float]] = {}
+    for name, value in found.items():
+        idx = next((int(p) for p in reversed(name.split(".")) if p.isdigit()), None)
+        if idx is not None:
+            layers.setdefault(idx, {})[name.rpartition(".")[2]] = value
+    incomplete = [i for i, kv in layers.items() if len(kv) != 2]
+    if not layers or incomplete:
+        raise UserError(f"{source.path} declares a kv_cache_scheme but its k_scale/v_scale tensors are missing"
+                        f"{f' for layers {incomplete}' if incomplete else ''}; rewrite it with a kv-cache stage")
+    return {i: (kv["k_scale"], kv["v_scale"]) for i, kv in sorted(layers.items())}
