@@ -54,7 +54,10 @@ GEN_TOKENS = 16
 #   for weights within +-63), and no int4 GEMM at all (`cpu_gemm_wna16` is missing).
 W8A8_BOUND = {"_C": 0.01, "_C_AVX512": 0.15, "_C_AVX2": 0.15}
 WNA16_BOUND = 0.01  # int4 weight-only in bfloat16 against our float32 evaluation of the same checkpoint
-KV_FP8_BOUND = 0.01  # vLLM's FP8 cache against our evaluation with the same scales (float32 otherwise)
+# vLLM's FP8 cache against our evaluation with the same scales (E4M3, round to nearest; float32
+# otherwise). Measured on SmolLM2, 4 windows, "_C" library: vLLM 21.450, ours 21.227 (1.05% apart),
+# float vLLM 21.039; an E5M2 emulation gives 21.646, so vLLM-CPU's conversion is neither exactly.
+KV_FP8_BOUND = 0.02
 WNA16_RUNS = {"_C": True, "_C_AVX512": None, "_C_AVX2": False}  # None: not seen yet, either is accepted
 
 
