@@ -51,11 +51,12 @@ SCALES_FILE = "kv-cache-scales.safetensors"
 
 
 class KVRange(DynamicCache):
-    """A ``DynamicCache`` that records, per layer, the largest ``|key|`` and ``|value|`` it is handed."""
+    """A ``DynamicCache`` that raises ``amax[layer]`` to the largest ``|key|`` and ``|value|`` it is
+    handed (``amax`` may be shared by the fresh cache of each batch)."""
 
-    def __init__(self, config=None):
+    def __init__(self, config=None, amax: dict[int, list[float]] | None = None):
         super().__init__(config=config)
-        self.amax: dict[int, list[float]] = {}
+        self.amax = {} if amax is None else amax
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
         k, v = key_states.detach().abs().amax().item(), value_states.detach().abs().amax().item()
@@ -68,12 +69,8 @@ def kv_amax(model, batches: list[torch.Tensor]) -> list[tuple[float, float]]:
     """``(max |k|, max |v|)`` of every decoder layer over ``batches``, in layer order."""
     amax: dict[int, list[float]] = {}
     with torch.no_grad():
-        for batch in track(batches, total=len(batches), what="calibration batch"):
-            cache = KVRange(model.config)
-            model(input_ids=batch, **cache_kwargs(model, cache))
-            for i, (k, v) in cache.amax.items():
-                seen = amax.setdefault(i, [0.0, 0.0])
-                seen[0], seen[1] = max(seen[0], k), max(seen[1], v)
+        for batch in track(batches, total=len(batches), what="calibration batch"):  # a fresh cache per batch
+            model(input_ids=batch, **cache_kwargs(model, KVRange(model.config, amax)))
     n_layers = model.config.get_text_config().num_hidden_layers
     if sorted(amax) != list(range(n_layers)):
         raise UserError(f"the KV cache saw layers {sorted(amax)} of {n_layers}: this architecture does not hand every "
@@ -165,10 +162,7 @@ def _write(source, tmp: Path, scales: dict[str, torch.Tensor], record: dict) -> 
 def checkpoint_kv_scales(source: loading.ModelSource) -> dict[int, tuple[float, float]] | None:
     """Layer index -> ``(k_scale, v_scale)`` that a checkpoint carries with an FP8
     ``kv_cache_scheme``, or ``None`` when it declares none."""
-    if source.kind != "folder" or not (Path(source.path) / "config.json").is_file():
-        return None
-    config = json.loads((Path(source.path) / "config.json").read_text())
-    scheme = (config.get("quantization_config") or {}).get("kv_cache_scheme")
+    scheme = loading.compressed_tensors_config(source).get("kv_cache_scheme")
     if not scheme:
         return None
     if scheme.get("type") != "float" or scheme.get("num_bits") != 8 or scheme.get("strategy") != "tensor":

@@ -81,10 +81,6 @@ _TIE_SEED = 0  # ties are broken by seeded random keys: the same mask on every r
 _ROW_BLOCK = 4096  # rows per N:M selection, bounding its sort's temporaries
 
 
-def _generator() -> torch.Generator:
-    return torch.Generator().manual_seed(_TIE_SEED)
-
-
 def lowest(score: torch.Tensor, pattern: Pattern, per_row: bool = True) -> torch.Tensor:
     """The mask that drops the lowest ``score``s the pattern allows; ``score: (rows, cols)``.
 
@@ -105,7 +101,7 @@ def lowest(score: torch.Tensor, pattern: Pattern, per_row: bool = True) -> torch
     that rule overshoots the target by far.
     """
     rows, cols = score.shape
-    gen = _generator()
+    gen = torch.Generator().manual_seed(_TIE_SEED)
     if pattern.n is not None:
         pattern.check_width(cols)
         mask = torch.empty(rows, cols, dtype=torch.bool)

@@ -7,7 +7,6 @@ network is touched only when the user names a hub id that is not a local path.
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import re
 import warnings
@@ -272,13 +271,6 @@ def check_shapes(index: dict[str, str], shapes: dict[str, tuple[int, ...]]) -> N
                         "fix the config (hidden_size, intermediate_size, heads...) or the weights")
 
 
-def _declares_kv_cache_scheme(source: ModelSource) -> bool:
-    config = Path(source.path) / "config.json" if source.kind == "folder" else None
-    if config is None or not config.is_file():
-        return False
-    return bool((json.loads(config.read_text()).get("quantization_config") or {}).get("kv_cache_scheme"))
-
-
 def _check_loading_info(source: ModelSource, info: dict) -> None:
     """Refuse a load that left parameters randomly initialised or dropped checkpoint tensors.
 
@@ -286,7 +278,7 @@ def _check_loading_info(source: ModelSource, info: dict) -> None:
     transformers may leave unplaced (it has no FP8 cache); they are the engine's, and the
     evaluator reads them from the file (:mod:`modelpress.kv_scales`), so they are not refused."""
     missing, unexpected = set(info.get("missing_keys") or ()), set(info.get("unexpected_keys") or ())
-    if unexpected and _declares_kv_cache_scheme(source):
+    if unexpected and compressed_tensors_config(source).get("kv_cache_scheme"):
         unexpected = {k for k in unexpected if not k.endswith((".k_scale", ".v_scale"))}
     mismatched = [k if isinstance(k, str) else k[0] for k in info.get("mismatched_keys") or ()]
     problems = []
