@@ -1,5 +1,6 @@
 """`modelpress run`: stages in order, each in its own process, every step measured, resumable."""
 
+import io
 import json
 import os
 import re
@@ -18,6 +19,7 @@ from modelpress.errors import UserError
 from modelpress.eval.compare import measure
 from modelpress.pipeline.run import run_recipe
 from modelpress.pipeline.yaml_recipe import load_recipe
+from modelpress.report.inside import shown
 from tests.conftest import TINY, checkpoint_tensors
 
 PRUNE_QUANTIZE = [{"prune": {"method": "sparsegpt", "sparsity": 0.5}},
@@ -244,7 +246,58 @@ def test_the_report_is_one_offline_page_with_the_records_numbers(compared):
     ppl = [row[5] for row in cells.rows[1:]]
     assert ppl == [f"{m['ppl']:.3f}" for m in [record["original"], *record["steps"]]]
     charts = [c.split("'")[0] for c in page.split("data-chart='")[1:]]
-    assert charts == ["size-ppl", "memory", "layers", "layers"]  # one per-layer chart per layer pass
+    # one per-layer chart per layer pass; the roofline of the recipe's device; the weights before and after
+    assert charts == ["size-ppl", "memory", "roofline", "layers", "layers", "histograms"]
+    for m in [record["original"], *record["steps"]]:  # every step's greedy continuations, as recorded
+        assert len(m["generations"]) == 3 and all(len(g["tokens"]) == 32 for g in m["generations"])
+        for g in m["generations"]:
+            assert shown(g["continuation"]) in page
+
+
+CHROMIUM = Path(__file__).resolve().parents[2] / ".cache" / "chromium" / "headless-shell"  # scripts/setup_browser.sh
+
+
+@pytest.mark.slow
+def test_the_report_renders_in_a_headless_browser_with_no_network(compared, tmp_path):
+    """As a person sees it: Chromium opens the page offline, asks for nothing but the file, logs no
+    error, lays out every chart at a visible size with its marks drawn, and shows the record's numbers."""
+    from PIL import Image
+    from playwright.sync_api import sync_playwright
+
+    if not CHROMIUM.is_file():
+        pytest.fail(f"no headless Chromium at {CHROMIUM}: run bash scripts/setup_browser.sh")
+    out = compared[0] / "cmp" / "prune-first"
+    report = tmp_path / "report.html"
+    assert run_cli_report(out, report).returncode == 0
+    record = json.loads((out / "modelpress.json").read_text())
+    problems, requests = [], []
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=["--no-sandbox"])
+        try:
+            page = browser.new_context(offline=True, viewport={"width": 1200, "height": 900}).new_page()
+            page.on("console", lambda m: problems.append(f"{m.type}: {m.text}") if m.type in ("error", "warning") else None)
+            page.on("pageerror", lambda e: problems.append(f"page error: {e}"))
+            page.on("request", lambda r: requests.append(r.url))
+            page.goto(report.as_uri(), wait_until="load")
+            charts = page.eval_on_selector_all("figure.chart", """figs => figs.map(f => {
+                const svg = f.querySelector('svg'), box = svg.getBoundingClientRect();
+                return {name: f.dataset.chart, width: box.width, height: box.height,
+                        marks: svg.querySelectorAll('path, use').length};
+            })""")
+            ppl = page.eval_on_selector_all("#steps tr", "rows => rows.slice(1).map(r => r.cells[5].innerText)")
+            continuations = page.eval_on_selector_all("td.gen", "cells => cells.map(c => c.innerText)")
+            shot = page.screenshot(full_page=True)
+        finally:
+            browser.close()
+    assert problems == [] and requests == [report.as_uri()]
+    assert [c["name"] for c in charts] == ["size-ppl", "memory", "roofline", "layers", "layers", "histograms"]
+    for chart in charts:
+        assert chart["width"] > 600 and chart["height"] > 200 and chart["marks"] > 20, chart
+    assert ppl == [f"{m['ppl']:.3f}" for m in [record["original"], *record["steps"]]]
+    assert len(continuations) == 3 * (1 + len(record["steps"]))
+    image = Image.open(io.BytesIO(shot)).convert("RGB")
+    assert image.width == 1200 and image.height > 4 * 900  # the whole page, every section laid out
+    assert len(image.getcolors(maxcolors=1 << 20)) > 100  # drawn, not a blank page
 
 
 def run_cli_report(run: Path, out: Path) -> subprocess.CompletedProcess:

@@ -23,7 +23,7 @@ from modelpress.cli.plan import wide_console
 from modelpress.errors import UserError
 from modelpress.plan.memory import KV_BYTES
 from modelpress.record import to_json
-from modelpress.report.html import num, size_text
+from modelpress.report.page import num, size_text
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

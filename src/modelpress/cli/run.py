@@ -19,7 +19,8 @@ from modelpress.cli.plan import wide_console
 from modelpress.errors import UserError
 from modelpress.pipeline.run import plan_recipe, run_recipe
 from modelpress.pipeline.yaml_recipe import load_recipe
-from modelpress.report.html import measured_cells, num, pct, size_text, step_rows, timing_cells
+from modelpress.report.html import measured_cells, step_rows, timing_cells
+from modelpress.report.page import num, pct, size_text
 from modelpress.record import to_json
 
 

@@ -22,6 +22,7 @@ from modelpress.errors import UserError
 from modelpress.eval.fake_quant import activation_fake_quant, checkpoint_input_quant
 from modelpress.eval.kv_cache import check_kv_format
 from modelpress.eval.perplexity import evaluate
+from modelpress.eval.samples import greedy_generations, probe_linears, weight_histograms
 from modelpress.kv_scales import checkpoint_kv_scales
 from modelpress.models import loading
 
@@ -53,7 +54,8 @@ def eval_windows(source: loading.ModelSource, text: str | None, windows: int,
 
 
 def measure(model: str, text: str | None, windows: int, baseline: str | None = None,
-             kv_cache: str | None = None) -> dict:
+             kv_cache: str | None = None, prompts=(), new_tokens: int = 32,
+             histograms: list[str] | bool = False) -> dict:
     """Evaluate ``model`` (and compare with ``baseline``) on ``text``; plain-data result.
 
     Args:
@@ -64,6 +66,11 @@ def measure(model: str, text: str | None, windows: int, baseline: str | None = N
         kv_cache: ``int8``/``fp8``: evaluate with the KV cache quantized. A checkpoint that
             carries a ``kv_cache_scheme`` is always evaluated with its FP8 scales, as vLLM runs it
             (``kv_cache`` is then refused: the checkpoint already says).
+        prompts: continue each greedily by ``new_tokens`` tokens, with the same KV cache
+            (:func:`~modelpress.eval.samples.greedy_generations`): ``"generations"``.
+        histograms: the weights (state-dict names) whose value histograms to keep, or ``True``
+            for :func:`~modelpress.eval.samples.probe_linears`' choice: ``"weight_histograms"``,
+            of the dequantized weights.
 
     Returns:
         ``{"text", "model", "size_bytes", "protocol", "ppl", "n_tokens", ...}`` and, with a
@@ -95,6 +102,8 @@ def measure(model: str, text: str | None, windows: int, baseline: str | None = N
             kv_cache=kv_cache,
             kv_scales=kv_scales,
         )
+        generations = greedy_generations(loaded, loading.load_tokenizer(source), prompts, new_tokens, kv_cache,
+                                         kv_scales) if prompts else None
     if not math.isfinite(result.ppl):
         raise UserError(f"perplexity of {model} is {result.ppl}: its outputs overflow or are NaN; "
                         "evaluate it in float32, or check the weights")
@@ -102,7 +111,22 @@ def measure(model: str, text: str | None, windows: int, baseline: str | None = N
     if kv_scales is not None:
         result.kv_cache = "fp8 (the checkpoint's scales)"
     out = {"text": str(text), "model": model, "size_bytes": size_on_disk(source), **result.to_dict()}
+    if generations is not None:
+        out["generations"] = generations
+    if histograms:
+        names = probe_linears(loaded) if histograms is True else list(histograms)
+        if _holds_codes(loaded, names):  # a compressed checkpoint: its float view, one copy at a time
+            del loaded
+            loaded = loading.load_model(source, dequantize=True)
+        out["weight_histograms"] = weight_histograms(loaded, names)
     if base_source is not None:
         out["baseline"] = baseline
         out["baseline_size_bytes"] = size_on_disk(base_source)
     return out
+
+
+
+def _holds_codes(model: torch.nn.Module, names: list[str]) -> bool:
+    """Whether a compressed checkpoint's modules hold the named weights as codes and scales."""
+    params = dict(model.named_parameters())
+    return any(n not in params and n.removesuffix("weight") + "weight_scale" in params for n in names)

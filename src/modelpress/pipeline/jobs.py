@@ -26,7 +26,8 @@ def run_job(job: dict) -> dict:
                   calibration=CalibrationConfig(**job["calibration"]), resume=job["resume"])
         return {}
     return measure_model(job["model"], job["text"], job["windows"], job["baseline"], job["format"], job["device"],
-                         kv_cache=job.get("kv_cache"))
+                         kv_cache=job.get("kv_cache"), prompts=job.get("prompts", ()),
+                         new_tokens=job.get("new_tokens", 0), histograms=job.get("histograms", False))
 
 
 def resumable(stages: tuple[Stage, ...]) -> bool:
@@ -109,8 +110,10 @@ def _export(c, source: str, output: str, calibration: CalibrationConfig) -> None
 
 
 def measure_model(model: str, text: str, windows: int, baseline: str | None, spec: str | None,
-                  device: str | None, kv_cache: str | None = None) -> dict:
-    """:func:`~modelpress.eval.compare.measure` (with the KV cache in ``kv_cache``) plus the
+                  device: str | None, kv_cache: str | None = None, prompts=(), new_tokens: int = 0,
+                  histograms: list[str] | bool = False) -> dict:
+    """:func:`~modelpress.eval.compare.measure` (with the KV cache in ``kv_cache``, generations
+    from ``prompts`` and the ``histograms`` asked for) plus the
     planner's view of ``model`` in format ``spec``: parameters, weight bytes, bits per parameter
     on disk, decode speed of light on ``device``."""
     from modelpress.eval.compare import measure
@@ -119,7 +122,8 @@ def measure_model(model: str, text: str, windows: int, baseline: str | None, spe
     from modelpress.plan.formats import plan_format
     from modelpress.plan.memory import weight_bytes
 
-    result = measure(model, text, windows, baseline=baseline, kv_cache=kv_cache)
+    result = measure(model, text, windows, baseline=baseline, kv_cache=kv_cache, prompts=prompts,
+                     new_tokens=new_tokens, histograms=histograms)
     shape = shape_from_config(loading.load_config(loading.resolve(model)), Path(model).name)
     fmt = None
     if spec is not None:

@@ -35,6 +35,7 @@ from pathlib import Path
 
 from modelpress.data import builtin_text
 from modelpress.errors import UserError
+from modelpress.eval.samples import DEFAULT_PROMPTS
 from modelpress.pipeline.yaml_recipe import TRAIN_KINDS, Recipe, Stage, passes
 from modelpress.record import to_json, versions
 
@@ -106,7 +107,8 @@ def run_recipe(recipe: Recipe, out_dir: str | Path, original: dict | None = None
         if done.get("measured", {}).get("evaluation") != evaluation:
             logger.info("measuring %s: %s", where, title)
             done["measured"] = {**_measure(out, name, source, text, recipe, baseline=recipe.model, spec=spec,
-                                           kv_cache=kv_cache), "evaluation": evaluation}
+                                           kv_cache=kv_cache, histograms=list(original.get("weight_histograms", {}))),
+                                "evaluation": evaluation}
             _save_state(out, state)
         steps.append({"stages": [s.index for s in unit], "kinds": [s.kind for s in unit], "title": title,
                       "output": source, "seconds": done["seconds"], "peak_rss_mb": done["peak_rss_mb"],
@@ -263,9 +265,14 @@ def _run_stage(out: Path, unit: tuple[Stage, ...], name: str, source: str, folde
 
 
 def _measure(out: Path, name: str, model: str, text: str, recipe: Recipe, baseline: str | None,
-             spec: str | None, kv_cache: str | None = None) -> dict:
-    job = {"what": "measure", "model": model, "text": text, "windows": recipe.evaluate.windows,
-           "baseline": baseline, "format": spec, "device": recipe.evaluate.device, "kv_cache": kv_cache}
+             spec: str | None, kv_cache: str | None = None, histograms: list[str] | bool = True) -> dict:
+    """Measure ``model`` in a child process; ``histograms``: the weights to keep histograms of
+    (``True``: the original's pick, which every later step repeats)."""
+    ev = recipe.evaluate
+    prompts = list(DEFAULT_PROMPTS if ev.prompts is None else ev.prompts) if ev.new_tokens else []
+    job = {"what": "measure", "model": model, "text": text, "windows": ev.windows, "baseline": baseline,
+           "format": spec, "device": ev.device, "kv_cache": kv_cache, "prompts": prompts, "new_tokens": ev.new_tokens,
+           "histograms": histograms}
     result, _, _ = _child(out, f"{name}.measure", job, f"measuring {model}")
     return result
 

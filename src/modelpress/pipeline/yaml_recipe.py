@@ -73,7 +73,9 @@ class EvaluateConfig(BaseModel):
     """How every step is measured: ``ppl-512`` on ``text`` (the first ``windows`` windows), KL and
     top-1 agreement against the recipe's model; ``device`` (a catalogue name, see ``plan
     --list-hardware``) adds the decode speed of light of each step, and ``context`` tokens for
-    ``batch`` sequences size its KV cache in ``run --plan-only``. No text: the built-in one."""
+    ``batch`` sequences size its KV cache in ``run --plan-only``. No text: the built-in one. Each
+    step also continues ``prompts`` greedily by ``new_tokens`` tokens (none given: three plain
+    openings; ``new_tokens: 0`` turns it off), shown before and after by the report."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -82,6 +84,8 @@ class EvaluateConfig(BaseModel):
     device: str | None = None
     context: int = Field(4096, ge=1)
     batch: int = Field(1, ge=1)
+    prompts: list[str] | None = None
+    new_tokens: int = Field(32, ge=0, le=512)
 
 
 class KVCacheConfig(BaseModel):

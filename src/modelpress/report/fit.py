@@ -17,41 +17,39 @@ import json
 import math
 from pathlib import Path
 
-from modelpress.report.html import _CSS, _e, _figure, _pyplot, num, size_text
+from modelpress.report.page import esc, figure, html_page, num, pyplot, size_text, write_page
 
 
 def render_fit(record: dict, sens: dict | None) -> str:
     """The HTML page of a fit record (and its sensitivity, when kept)."""
     b = record["budget"]
-    parts = [f"<h1>fit: {_e(record['model'])} on {_e(b['device'])}</h1>",
-             f"<p class='note'>engine {_e(record['engine'])}; weights may take {size_text(b['weights'])}"
+    parts = [f"<h1>fit: {esc(record['model'])} on {esc(b['device'])}</h1>",
+             f"<p class='note'>engine {esc(record['engine'])}; weights may take {size_text(b['weights'])}"
              + ("" if b["weights_only"] else f" at context {b['context']:,} x batch {b['batch']} "
-                f"(KV cache {size_text(b['kv_cache'])} in {_e(b['kv_dtype'])})")
-             + f"; winner <b>{_e(record['winner'])}</b></p>",
+                f"(KV cache {size_text(b['kv_cache'])} in {esc(b['kv_dtype'])})")
+             + f"; winner <b>{esc(record['winner'])}</b></p>",
              "<h2>Candidates</h2>", candidate_table(record),
-             "<h2>Memory</h2>", _figure(budget_chart(record), "budget")]
+             "<h2>Memory</h2>", figure(budget_chart(record), "budget")]
     if sens:
         parts += ["<h2>Sensitivity: predicted KL of each group in its probe format</h2>",
                   "<p class='note'>Each group (Linears an engine fuses) rounded alone, the model's KL measured: "
-                  "darker costs more.</p>", _figure(sensitivity_map(sens), "sensitivity")]
+                  "darker costs more.</p>", figure(sensitivity_map(sens), "sensitivity")]
         if record.get("formats"):
             parts += ["<h2>Allocation: the winner's bits per weight</h2>",
-                      _figure(allocation_map(sens, record["formats"]), "allocation")]
+                      figure(allocation_map(sens, record["formats"]), "allocation")]
         if any(s.get("kl_measured") for s in sens["linears"].values()):
             parts += ["<h2>Embedding and output head</h2>",
                       "<p class='note'>The model's KL with the tensor alone in each type, measured.</p>",
                       tensor_table(sens, record.get("formats") or {})]
-    return (f"<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'><title>modelpress fit: "
-            f"{_e(Path(record['model']).name)}</title><style>{_CSS}</style></head><body>\n"
-            + "\n".join(parts) + "\n</body></html>\n")
+    return html_page(f"modelpress fit: {Path(record['model']).name}", parts)
 
 
 def candidate_table(record: dict) -> str:
     head = "".join(f"<th>{h}</th>" for h in ("candidate", "formats", "bytes", "predicted KL", "ppl", "KL", "top-1", ""))
     rows = []
     for c in record["candidates"]:
-        mix = ", ".join(f"{n} {_e(f)}" for f, n in c["mix"].items())
-        cells = [_e(c["name"]), mix, size_text(c["bytes"]), num(c.get("predicted_kl"), ".4f"), num(c.get("ppl"), ".3f"),
+        mix = ", ".join(f"{n} {esc(f)}" for f, n in c["mix"].items())
+        cells = [esc(c["name"]), mix, size_text(c["bytes"]), num(c.get("predicted_kl"), ".4f"), num(c.get("ppl"), ".3f"),
                  num(c.get("kl"), ".4f"), num(c.get("top1_agreement"), ".1%"),
                  "winner" if c["name"] == record["winner"] else ""]
         rows.append("<tr>" + "".join(f"<td class='n'>{x}</td>" if i in (2, 3, 4, 5, 6) else f"<td>{x}</td>"
@@ -65,8 +63,8 @@ def tensor_table(sens: dict, formats: dict[str, str]) -> str:
     rows = []
     for name, s in sens["linears"].items():
         if s.get("kl_measured"):
-            cells = [f"<b>{_e(t)}</b>" if formats.get(name) == t else _e(t) for t in s["nbytes"]]
-            rows += [f"<tr><td>{_e(name)}</td><td>{c}</td><td class='n'>{size_text(s['nbytes'][t])}</td>"
+            cells = [f"<b>{esc(t)}</b>" if formats.get(name) == t else esc(t) for t in s["nbytes"]]
+            rows += [f"<tr><td>{esc(name)}</td><td>{c}</td><td class='n'>{size_text(s['nbytes'][t])}</td>"
                      f"<td class='n'>{num(s['errors'][t], '.5f')}</td></tr>" for c, t in zip(cells, s["nbytes"])]
     head = "".join(f"<th>{h}</th>" for h in ("tensor", "type", "bytes", "KL"))
     return f"<table><tr>{head}</tr>{''.join(rows)}</table>"
@@ -74,7 +72,7 @@ def tensor_table(sens: dict, formats: dict[str, str]) -> str:
 
 def budget_chart(record: dict):
     """Device memory as reserve + KV cache + activations + the weights' budget; each candidate's bytes."""
-    plt = _pyplot()
+    plt = pyplot()
     b = record["budget"]
     fig, ax = plt.subplots(figsize=(7, 1.2 + 0.35 * len(record["candidates"])))
     left = 0.0
@@ -128,7 +126,7 @@ def allocation_map(sens: dict, formats: dict[str, str]):
 
 def _layer_map(sens: dict, value, cmap: str, label: str):
     """A heat map of ``value(group, names)`` by decoder layer (columns) and group kind (rows)."""
-    plt = _pyplot()
+    plt = pyplot()
     kinds, n_layers, grid = _grid(sens, value)
     fig, ax = plt.subplots(figsize=(max(5, 0.25 * n_layers + 2), 0.5 * len(kinds) + 1.2))
     im = ax.imshow(grid, aspect="auto", cmap=cmap)
@@ -149,7 +147,4 @@ def write_fit_report(run: Path, out: Path) -> Path:
     record = json.loads((run / "fit.json").read_text())
     sens_file = run / "sensitivity.json"
     sens = json.loads(sens_file.read_text()) if sens_file.is_file() else None
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text(render_fit(record, sens), encoding="utf-8")
-    tmp.replace(out)
-    return out
+    return write_page(render_fit(record, sens), out)

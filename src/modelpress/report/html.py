@@ -10,28 +10,21 @@ and training logs of its stages, so the page shows exactly what the run measured
   against the device's memory (the planner's arithmetic);
 - size against perplexity, one point per step;
 - the per-layer error of every layer pass (relative output error of each Linear, by layer);
-- the training curves (loss and held-out perplexity) of every training stage.
-
-Not yet on the page: weight histograms, the roofline chart, generations before and after.
+- the training curves (loss and held-out perplexity) of every training stage;
+- the roofline of every step's format on the recipe's device, histograms of a few weights before
+  and after each step, and each step's greedy continuations of the recipe's prompts
+  (:mod:`modelpress.report.inside`).
 """
 
 from __future__ import annotations
 
-import html
-import io
 import json
 from pathlib import Path
 
 from modelpress.errors import UserError
 from modelpress.record import read_record
-
-_CSS = """
-body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1100px; color: #222; }
-h1 { font-size: 1.5em; } h2 { font-size: 1.2em; margin-top: 2em; border-bottom: 1px solid #ddd; }
-table { border-collapse: collapse; font-size: 0.9em; } td, th { padding: 4px 10px; border-bottom: 1px solid #eee; }
-th { text-align: left; background: #f6f6f6; } td.n { text-align: right; font-variant-numeric: tabular-nums; }
-.note { color: #666; font-size: 0.9em; } figure { margin: 1em 0; } svg { max-width: 100%; height: auto; }
-"""
+from modelpress.report.inside import generations_table, histogram_chart, roofline_chart
+from modelpress.report.page import esc, figure, html_page, num, pct, pyplot, size_text, write_page
 
 
 def write_report(run: str | Path, out: str | Path) -> Path:
@@ -42,35 +35,68 @@ def write_report(run: str | Path, out: str | Path) -> Path:
     if not record or record.get("command") != "run":
         raise UserError(f"{run} is not a finished recipe run (no run record in {run / 'modelpress.json'}); "
                         "give the -o folder of `modelpress run` once it has finished")
-    page = render(record)
-    out = Path(out)
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text(page, encoding="utf-8")
-    tmp.replace(out)
-    return out
+    return write_page(render(record), out)
 
 
 def render(record: dict) -> str:
     """The HTML page of a run record (plain data in, one string out)."""
     recipe, original, steps = record["recipe"], record["original"], record["steps"]
-    parts = [f"<h1>{_e(Path(recipe['path']).name)}: {_e(recipe['model'])}</h1>",
-             f"<p class='note'>ppl-512 on {_e(Path(original['text']).name)} ({original['n_windows']} windows); "
-             f"output {_e(record['output'])}; modelpress {_e(record.get('versions', {}).get('modelpress', '?'))}</p>",
+    parts = [f"<h1>{esc(Path(recipe['path']).name)}: {esc(recipe['model'])}</h1>",
+             f"<p class='note'>ppl-512 on {esc(Path(original['text']).name)} ({original['n_windows']} windows); "
+             f"output {esc(record['output'])}; modelpress {esc(record.get('versions', {}).get('modelpress', '?'))}</p>",
              "<h2>Steps</h2>", stage_table(record),
-             "<h2>Size and perplexity</h2>", _figure(size_vs_ppl(original, steps), "size-ppl")]
-    memory = memory_chart(record)
-    if memory is not None:
-        parts += ["<h2>Memory on the device</h2>", _figure(memory, "memory")]
+             "<h2>Size and perplexity</h2>", figure(size_vs_ppl(labeled(record)), "size-ppl")]
+    points = labeled(record)
+    target = device_and_shape(record)
+    if target is None:
+        parts.append("<p class='note'>Name a device in the recipe's <code>evaluate</code> (<code>device: h100</code>) "
+                     "to see each step's memory and roofline on it.</p>")
+    else:
+        ev = recipe["evaluate"]
+        context, batch = ev.get("context", 4096), ev.get("batch", 1)
+        parts += ["<h2>Memory on the device</h2>", figure(memory_chart(points, *target, context, batch), "memory")]
+        roofline = roofline_chart(points, *target, context)
+        if roofline is not None:
+            parts += ["<h2>Roofline: one decode step, batch 1 to 1024</h2>", figure(roofline, "roofline")]
     for step in steps:
         layers = _stage_record(step).get("layers")
         if layers:
-            parts += [f"<h2>Per-layer error: {_e(step['title'])}</h2>", _figure(layer_error_chart(layers), "layers")]
+            parts += [f"<h2>Per-layer error: {esc(step['title'])}</h2>", figure(layer_error_chart(layers), "layers")]
         log = _train_log(step)
         if log:
-            parts += [f"<h2>Training: {_e(step['title'])}</h2>", _figure(training_chart(log), "training")]
-    body = "\n".join(parts)
-    return (f"<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'><title>modelpress report: "
-            f"{_e(Path(recipe['path']).name)}</title><style>{_CSS}</style></head><body>\n{body}\n</body></html>\n")
+            parts += [f"<h2>Training: {esc(step['title'])}</h2>", figure(training_chart(log), "training")]
+    histograms = histogram_chart(points)
+    if histograms is not None:
+        parts += ["<h2>Weights before and after</h2>",
+                  "<p class='note'>Values of a few Linears as the evaluator saw them (dequantized), counts on a log "
+                  "scale.</p>", figure(histograms, "histograms")]
+    generations = generations_table(points)
+    if generations is not None:
+        parts += [f"<h2>Generations (greedy, {record['recipe']['evaluate'].get('new_tokens', 32)} tokens)</h2>",
+                  generations]
+    return html_page(f"modelpress report: {Path(recipe['path']).name}", parts)
+
+
+def labeled(record: dict) -> list[tuple[str, dict]]:
+    """The original and every step with the label the charts give them (``"1+2 prune + quantize"``)."""
+    return [("0 original", record["original"]),
+            *((f"{'+'.join(map(str, s['stages']))} {s['title']}", s) for s in record["steps"])]
+
+
+def device_and_shape(record: dict):
+    """``(hardware, model shape)`` of the recipe's device and model, or ``None`` when the recipe
+    names no device or the planner cannot read the model's config."""
+    from modelpress.cli.plan import load_model
+    from modelpress.plan.hardware import find_hardware
+
+    device = record["recipe"]["evaluate"].get("device")
+    if not device:
+        return None
+    try:
+        shape, _ = load_model(record["recipe"]["model"])
+    except UserError:
+        return None
+    return find_hardware(device), shape
 
 
 def step_rows(record: dict) -> list[tuple[str, str, dict, float | None, float | None]]:
@@ -106,53 +132,38 @@ def stage_table(record: dict) -> str:
             "time", "peak RSS")
     rows = []
     for step, title, m, impact, cumulative in step_rows(record):
-        cells = [step, _e(title), *measured_cells(m, impact, cumulative), *timing_cells(m)]
+        cells = [step, esc(title), *measured_cells(m, impact, cumulative), *timing_cells(m)]
         rows.append("<tr>" + "".join(f"<td>{c}</td>" if i == 1 else f"<td class='n'>{c}</td>"
                                      for i, c in enumerate(cells)) + "</tr>")
     th = "".join(f"<th>{h}</th>" for h in head)
     return f"<table id='steps'><tr>{th}</tr>{''.join(rows)}</table>"
 
 
-def size_vs_ppl(original: dict, steps: list[dict]):
-    plt = _pyplot()
+def size_vs_ppl(points: list[tuple[str, dict]]):
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4))
-    points = [("0 original", original), *((f"{'+'.join(map(str, s['stages']))} {s['title']}", s) for s in steps)]
-    xs = [m.get("size_bytes") or 0 for _, m in points]
+    xs = [(m.get("size_bytes") or 0) / 1e6 for _, m in points]
     ys = [m["ppl"] for _, m in points]
-    ax.plot([x / 1e6 for x in xs], ys, "-o", color="#3b6ea8")
+    ax.plot(xs, ys, "-o", color="#3b6ea8")
     for (label, _), x, y in zip(points, xs, ys):
-        ax.annotate(label, (x / 1e6, y), textcoords="offset points", xytext=(6, 4), fontsize=8)
+        ax.annotate(label, (x, y), textcoords="offset points", xytext=(6, 4), fontsize=8)
     ax.set_xlabel("size on disk (MB)")
     ax.set_ylabel("perplexity (ppl-512)")
     ax.grid(alpha=0.3)
     return fig
 
 
-def memory_chart(record: dict):
-    """Weights, KV cache and activations of each step, stacked, against the device's memory; ``None``
-    when the recipe names no device or the model has no config the planner can read."""
-    from modelpress.cli.plan import load_model
-    from modelpress.plan.hardware import find_hardware
+def memory_chart(points: list[tuple[str, dict]], device, shape, context: int, batch: int):
+    """Weights, KV cache and activations of each step, stacked, against the device's memory."""
     from modelpress.plan.memory import RUNTIME_RESERVE, activation_bytes, kv_cache_bytes
 
-    ev = record["recipe"]["evaluate"]
-    if not ev.get("device"):
-        return None
-    try:
-        shape, _ = load_model(record["recipe"]["model"])
-    except UserError:
-        return None
-    device = find_hardware(ev["device"])
-    context, batch = ev.get("context", 4096), ev.get("batch", 1)
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(7, 0.6 * (len(record["steps"]) + 1) + 1.2))
-    labels, weights, kvs = ["0 original"], [record["original"].get("planner_bytes") or 0], []
-    kv_dtype = "fp16"
-    for s in record["steps"]:
-        labels.append(f"{'+'.join(map(str, s['stages']))} {s['title']}")
-        weights.append(s.get("planner_bytes") or 0)
-    for s in [record["original"], *record["steps"]]:
-        kv_dtype = s.get("kv_cache") or kv_dtype
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(7, 0.6 * len(points) + 1.2))
+    labels, weights, kvs, kv_dtype = [], [], [], "fp16"
+    for label, m in points:
+        labels.append(label)
+        weights.append(m.get("planner_bytes") or 0)
+        kv_dtype = (m.get("kv_cache") or kv_dtype).split(" ")[0]
         kvs.append(kv_cache_bytes(shape, context, batch, kv_dtype) or 0)
     act = activation_bytes(shape, context, batch)
     ys = list(range(len(labels)))[::-1]
@@ -171,7 +182,7 @@ def memory_chart(record: dict):
 
 def layer_error_chart(layers: dict[str, dict]):
     """Each Linear's relative output error (or weight error when no calibration reached it) by layer."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 3.5))
     by_kind: dict[str, list[tuple[int, float]]] = {}
     for name, info in layers.items():
@@ -192,7 +203,7 @@ def layer_error_chart(layers: dict[str, dict]):
 
 
 def training_chart(log: list[dict]):
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 3.5))
     train = [(e["step"], e["loss"]) for e in log if "loss" in e]
     evals = [(e["step"], e["eval_ppl"]) for e in log if "eval_ppl" in e]
@@ -220,43 +231,3 @@ def _train_log(step: dict) -> list[dict]:
     if not path.is_file():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    plt.rcParams["svg.fonttype"] = "path"  # text as outlines: no font needed where it is opened
-    return plt
-
-
-def _figure(fig, name: str) -> str:
-    plt = _pyplot()
-    buf = io.StringIO()
-    fig.tight_layout()
-    fig.savefig(buf, format="svg", metadata={"Date": None})
-    plt.close(fig)
-    svg = buf.getvalue()
-    svg = svg[svg.index("<svg"):]  # drop the XML prolog and doctype: the page is HTML
-    return f"<figure class='chart' data-chart='{name}'>{svg}</figure>"
-
-
-def _e(text) -> str:
-    return html.escape(str(text))
-
-
-def size_text(n) -> str:
-    """Bytes as MB below a gigabyte, else GB; empty when unknown."""
-    if n is None:
-        return ""
-    return f"{n / 1e9:,.1f} GB" if n >= 1e9 else f"{n / 1e6:,.1f} MB"
-
-
-def pct(x) -> str:
-    return "" if x is None else f"{100 * x:+.1f}%"
-
-
-def num(x, fmt: str) -> str:
-    return "" if x is None else format(x, fmt)
