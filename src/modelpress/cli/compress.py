@@ -68,6 +68,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "the source's perplexity on a little calibration text is refused)")
     parser.add_argument("--eval", action="store_true", help="after compressing, evaluate against the original")
     options.add_eval_text(parser)
+    options.add_report(parser, "settings, what was quantized, per-layer error, and the --eval numbers")
     options.add_json(parser)
 
 
@@ -120,6 +121,7 @@ def main(args: argparse.Namespace) -> int:
     options.check_calibration_source(args)
     record = compress(args.model, config, args.output, resume=args.resume, quality_guard=args.quality_guard)
     result = measure(args.output, args.text, args.windows, baseline=args.model) if args.eval else None
+    options.write_command_report(args, result)
     if args.json:
         print(to_json({"record": record, "eval": result}, indent=2))
         return 0

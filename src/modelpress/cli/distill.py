@@ -77,6 +77,7 @@ def add_arguments(parser: argparse.ArgumentParser, teacher_required: bool = Fals
     parser.add_argument("--save-every", type=options.positive_int, metavar="N",
                         help="steps between saved states for --resume (default: with every evaluation)")
     parser.add_argument("--resume", action="store_true", help="continue an interrupted run from OUT.partial")
+    options.add_report(parser, "settings, steps, the training curve and held-out perplexity")
     options.add_json(parser)
 
 
@@ -89,6 +90,7 @@ def main(args: argparse.Namespace) -> int:
                      resume=args.resume)
     if record is None:  # not the main process of a multi-process run
         return 0
+    options.write_command_report(args)
     if args.json:
         print(to_json(record, indent=2))
         return 0

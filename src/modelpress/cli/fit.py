@@ -52,8 +52,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="calibration windows per KL probe (default 2)")
     options.add_eval_text(parser)  # default: the calibration text past the windows calibration reads
     options.add_calibration(parser, "calibration (protocol calib-128x512 by default)")
-    parser.add_argument("--report", action="store_true",
-                        help="also write OUT/report.html: budget, candidates, sensitivity and allocation maps")
+    options.add_report(parser, "budget, candidates, sensitivity and allocation maps")
     options.add_json(parser)
 
 

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import logging
 from pathlib import Path
 
 from modelpress.data import CALIB_128X512, PPL_512
 from modelpress.errors import UserError
+
+logger = logging.getLogger("modelpress")
 
 
 def positive_int(text: str) -> int:
@@ -84,6 +87,22 @@ def calibration_fields(args: argparse.Namespace) -> dict:
 def check_calibration_source(args: argparse.Namespace) -> None:
     if args.calib is not None and not args.calib.startswith("hf:") and not Path(args.calib).exists():
         raise UserError(f"calibration text not found: {args.calib}")
+
+
+def add_report(parser: argparse.ArgumentParser, what: str) -> None:
+    """``--report``: one self-contained HTML page (``OUT/report.html``), the same on every command."""
+    parser.add_argument("--report", action="store_true",
+                        help=f"also write OUT/report.html, one self-contained page (opens offline): {what}")
+
+
+def write_command_report(args: argparse.Namespace, evaluation: dict | None = None) -> None:
+    """With ``--report``: the page of the command's output folder, with its evaluation when it ran one."""
+    if not getattr(args, "report", False):
+        return
+    from modelpress.report.verb import write_verb_report
+
+    out = write_verb_report(args.output, Path(args.output) / "report.html", evaluation)
+    logger.info("wrote %s", out)
 
 
 def add_json(parser: argparse.ArgumentParser) -> None:

@@ -48,6 +48,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--resume", action="store_true", help="continue an interrupted run from OUT.partial")
     parser.add_argument("--no-quality-guard", dest="quality_guard", action="store_false",
                         help="skip the check that the output's perplexity did not explode")
+    options.add_report(parser, "settings, what was pruned, each Linear's sparsity and error")
     options.add_json(parser)
 
 
@@ -88,6 +89,7 @@ def main(args: argparse.Namespace) -> int:
     options.check_new_output(args.output)
     options.check_calibration_source(args)
     record = prune(args.model, config, args.output, resume=args.resume, quality_guard=args.quality_guard)
+    options.write_command_report(args)
     if args.json:
         print(to_json(record, indent=2))
         return 0

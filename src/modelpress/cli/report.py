@@ -1,5 +1,7 @@
-"""Write one self-contained HTML page for a recipe run: the stage table, memory on the device,
-size against perplexity, per-layer error and training curves, as inline SVG (opens with no network).
+"""Write one self-contained HTML page for a recipe run (the stage table, memory and roofline on the
+device, per-layer error, weights before and after, generations, training curves), a fit (budget,
+candidates, sensitivity) or one command's output (settings, summaries, per-layer error), as inline
+SVG: it opens with no network.
 
 Example:
     modelpress run recipes/prune-then-quantize.yaml -o runs/ptq
@@ -12,19 +14,25 @@ import argparse
 
 from pathlib import Path
 
+from modelpress.record import read_record
 from modelpress.report.fit import write_fit_report
 from modelpress.report.html import write_report
+from modelpress.report.verb import write_verb_report
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("run", metavar="RUN", help="the -o folder of a finished `modelpress run` or `modelpress fit`")
+    parser.add_argument("run", metavar="RUN", help="the -o folder of a finished `modelpress run` or `fit`, or of a compress, "
+                        "prune, distill or heal")
     parser.add_argument("-o", "--output", required=True, metavar="FILE", help="the HTML file to write")
 
 
 def main(args: argparse.Namespace) -> int:
-    if (Path(args.run) / "fit.json").is_file():  # a `modelpress fit` output
-        out = write_fit_report(Path(args.run), Path(args.output))
-    else:
-        out = write_report(args.run, args.output)
+    run = Path(args.run)
+    if (run / "fit.json").is_file():  # a `modelpress fit` output
+        out = write_fit_report(run, Path(args.output))
+    elif read_record(run).get("command") == "run":
+        out = write_report(run, args.output)
+    else:  # one command's output (compress, prune, distill, heal)
+        out = write_verb_report(run, args.output)
     print(f"wrote {out}")
     return 0

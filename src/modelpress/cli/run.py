@@ -29,8 +29,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-o", "--output", metavar="OUT",
                         help="run folder: each stage's output under it (several recipes: one subfolder each); "
                              "rerun the same command to continue an interrupted run")
-    parser.add_argument("--report", action="store_true",
-                        help="also write OUT/report.html: the run as one self-contained page of tables and charts")
+    options.add_report(parser, "the stage table, memory and roofline on the device, per-layer errors, weights "
+                               "before and after, generations")
     parser.add_argument("--plan-only", action="store_true",
                         help="print each step's weight format, bytes, KV cache and fit on the recipe's device from "
                              "the planner's arithmetic, without the weights (the model may be a size such as 70B)")

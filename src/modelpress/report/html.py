@@ -18,11 +18,11 @@ and training logs of its stages, so the page shows exactly what the run measured
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from modelpress.errors import UserError
 from modelpress.record import read_record
+from modelpress.report.charts import layer_error_chart, train_log, training_chart
 from modelpress.report.inside import generations_table, histogram_chart, roofline_chart
 from modelpress.report.page import esc, figure, html_page, num, pct, pyplot, size_text, write_page
 
@@ -62,7 +62,7 @@ def render(record: dict) -> str:
         layers = _stage_record(step).get("layers")
         if layers:
             parts += [f"<h2>Per-layer error: {esc(step['title'])}</h2>", figure(layer_error_chart(layers), "layers")]
-        log = _train_log(step)
+        log = train_log(_output_folder(step))
         if log:
             parts += [f"<h2>Training: {esc(step['title'])}</h2>", figure(training_chart(log), "training")]
     histograms = histogram_chart(points)
@@ -180,54 +180,10 @@ def memory_chart(points: list[tuple[str, dict]], device, shape, context: int, ba
     return fig
 
 
-def layer_error_chart(layers: dict[str, dict]):
-    """Each Linear's relative output error (or weight error when no calibration reached it) by layer."""
-    plt = pyplot()
-    fig, ax = plt.subplots(figsize=(7, 3.5))
-    by_kind: dict[str, list[tuple[int, float]]] = {}
-    for name, info in layers.items():
-        err = info.get("output_rel_mse", info.get("rel_mse"))
-        index = next((int(p) for p in name.split(".") if p.isdigit()), None)
-        if err is None or index is None:
-            continue
-        by_kind.setdefault(name.rsplit(".", 1)[-1], []).append((index, err))
-    for kind, points in sorted(by_kind.items()):
-        points.sort()
-        ax.plot([p[0] for p in points], [max(p[1], 1e-12) for p in points], "-o", markersize=3, label=kind)
-    ax.set_yscale("log")
-    ax.set_xlabel("decoder layer")
-    ax.set_ylabel("relative output error")
-    ax.legend(fontsize=7, ncol=4)
-    ax.grid(alpha=0.3)
-    return fig
-
-
-def training_chart(log: list[dict]):
-    plt = pyplot()
-    fig, ax = plt.subplots(figsize=(7, 3.5))
-    train = [(e["step"], e["loss"]) for e in log if "loss" in e]
-    evals = [(e["step"], e["eval_ppl"]) for e in log if "eval_ppl" in e]
-    if train:
-        ax.plot(*zip(*train), color="#3b6ea8", label="training loss")
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
-    if evals:
-        ax2 = ax.twinx()
-        ax2.plot(*zip(*evals), "-o", color="#e3a33b", label="held-out ppl")
-        ax2.set_ylabel("held-out perplexity")
-        ax2.legend(fontsize=8, loc="upper center")
-    ax.legend(fontsize=8, loc="upper right")
-    return fig
+def _output_folder(step: dict) -> Path:
+    output = Path(step["output"])
+    return output.parent if output.suffix == ".gguf" else output
 
 
 def _stage_record(step: dict) -> dict:
-    output = Path(step["output"])
-    return read_record(output.parent if output.suffix == ".gguf" else output) or {}
-
-
-def _train_log(step: dict) -> list[dict]:
-    output = Path(step["output"])
-    path = (output.parent if output.suffix == ".gguf" else output) / "train_log.jsonl"
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return read_record(_output_folder(step)) or {}

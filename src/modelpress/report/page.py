@@ -44,6 +44,7 @@ def pyplot():
     import matplotlib.pyplot as plt
 
     plt.rcParams["svg.fonttype"] = "path"  # text as outlines: no font needed where it is opened
+    plt.rcParams["svg.hashsalt"] = "modelpress"  # element ids from the content: the same record, the same page
     return plt
 
 
