@@ -128,7 +128,12 @@ def save_weights(model, folder: Path, dtype: torch.dtype, tokenizer=None, side_f
     (tokenizer byte for byte, generation config) from ``side_files`` (else ``tokenizer`` saved)."""
     from modelpress.export.checkpoint import copy_side_files, has_tokenizer
 
-    state = {k: v.detach().to(dtype) if v.is_floating_point() else v for k, v in model.state_dict().items()}
+    converted: dict[tuple, torch.Tensor] = {}  # one copy per storage: tied embeddings stay one tensor,
+    state = {}                                # which save_pretrained then writes once
+    for k, v in model.state_dict().items():
+        if v.is_floating_point():
+            v = converted.setdefault((v.data_ptr(), tuple(v.shape), v.stride()), v.detach().to(dtype))
+        state[k] = v
     model.save_pretrained(folder, state_dict=state)
     config = json.loads((folder / "config.json").read_text())
     config["dtype"] = str(dtype).removeprefix("torch.")
