@@ -154,3 +154,17 @@ def test_a_plan_keeps_the_format_through_a_float_stage():
                                      "stages": [{"heal": {"steps": 10}}, {"quantize": {"method": "gptq", "bits": 4}}]}))
     assert [r["format"] for r in plan["steps"]] == ["bf16", "bf16", "int4-g128"]
     assert plan["steps"][1]["weight_bytes"] == plan["steps"][0]["weight_bytes"]
+
+
+def test_run_model_replaces_the_recipes_model(capsys):
+    """`run --model`: the same recipe on another model (here a bare size, planned)."""
+    import json
+    from pathlib import Path
+
+    from modelpress.cli import main
+
+    recipe = Path(__file__).resolve().parents[2] / "recipes" / "seed-70b.yaml"
+    assert main(["run", str(recipe), "--model", "8B", "--plan-only", "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert 7.5e9 < plan["params"] < 8.5e9
+    assert load_recipe(recipe, model="8B").model == "8B" and load_recipe(recipe).model != "8B"

@@ -7,6 +7,7 @@ modelpress.pipeline.yaml_recipe for the recipe's fields.
 Example:
     modelpress run recipes/prune-then-quantize.yaml -o runs/ptq
     modelpress run recipes/prune-then-quantize.yaml recipes/quantize-only.yaml -o runs/orders
+    modelpress run recipes/int4.yaml --model runs/gemma-3-270m -o runs/gemma-int4
 """
 
 from __future__ import annotations
@@ -34,11 +35,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--plan-only", action="store_true",
                         help="print each step's weight format, bytes, KV cache and fit on the recipe's device from "
                              "the planner's arithmetic, without the weights (the model may be a size such as 70B)")
+    parser.add_argument("--model", metavar="MODEL",
+                        help="run the recipes on this model (checkpoint folder, .gguf, hub id or, with --plan-only, "
+                             "a size) instead of the one they name")
     options.add_json(parser)
 
 
 def main(args: argparse.Namespace) -> int:
-    recipes = [load_recipe(path) for path in args.recipes]  # every recipe is checked before any work
+    recipes = [load_recipe(path, model=args.model) for path in args.recipes]  # all checked before any work
     if args.plan_only:
         plans = [plan_recipe(r) for r in recipes]
         if args.json:

@@ -194,9 +194,9 @@ class Recipe:
     one_pass: bool = True
 
 
-def load_recipe(path: str | Path) -> Recipe:
-    """Read and validate the YAML recipe at ``path``; every error is one :class:`UserError` line
-    naming the stage and the field."""
+def load_recipe(path: str | Path, model: str | None = None) -> Recipe:
+    """Read and validate the YAML recipe at ``path`` (run on ``model`` instead of the one it names,
+    when given); every error is one :class:`UserError` line naming the stage and the field."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"recipe not found: {path}")
@@ -206,6 +206,8 @@ def load_recipe(path: str | Path) -> Recipe:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark is not None else ""
         raise UserError(f"{path} is not valid YAML{where}: {getattr(e, 'problem', None) or e}") from None
+    if model is not None and isinstance(data, dict):
+        data = {**data, "model": model}
     return parse_recipe(data, str(path))
 
 
