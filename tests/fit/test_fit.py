@@ -68,7 +68,8 @@ def test_fit_writes_the_least_loss_model_within_the_budget(tiny_llama, tmp_path,
     out = tmp_path / "fit"
     weights = sum(t.numel() * t.element_size() for t in checkpoint_tensors(tiny_llama).values())
     budget = int(weights * 0.55)  # float32 tiny model: int8 Linears fit, not the float ones
-    assert main(["fit", str(tiny_llama), "--memory", f"{budget}B", "--weights-only", "-o", str(out), *args, "--report"]) == 0
+    assert main(["fit", str(tiny_llama), "--memory", f"{budget}B", "--weights-only", "-o", str(out), *args, "--report",
+                 "--speed"]) == 0
     record = json.loads((out / "fit.json").read_text())
     names = [c["name"] for c in record["candidates"]]
     assert "mixed" in names or len(names) >= 2
@@ -85,9 +86,14 @@ def test_fit_writes_the_least_loss_model_within_the_budget(tiny_llama, tmp_path,
     from modelpress.pipeline.yaml_recipe import load_recipe
 
     assert load_recipe(out / "recipe.yaml").stages[0].config.overrides or winner["kind"] == "uniform"
-    assert "winner" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "winner" in printed and "ceiling" in printed
     page = (out / "report.html").read_text()
     assert all(f"data-chart='{c}'" in page for c in ("budget", "sensitivity", "allocation"))
+    speed = record["speed"]  # --speed: the written winner decoding in transformers, beside this machine's ceiling
+    assert speed["engine"] == "transformers" and speed["tokens"] == 64 and speed["decode_tok_s"] > 0
+    assert speed["fraction"] == speed["decode_tok_s"] / speed["ceiling_tok_s"]
+    assert f"<td class='n'>{speed['decode_tok_s']:.1f}</td>" in page
 
 
 def test_the_fit_page_shows_budget_candidates_sensitivity_and_allocation(tmp_path):

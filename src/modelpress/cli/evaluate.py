@@ -31,9 +31,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
                         help="with --engine vllm: the activation dtype (vLLM's CPU int4/int8 weight-only kernels "
                              "take bfloat16 or float16 only)")
-    parser.add_argument("--speed", action="store_true",
-                        help="also measure decode tokens/s (llama.cpp for .gguf, transformers otherwise) beside this "
-                             "machine's memory-bound ceiling (its read bandwidth, measured)")
+    options.add_speed(parser)
     options.add_eval_text(parser)
     options.add_json(parser)
 

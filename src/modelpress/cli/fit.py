@@ -53,6 +53,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     options.add_eval_text(parser)  # default: the calibration text past the windows calibration reads
     options.add_calibration(parser, "calibration (protocol calib-128x512 by default)")
     options.add_report(parser, "budget, candidates, sensitivity and allocation maps")
+    options.add_speed(parser, "the winner")
     options.add_json(parser)
 
 
@@ -74,11 +75,15 @@ def main(args: argparse.Namespace) -> int:
     record = fit_model(args.model, args.output, budget, config, engine=args.engine, formats=formats,
                        eval_text=args.text, windows=args.windows,
                        probe_windows=args.probe_windows, n_uniform=args.uniform, sensitivity_method=args.sensitivity,
-                       report=args.report, gguf_base=file_type(args.gguf_base))
+                       report=args.report, gguf_base=file_type(args.gguf_base), speed=args.speed)
     if args.json:
         print(to_json(record, indent=2))
         return 0
     print_fit(record, args.output)
+    if record.get("speed"):
+        from modelpress.cli.evaluate import print_speed
+
+        print_speed(record["speed"])
     return 0
 
 

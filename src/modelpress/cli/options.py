@@ -105,5 +105,12 @@ def write_command_report(args: argparse.Namespace, evaluation: dict | None = Non
     logger.info("wrote %s", out)
 
 
+def add_speed(parser: argparse.ArgumentParser, what: str = "the model") -> None:
+    """``--speed``: decode tokens/s measured on this machine beside its memory-bound ceiling."""
+    parser.add_argument("--speed", action="store_true",
+                        help=f"also measure the decode tokens/s of {what} (llama.cpp for .gguf, transformers "
+                             "otherwise) beside this machine's memory-bound ceiling (its read bandwidth, measured)")
+
+
 def add_json(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print machine-readable JSON instead of a table")

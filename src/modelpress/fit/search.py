@@ -207,7 +207,7 @@ def recipe_data(model: str, candidate: Candidate, config, evaluate: dict, gguf_b
 def fit_model(model: str, out_dir: str | Path, budget: Budget, config, engine: str = "vllm",
               formats: list[str] | None = None, eval_text: str | None = None, windows: int = 40,
               probe_windows: int = 2, n_uniform: int = 2, sensitivity_method: str = "gptq",
-              report: bool = False, gguf_base: str = fit_gguf.BASE) -> dict:
+              report: bool = False, gguf_base: str = fit_gguf.BASE, speed: bool = False) -> dict:
     """Find, build and check the least-loss model of ``model`` within ``budget`` (see the module doc).
 
     Args:
@@ -227,6 +227,8 @@ def fit_model(model: str, out_dir: str | Path, budget: Budget, config, engine: s
         report: also write ``OUT/report.html`` (:mod:`modelpress.report.fit`).
         gguf_base: for llama.cpp, the file type whose types the tensors outside the decoder
             Linears, the embedding and the output head take (norms, biases).
+        speed: also measure the winner's decode tokens/s in its engine on this machine, beside
+            this machine's memory-bound ceiling (:mod:`modelpress.eval.speed`): ``record["speed"]``.
 
     Returns:
         The fit record (also ``OUT/fit.json``).
@@ -309,6 +311,10 @@ def fit_model(model: str, out_dir: str | Path, budget: Budget, config, engine: s
                        "kv_dtype": winner.kv_dtype or budget.kv_dtype}
     if written > winner.weights_budget:  # the sensitivity's byte count is exact: this is a bug, not a user error
         raise RuntimeError(f"the written model has {written} tensor bytes, over the budget of {winner.weights_budget:.0f}")
+    if speed:  # the files as written, in the engine they are for
+        from modelpress.eval.speed import decode_speed, with_ceiling
+
+        record["speed"] = with_ceiling(decode_speed(str(work / ("model.gguf" if gguf else "model"))))
     # paths inside OUT.partial (the held-out text, the original's record) are written as they will be
     record = json.loads(json.dumps(record, default=str).replace(json.dumps(str(work))[1:-1], json.dumps(str(out))[1:-1]))
     (work / "fit.json").write_text(json.dumps(record, indent=1))

@@ -30,6 +30,15 @@ def render_fit(record: dict, sens: dict | None) -> str:
              + f"; winner <b>{esc(record['winner'])}</b></p>",
              "<h2>Candidates</h2>", candidate_table(record),
              "<h2>Memory</h2>", figure(budget_chart(record), "budget")]
+    if record.get("speed"):
+        sp = record["speed"]
+        parts += ["<h2>Decode speed on this machine</h2>",
+                  f"<table id='speed'><tr><th>engine</th><th>measured tok/s</th><th>ceiling tok/s</th><th>fraction</th>"
+                  f"</tr><tr><td>{esc(sp['engine'])}</td><td class='n'>{sp['decode_tok_s']:.1f}</td>"
+                  f"<td class='n'>{sp['ceiling_tok_s']:.1f}</td><td class='n'>{sp['fraction']:.0%}</td></tr></table>",
+                  f"<p class='note'>batch 1, {sp['tokens']} tokens; the ceiling is this machine's measured read "
+                  f"bandwidth ({sp['bandwidth'] / 1e9:.1f} GB/s) over the {size_text(sp['bytes_per_token'])} one "
+                  "step reads.</p>"]
     if sens:
         parts += ["<h2>Sensitivity: predicted KL of each group in its probe format</h2>",
                   "<p class='note'>Each group (Linears an engine fuses) rounded alone, the model's KL measured: "
