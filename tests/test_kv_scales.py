@@ -121,3 +121,23 @@ def test_bad_inputs_are_refused_and_leave_nothing(tiny_llama, tmp_path):
     with pytest.raises(UserError):
         carry_kv_cache(str(gguf), str(tmp_path / "out"), _ids(tiny_llama))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["exists", "m.gguf"]
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gemma3_text"])
+def test_a_float_checkpoint_is_calibrated_layer_by_layer(tiny_models, tmp_path, monkeypatch, model_type):
+    """The layer runner's observer sees the same keys and values as a whole model's cache, and the
+    model is never loaded whole (gemma3: sliding-window layers beside global ones)."""
+    from modelpress.kv_scales import kv_amax, streamed_kv_amax
+
+    path = tiny_models[model_type]
+    ids = _ids(path)
+    whole = kv_amax(AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval(), list(torch.split(ids, 2)))
+
+    def refused(*args, **kwargs):
+        raise AssertionError("the model was loaded whole")
+
+    monkeypatch.setattr(loading, "load_model", refused)
+    paths, streamed = streamed_kv_amax(loading.resolve(path), ids, batch_size=2)
+    assert [x for kv in streamed for x in kv] == pytest.approx([x for kv in whole for x in kv], rel=1e-5)
+    assert len(paths) == len(whole)
+    carry_kv_cache(str(path), str(tmp_path / "kv"), ids, batch_size=2)  # the whole verb streams too

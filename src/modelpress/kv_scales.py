@@ -11,9 +11,12 @@ Calibration: the model (dequantized when it is quantized) runs over the calibrat
 a recording cache (:class:`KVRange`): the cache's ``update`` is where every transformers
 attention hands over its keys after RoPE and any k-norm, which is what an engine caches. Each
 layer's scale is ``max |k| / 448`` over every calibration token and head, and the same for ``v``
-(the static min/max observer llm-compressor uses for this strategy). *Simplification:* the model
-is loaded whole for this pass, as the pipeline's own measurement loads it anyway; a layer-by-layer
-pass would bound memory for models that do not fit.
+(the static min/max observer llm-compressor uses for this strategy). A float checkpoint is
+calibrated layer by layer on the one runner (:class:`KVRangeStage`, an observer: each layer's
+attention is handed a recording cache during the forward that feeds the next layer), so memory is
+one layer plus the activations. *Simplification:* a quantized checkpoint, which the layer reader
+cannot decode, is loaded whole and dequantized for this pass, as the pipeline's own measurement
+loads it anyway.
 
 The output is the source checkpoint (its shards hard-linked where the file system allows, else
 copied, under an index) plus one shard of scales and ``config.json`` with the scheme, so vLLM runs
@@ -27,6 +30,8 @@ type from the command line (``-ctk``/``-ctv``), not the file.
 
 from __future__ import annotations
 
+import contextlib
+import inspect
 import json
 import logging
 import os
@@ -78,6 +83,59 @@ def kv_amax(model, batches: list[torch.Tensor]) -> list[tuple[float, float]]:
     return [(amax[i][0], amax[i][1]) for i in range(n_layers)]
 
 
+class KVRangeStage:
+    """A layer-runner observer recording each layer's ``max |k|`` and ``max |v|``: while the layer
+    runs the forward that feeds the next one, its attention module is handed a fresh
+    :class:`KVRange` per call, as a model's own forward with a cache would hand it (the keys after
+    RoPE and any k-norm). The cache returns the keys it was given, so the outputs are unchanged."""
+
+    needs = frozenset()
+
+    def __init__(self):
+        self.amax: dict[int, list[float]] = {}
+
+    @contextlib.contextmanager
+    def probe(self, layer):
+        attention = next((m for m in layer.modules() if getattr(m, "layer_idx", None) is not None
+                          and (hasattr(m, "k_proj") or hasattr(m, "qkv_proj"))), None)
+        if attention is None:
+            raise UserError("found no attention module (one with k_proj or qkv_proj) in a decoder layer; this "
+                            "architecture's KV cache cannot be calibrated")
+        params = inspect.signature(attention.forward).parameters
+        arg = next((a for a in ("past_key_values", "cache", "past_key_value") if a in params), None)
+        if arg is None:
+            raise UserError(f"{type(attention).__name__}.forward takes no cache; its KV cache cannot be calibrated")
+
+        def hand_cache(module, args, kwargs):
+            return args, {**kwargs, arg: KVRange(None, self.amax)}
+
+        handle = attention.register_forward_pre_hook(hand_cache, with_kwargs=True)
+        try:
+            yield self
+        finally:
+            handle.remove()
+
+    def run(self, layer, prefix, modules, formats, stats) -> dict:
+        return {}
+
+
+def streamed_kv_amax(source, ids: torch.Tensor, batch_size: int) -> tuple[list[str], list[tuple[float, float]]]:
+    """:func:`kv_amax` of a float checkpoint, one decoder layer at a time, and each layer's
+    attention path (:func:`attention_paths`)."""
+    from modelpress.models.layers import LayerwiseModel
+    from modelpress.pipeline.runner import run_layers
+    from modelpress.pipeline.sinks import ObserveSink
+
+    lm = LayerwiseModel(source)
+    paths = attention_paths(lm.model)
+    stage = KVRangeStage()
+    run_layers(lm, [stage], {}, ObserveSink(), ids, batch_size)
+    if sorted(stage.amax) != list(range(len(paths))):
+        raise UserError(f"the KV cache saw layers {sorted(stage.amax)} of {len(paths)}: this architecture does not "
+                        "hand every layer's keys to the cache, so its scales cannot be calibrated")
+    return paths, [(stage.amax[i][0], stage.amax[i][1]) for i in range(len(paths))]
+
+
 def attention_paths(model) -> list[str]:
     """The state-dict prefix of each decoder layer's attention module (which owns ``k_scale``), in layer order."""
     found = {}
@@ -106,10 +164,13 @@ def carry_kv_cache(model: str, out_dir: str, ids: torch.Tensor, batch_size: int 
     out = Path(out_dir)
     if out.exists():
         raise UserError(f"output {out} already exists; choose a new folder or remove it")
-    loaded = loading.load_model(source, dequantize=True)
-    paths = attention_paths(loaded)
-    amax = kv_amax(loaded, list(torch.split(ids, batch_size)))
-    del loaded
+    if loading.compressed_tensors_config(source):  # quantized: whole, dequantized (see the module doc)
+        loaded = loading.load_model(source, dequantize=True)
+        paths = attention_paths(loaded)
+        amax = kv_amax(loaded, list(torch.split(ids, batch_size)))
+        del loaded
+    else:
+        paths, amax = streamed_kv_amax(source, ids, batch_size)
     scales = {}
     for path, (k, v) in zip(paths, amax):
         scales[f"{path}.k_scale"] = torch.tensor([max(k, 1e-12) / FP8_MAX], dtype=torch.float32)
