@@ -295,6 +295,31 @@ def test_heal_keeps_the_zeros_of_a_pruned_model_through_qat(teacher, damaged, te
             assert (weights[name][w == 0] == 0).all()
 
 
+def test_healing_a_pruned_then_quantized_checkpoint_holds_its_zero_codes(teacher, damaged, texts, tmp_path):
+    """GPTQ on a pruned model keeps its zeros; QAT from that checkpoint holds every zero code (the
+    file cannot tell a pruned weight from one that rounded to zero), so the 2:4 pattern survives."""
+    pruned, quantized, healed = tmp_path / "pruned", tmp_path / "int4", tmp_path / "healed"
+    assert main(["prune", str(damaged), "--method", "magnitude", "--pattern", "2:4", "--no-quality-guard",
+                 "-o", str(pruned)]) == 0
+    assert main(["compress", str(pruned), "--method", "gptq", "--bits", "4", "--group-size", "32", "--calib",
+                 str(texts["train"]), "--calib-samples", "8", "--calib-seq-len", "32", "--no-quality-guard",
+                 "-o", str(quantized)]) == 0
+    assert main(["heal", str(quantized), "--teacher", str(teacher), "--data", str(texts["train"]), "--steps", "6",
+                 *FAST, "-o", str(healed)]) == 0
+    record = json.loads((healed / "modelpress.json").read_text())
+    assert record["qat"]["start"] == "stored" and len(record["kept_zeros"]) == 14
+    start = loading.load_model(loading.resolve(quantized), dequantize=True).state_dict()
+    after = loading.load_model(loading.resolve(healed), dequantize=True).state_dict()
+    changed = 0
+    for name, w in start.items():
+        if ".layers." in name and name.endswith("proj.weight"):
+            assert (after[name][w == 0] == 0).all()
+            groups = (after[name] == 0).reshape(w.shape[0], -1, 4).sum(-1)
+            assert (groups >= 2).all()  # 2:4 in the written codes
+            changed += int(not torch.equal(after[name], w))
+    assert changed > 0  # the other codes did train
+
+
 def test_on_policy_distillation_is_deterministic_given_the_seed_and_moves_toward_the_teacher(teacher, damaged,
                                                                                             texts, tmp_path):
     argv = ["distill", str(damaged), "--teacher", str(teacher), "--mode", "on-policy", "--beta", "0.5",

@@ -52,7 +52,7 @@ from modelpress.errors import UserError
 from modelpress.formats.floats import parse_format
 from modelpress.formats.integer import IntFormat
 from modelpress.models import loading
-from modelpress.record import record_header
+from modelpress.record import read_record, record_header
 from modelpress.train import qat
 from modelpress.train.data import BatchOrder, train_windows
 from modelpress.train.loop import Trainer
@@ -188,7 +188,9 @@ def _student(src, config: DistillConfig, device):
       stored codes and scales (QAT), and written back in them;
     - a GGUF file: trained through each tensor's own block type with the block params the file
       stores, and written as ``model.gguf`` with the same per-tensor types;
-    - exact zeros of a float model (a pruned one): kept, their gradients masked (:func:`keep_zeros`).
+    - exact zeros of a float model (a pruned one): kept, their gradients masked (:func:`keep_zeros`);
+      of a quantized one whose record says it was pruned (:func:`pruned_codes`): every zero code
+      kept, since pruned weights and weights that rounded to zero look alike in the file.
 
     Returns:
         ``(model, save(model, folder, tokenizer), record entry)``.
@@ -237,10 +239,19 @@ def _student(src, config: DistillConfig, device):
                                                                      side)
         info["qat"] = {"formats": sorted({f.name for f in formats.values()}), "scales": config.qat_scales,
                        "start": "stored" if start else "rtn", "layers": len(fakes)}
-    # a float source's exact zeros are pruned weights; a quantized one's are also code 0 of its grid,
-    # which QAT must be free to move (so a pruned-then-quantized checkpoint's zeros are not held: noted)
-    info["kept_zeros"] = None if start else keep_zeros(model) or None
+    # A float source's exact zeros are pruned weights. A quantized one's are also code 0 of its grid,
+    # which QAT must be free to move, unless its record says it was pruned: then every zero code is
+    # held, the pruned ones and those that rounded to zero alike (the file cannot tell them apart).
+    if not start or pruned_codes(src):
+        info["kept_zeros"] = keep_zeros(model) or None
     return model, save, info
+
+
+def pruned_codes(src) -> bool:
+    """Whether a quantized checkpoint's zero codes include pruned weights: its record says it was
+    pruned in its layer pass, or quantized with the zeros of a pruned source kept."""
+    record = read_record(src.path) if src.kind == "folder" else {}
+    return bool(record.get("pruned") or (record.get("config") or {}).get("keep_zeros"))
 
 
 def _teacher(teacher: str | None, config: DistillConfig, student, device, probe: torch.Tensor):
