@@ -93,7 +93,7 @@ def test_fit_writes_the_least_loss_model_within_the_budget(tiny_llama, tmp_path,
     speed = record["speed"]  # --speed: the written winner decoding in transformers, beside this machine's ceiling
     assert speed["engine"] == "transformers" and speed["tokens"] == 64 and speed["decode_tok_s"] > 0
     assert speed["fraction"] == speed["decode_tok_s"] / speed["ceiling_tok_s"]
-    assert f"<td class='n'>{speed['decode_tok_s']:.1f}</td>" in page
+    assert f"<td class='n'>{speed['decode_tok_s']:.1f}</td>" in page and "data-chart='roofline'" in page
 
 
 def test_the_fit_page_shows_budget_candidates_sensitivity_and_allocation(tmp_path):

@@ -80,9 +80,11 @@ def _transformers_speed(model: str, n_tokens: int) -> dict:
 
 
 def with_ceiling(speed: dict) -> dict:
-    """``speed`` plus this machine's measured bandwidth, the memory-bound ceiling and the fraction reached."""
+    """``speed`` plus this machine's measured bandwidth and matmul FLOP/s, the memory-bound
+    ceiling and the fraction reached."""
     from modelpress.plan.hardware import find_hardware
 
     hw = find_hardware("local")
     ceiling = hw.bandwidth / speed["bytes_per_token"]
-    return {**speed, "bandwidth": hw.bandwidth, "ceiling_tok_s": ceiling, "fraction": speed["decode_tok_s"] / ceiling}
+    return {**speed, "bandwidth": hw.bandwidth, "peak_flops": hw.peak_flops("fp32"), "ceiling_tok_s": ceiling,
+            "fraction": speed["decode_tok_s"] / ceiling}

@@ -17,6 +17,7 @@ import json
 import math
 from pathlib import Path
 
+from modelpress.report.inside import measured_roofline_chart
 from modelpress.report.page import esc, figure, html_page, num, pyplot, size_text, write_page
 
 
@@ -39,6 +40,9 @@ def render_fit(record: dict, sens: dict | None) -> str:
                   f"<p class='note'>batch 1, {sp['tokens']} tokens; the ceiling is this machine's measured read "
                   f"bandwidth ({sp['bandwidth'] / 1e9:.1f} GB/s) over the {size_text(sp['bytes_per_token'])} one "
                   "step reads.</p>"]
+        flops = _flops_per_token(record["model"])
+        if flops is not None and sp.get("peak_flops"):
+            parts.append(figure(measured_roofline_chart(sp, flops, record["winner"]), "roofline"))
     if sens:
         parts += ["<h2>Sensitivity: predicted KL of each group in its probe format</h2>",
                   "<p class='note'>Each group (Linears an engine fuses) rounded alone, the model's KL measured: "
@@ -51,6 +55,19 @@ def render_fit(record: dict, sens: dict | None) -> str:
                       "<p class='note'>The model's KL with the tensor alone in each type, measured.</p>",
                       tensor_table(sens, record.get("formats") or {})]
     return html_page(f"modelpress fit: {Path(record['model']).name}", parts)
+
+
+def _flops_per_token(model: str) -> float | None:
+    """FLOP of one decode step per token (``2 x`` active params), from the model's config."""
+    from modelpress.cli.plan import load_model
+    from modelpress.errors import UserError
+    from modelpress.plan.roofline import flops_per_token
+
+    try:
+        shape, _ = load_model(model)
+    except UserError:
+        return None
+    return flops_per_token(shape)
 
 
 def candidate_table(record: dict) -> str:

@@ -107,3 +107,30 @@ def shown(text: str) -> str:
     """Generated text as the page shows it: escaped, control characters other than newline and tab
     written as ``\\xNN`` (a broken model emits them; the record keeps the text as it came)."""
     return esc("".join(c if c in "\n\t" or unicodedata.category(c) != "Cc" else f"\\x{ord(c):02x}" for c in text))
+
+
+def measured_roofline_chart(speed: dict, flops_per_token: float, label: str):
+    """This machine's roofline (measured read bandwidth and matmul FLOP/s) with one decode step at
+    batch 1 twice: at the memory-bound ceiling and as measured (FLOP/s achieved = tokens/s times
+    FLOP per token), so the gap between the engine and the physical limit is a distance."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    bw, peak = speed["bandwidth"], speed["peak_flops"]
+    x = flops_per_token / speed["bytes_per_token"]
+    ridge = peak / bw
+    lo, hi = min(x, ridge) / 4, max(x, ridge) * 4
+    ax.plot([lo, ridge, hi], [lo * bw, peak, peak], color="#444", linewidth=1.5)
+    ax.annotate(f"matmul peak; ridge {ridge:,.1f} FLOP/B", (ridge, peak), textcoords="offset points", xytext=(4, 4),
+                fontsize=7)
+    ax.plot([x], [x * bw], "o", color="#3b6ea8", label=f"{label}: ceiling {speed['ceiling_tok_s']:.1f} tok/s")
+    ax.plot([x], [speed["decode_tok_s"] * flops_per_token], "s", color="#e3a33b",
+            label=f"{label}: measured {speed['decode_tok_s']:.1f} tok/s in {speed['engine']} "
+                  f"({speed['fraction']:.0%})")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("arithmetic intensity (FLOP per byte read) of one decode step")
+    ax.set_ylabel("FLOP/s")
+    ax.set_title(f"this machine: {bw / 1e9:.1f} GB/s read, {peak / 1e9:.0f} GFLOP/s matmul (measured)", fontsize=9)
+    ax.legend(fontsize=7, loc="lower right")
+    ax.grid(alpha=0.3, which="both")
+    return fig
