@@ -49,18 +49,27 @@ def roofline_chart(points: list[tuple[str, dict]], hw, shape, context: int):
         return None
     lo, hi = min(xs_all) / 2, max(max(xs_all), max(hw.ridge_point(c) for c in computes)) * 4
     for c in sorted(computes):
-        ridge, peak = hw.ridge_point(c), hw.peak_flops(c)
-        ax.plot([lo, ridge, hi], [lo * hw.bandwidth, peak, peak], color="#444", linewidth=1.5, alpha=0.7)
-        ax.annotate(f"{c} peak; ridge {ridge:,.0f} FLOP/B", (ridge, peak), textcoords="offset points",
-                    xytext=(4, 4), fontsize=7)
+        _roof(ax, lo, hi, hw.bandwidth, hw.peak_flops(c), f"{c} peak")
+    _roofline_axes(ax, f"{hw.name}: {hw.bandwidth / 1e12:.2f} TB/s, context {context:,}")
+    return fig
+
+
+def _roof(ax, lo: float, hi: float, bandwidth: float, peak: float, name: str) -> None:
+    """A roof from intensity ``lo`` to ``hi``: bandwidth x intensity up to the ridge, then ``peak``."""
+    ridge = peak / bandwidth
+    ax.plot([lo, ridge, hi], [lo * bandwidth, peak, peak], color="#444", linewidth=1.5, alpha=0.7)
+    ax.annotate(f"{name}; ridge {ridge:,.1f} FLOP/B", (ridge, peak), textcoords="offset points", xytext=(4, 4),
+                fontsize=7)
+
+
+def _roofline_axes(ax, title: str) -> None:
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("arithmetic intensity (FLOP per byte read) of one decode step")
-    ax.set_ylabel("attainable FLOP/s")
-    ax.set_title(f"{hw.name}: {hw.bandwidth / 1e12:.2f} TB/s, context {context:,}", fontsize=9)
+    ax.set_ylabel("FLOP/s")
+    ax.set_title(title, fontsize=9)
     ax.legend(fontsize=7, loc="lower right")
     ax.grid(alpha=0.3, which="both")
-    return fig
 
 
 def histogram_chart(points: list[tuple[str, dict]]):
@@ -119,18 +128,10 @@ def measured_roofline_chart(speed: dict, flops_per_token: float, label: str):
     x = flops_per_token / speed["bytes_per_token"]
     ridge = peak / bw
     lo, hi = min(x, ridge) / 4, max(x, ridge) * 4
-    ax.plot([lo, ridge, hi], [lo * bw, peak, peak], color="#444", linewidth=1.5)
-    ax.annotate(f"matmul peak; ridge {ridge:,.1f} FLOP/B", (ridge, peak), textcoords="offset points", xytext=(4, 4),
-                fontsize=7)
+    _roof(ax, lo, hi, bw, peak, "matmul peak")
     ax.plot([x], [x * bw], "o", color="#3b6ea8", label=f"{label}: ceiling {speed['ceiling_tok_s']:.1f} tok/s")
     ax.plot([x], [speed["decode_tok_s"] * flops_per_token], "s", color="#e3a33b",
             label=f"{label}: measured {speed['decode_tok_s']:.1f} tok/s in {speed['engine']} "
                   f"({speed['fraction']:.0%})")
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xlabel("arithmetic intensity (FLOP per byte read) of one decode step")
-    ax.set_ylabel("FLOP/s")
-    ax.set_title(f"this machine: {bw / 1e9:.1f} GB/s read, {peak / 1e9:.0f} GFLOP/s matmul (measured)", fontsize=9)
-    ax.legend(fontsize=7, loc="lower right")
-    ax.grid(alpha=0.3, which="both")
+    _roofline_axes(ax, f"this machine: {bw / 1e9:.1f} GB/s read, {peak / 1e9:.0f} GFLOP/s matmul (measured)")
     return fig
