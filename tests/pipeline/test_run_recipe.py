@@ -254,6 +254,23 @@ def test_the_report_is_one_offline_page_with_the_records_numbers(compared):
             assert shown(g["continuation"]) in page
 
 
+def test_recipes_side_by_side_get_one_page(compared, tmp_path):
+    """`modelpress report OUT` on `run A.yaml B.yaml -o OUT`: one row per recipe (its last step),
+    each recipe's path from the original, the original's generations beside each recipe's."""
+    from modelpress.report.compare import comparison_rows
+
+    run = run_cli_report(compared[0] / "cmp", tmp_path / "both.html")
+    assert run.returncode == 0, run.stderr
+    page = (tmp_path / "both.html").read_text()
+    records = [json.loads((compared[0] / "cmp" / name / "modelpress.json").read_text())
+               for name in ("prune-first", "quantize-first")]
+    table = page[page.index("<table id='recipes'>"):page.index("</table>")]
+    for record, row in zip(records, comparison_rows(records)):
+        assert f"<td class='n'>{record['steps'][-1]['ppl']:.3f}</td>" in table and row[4] in table
+    assert re.findall(r"data-chart='([\w-]+)'", page) == ["paths-ppl", "paths-kl"]
+    assert page.count("<table class='generations'>") == 3 and "<script" not in page
+
+
 CHROMIUM = Path(__file__).resolve().parents[2] / ".cache" / "chromium" / "headless-shell"  # scripts/setup_browser.sh
 
 

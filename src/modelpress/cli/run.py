@@ -20,8 +20,9 @@ from modelpress.cli.plan import wide_console
 from modelpress.errors import UserError
 from modelpress.pipeline.run import plan_recipe, run_recipe
 from modelpress.pipeline.yaml_recipe import load_recipe
+from modelpress.report.compare import COLUMNS, comparison_rows
 from modelpress.report.html import measured_cells, step_rows, timing_cells
-from modelpress.report.page import num, pct, size_text
+from modelpress.report.page import num, size_text
 from modelpress.record import to_json
 
 
@@ -70,6 +71,10 @@ def main(args: argparse.Namespace) -> int:
             from modelpress.report.html import write_report
 
             write_report(out, out / "report.html")
+    if args.report and len(records) > 1:
+        from modelpress.report.compare import write_comparison_report
+
+        write_comparison_report(args.output, Path(args.output) / "report.html")
     if args.json:
         print(to_json(records[0] if len(records) == 1 else records, indent=2))
         return 0
@@ -132,14 +137,8 @@ def print_comparison(records: list[dict]) -> None:
     from rich.table import Table
 
     t = Table(title="recipes side by side (each one's last step)", title_justify="left")
-    for col in ("recipe", "stages", "on disk", "bits/param", "ppl", "vs original", "KL", "top-1", "total time"):
+    for col in COLUMNS:
         t.add_column(col, justify="left" if col in ("recipe", "stages") else "right")
-    for r in records:
-        last, original = r["steps"][-1], r["original"]
-        seconds = [s["seconds"] for s in r["steps"] if s.get("seconds") is not None]
-        t.add_row(Path(r["recipe"]["path"]).name, " -> ".join(s["title"] for s in r["steps"]),
-                  "" if last.get("size_bytes") is None else size_text(last["size_bytes"]),
-                  num(last.get("bits_per_param"), ".2f"), f"{last['ppl']:.3f}", pct(last["ppl"] / original["ppl"] - 1),
-                  num(last.get("kl"), ".4f"), num(last.get("top1_agreement"), ".1%"),
-                  f"{sum(seconds):,.0f} s" if seconds else "")
+    for row in comparison_rows(records):
+        t.add_row(*row)
     wide_console(220).print(t)
