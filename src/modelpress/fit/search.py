@@ -279,7 +279,7 @@ def fit_model(model: str, out_dir: str | Path, budget: Budget, config, engine: s
         pool.append(kv)
     floats = fit_gguf.float_types(model) if gguf else None
     text = eval_text or held_out_text(model, config.calibration, work, windows)
-    evaluate = {"text": text, "windows": windows}
+    evaluate = {"text": text, "windows": windows, "new_tokens": 0, "histograms": False}  # numbers only: no page shows them
     if budget.device and not budget.weights_only and _in_catalogue(budget.device):
         evaluate["device"] = budget.device
     records, original = {}, None

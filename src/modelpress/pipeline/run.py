@@ -272,7 +272,7 @@ def _measure(out: Path, name: str, model: str, text: str, recipe: Recipe, baseli
     prompts = list(DEFAULT_PROMPTS if ev.prompts is None else ev.prompts) if ev.new_tokens else []
     job = {"what": "measure", "model": model, "text": text, "windows": ev.windows, "baseline": baseline,
            "format": spec, "device": ev.device, "kv_cache": kv_cache, "prompts": prompts, "new_tokens": ev.new_tokens,
-           "histograms": histograms}
+           "histograms": histograms if ev.histograms else False}
     result, _, _ = _child(out, f"{name}.measure", job, f"measuring {model}")
     return result
 

@@ -75,7 +75,8 @@ class EvaluateConfig(BaseModel):
     --list-hardware``) adds the decode speed of light of each step, and ``context`` tokens for
     ``batch`` sequences size its KV cache in ``run --plan-only``. No text: the built-in one. Each
     step also continues ``prompts`` greedily by ``new_tokens`` tokens (none given: three plain
-    openings; ``new_tokens: 0`` turns it off), shown before and after by the report."""
+    openings; ``new_tokens: 0`` turns it off) and keeps histograms of a few weights (``histograms:
+    false`` turns it off), shown before and after by the report."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -86,6 +87,7 @@ class EvaluateConfig(BaseModel):
     batch: int = Field(1, ge=1)
     prompts: list[str] | None = None
     new_tokens: int = Field(32, ge=0, le=512)
+    histograms: bool = True
 
 
 class KVCacheConfig(BaseModel):
