@@ -148,6 +148,10 @@ def test_every_step_is_measured_on_its_own_checkpoint(compared, deep_llama, text
     assert p["params"] == q["params"] == original["params"]
     assert q["format"] == "int4-g32" and q["size_bytes"] < 0.6 * p["size_bytes"]
     assert q["planner_bytes"] < p["planner_bytes"] and q["decode_tok_s"] > p["decode_tok_s"]
+    # the planner counts the float32 embeddings the int4 checkpoint keeps: its bytes are the tensors'
+    tensor_bytes = sum(t.numel() * t.element_size() for n, t in checkpoint_tensors(quantized).items()
+                       if not n.endswith("weight_shape"))
+    assert q["planner_bytes"] == pytest.approx(tensor_bytes, rel=0.01)
 
 
 def test_a_rerun_skips_finished_stages_and_a_changed_recipe_is_refused(compared, deep_llama, text):

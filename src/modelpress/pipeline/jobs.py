@@ -119,16 +119,17 @@ def measure_model(model: str, text: str, windows: int, baseline: str | None, spe
     from modelpress.eval.compare import measure
     from modelpress.models import loading
     from modelpress.models.shape import shape_from_config
-    from modelpress.plan.formats import plan_format
+    from modelpress.plan.formats import as_written_from, plan_format
     from modelpress.plan.memory import weight_bytes
 
     result = measure(model, text, windows, baseline=baseline, kv_cache=kv_cache, prompts=prompts,
                      new_tokens=new_tokens, histograms=histograms)
-    shape = shape_from_config(loading.load_config(loading.resolve(model)), Path(model).name)
+    config = loading.load_config(loading.resolve(model))
+    shape = shape_from_config(config, Path(model).name)
     fmt = None
     if spec is not None:
-        try:
-            fmt = plan_format(spec)
+        try:  # the unquantized tensors as the checkpoint holds them (a float32 source keeps float32 ones)
+            fmt = as_written_from(plan_format(spec), str(getattr(config, "dtype", None) or "") or None)
         except UserError:  # a format the planner does not price (it is still measured on disk)
             fmt = None
     result.update(windows_asked=windows, params=shape.total_params, format=spec,

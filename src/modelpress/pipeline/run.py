@@ -316,7 +316,7 @@ def plan_recipe(recipe: Recipe) -> dict:
     bare size (``70B``), a config.json or a checkpoint folder."""
     from modelpress.cli.plan import load_model
     from modelpress.plan import hardware
-    from modelpress.plan.formats import plan_format
+    from modelpress.plan.formats import as_written_from, plan_format
     from modelpress.plan.memory import activation_bytes, fit, kv_cache_bytes, weight_bytes
     from modelpress.plan.roofline import decode_roofline
 
@@ -326,8 +326,10 @@ def plan_recipe(recipe: Recipe) -> dict:
     spec = (_float_spec(recipe.model) or _config_dtype(config) or "fp16") if config is not None else "fp16"
     kv_dtype, rows, unplanned = spec if spec in ("fp16", "bf16") else "fp16", [], []
 
+    source_dtype = _config_dtype(config) if config is not None else None
+
     def row(stages, title):
-        fmt = plan_format(spec)
+        fmt = as_written_from(plan_format(spec), source_dtype)  # unquantized tensors keep the source's dtype
         weights, kv = weight_bytes(shape, fmt), kv_cache_bytes(shape, ev.context, ev.batch, kv_dtype)
         needed = weights + (kv or 0.0) + activation_bytes(shape, ev.context, ev.batch)
         f = fit(needed, device.memory)

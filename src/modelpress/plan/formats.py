@@ -46,6 +46,29 @@ def _gguf_bits(type_name: str) -> float | None:
     return 8 * type_bytes / block
 
 
+_DTYPE_BITS = {"float32": 32.0, "fp32": 32.0, "bfloat16": 16.0, "bf16": 16.0, "float16": 16.0, "fp16": 16.0}
+
+
+def as_written_from(fmt: PlanFormat, dtype: str | None) -> PlanFormat:
+    """``fmt`` as ``compress`` writes it from a checkpoint in ``dtype``: the tensors it leaves
+    unquantized (embeddings, norms, ``lm_head``) keep the source's dtype, so a float32 source's
+    embeddings cost 32 bits each, not the 16 a deployment format assumes. Float and GGUF
+    formats, which size every tensor themselves, are returned as they are.
+
+    Example:
+        >>> as_written_from(plan_format("int4-g128"), "float32").rest_bits
+        32.0
+        >>> as_written_from(plan_format("q4_k_m"), "float32") == plan_format("q4_k_m")
+        True
+    """
+    if not fmt.name.startswith(("int", *_COMPUTE)) or dtype is None:  # float and GGUF formats
+        return fmt
+    from dataclasses import replace
+
+    bits = _DTYPE_BITS.get(str(dtype).removeprefix("torch."))
+    return fmt if bits is None else replace(fmt, rest_bits=bits)
+
+
 def plan_format(spec: str) -> PlanFormat:
     """The :class:`PlanFormat` named ``spec`` (case-insensitive)."""
     key = spec.strip().lower()
