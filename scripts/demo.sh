@@ -2,7 +2,7 @@
 # The main job on a real small model: install, convert SmolLM2-135M from its GGUF file to a
 # bfloat16 checkpoint, plan its deployment, compress it with GPTQ int4 (calibration protocol
 # calib-128x512 on Emma), and print the before/after table (ppl-512 on Pride and Prejudice,
-# KL divergence, top-1 agreement, size on disk).
+# KL divergence, top-1 agreement, size on disk), and write the run's page ($OUT/report.html).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
@@ -21,4 +21,5 @@ OUT=${OUT:-runs/smollm2-135m-gptq-int4-g64}
 rm -rf "$OUT"
 $MP plan "$BASE" --hardware rtx4090 --formats bf16,int8,int4-g64,int3-g64
 $MP compress "$BASE" --method gptq --bits 4 --group-size 64 --observer mse \
-    "${CALIB[@]}" -o "$OUT" --eval --text "$EVAL_TEXT"
+    "${CALIB[@]}" -o "$OUT" --eval --text "$EVAL_TEXT" --report
+echo "demo: the run as one page (opens offline): $OUT/report.html"
