@@ -461,3 +461,49 @@ def test_heal_of_a_gguf_file_trains_in_its_own_types_from_its_stored_codes(teach
     # trained toward the teacher, in the file's own grid
     before, after = _kl_to(teacher, student, texts["held_out"]), _kl_to(teacher, out / "model.gguf", texts["held_out"])
     assert after < 0.95 * before, (before, after)
+
+
+def test_precomputed_top_k_teacher_logits_train_without_the_teacher(teacher, damaged, texts, tmp_path, monkeypatch):
+    """--teacher-topk: the teacher scores the windows once and is let go. With k the whole
+    vocabulary the loss is dense logit KD's; at k = 64 of 384 it heals nearly as far."""
+    from transformers import AutoModelForCausalLM
+
+    from modelpress.train import loop
+
+    common = ["distill", str(damaged), "--teacher", str(teacher), "--data", str(texts["train"]), *FAST,
+              "--temperature", "2"]
+    assert main([*common, "--steps", "60", "-o", str(tmp_path / "dense")]) == 0
+    vocab = AutoModelForCausalLM.from_pretrained(teacher).config.vocab_size
+    seen = []
+    original_step = loop.Trainer.step
+
+    def step(self, i):  # the loop runs with rows, never the teacher
+        seen.append((self.teacher is None, self.teacher_topk is not None))
+        return original_step(self, i)
+
+    monkeypatch.setattr(loop.Trainer, "step", step)
+    assert main([*common, "--steps", "2", "--teacher-topk", str(vocab), "-o", str(tmp_path / "full")]) == 0
+    assert set(seen) == {(True, True)}
+
+    def first_step(out):  # the same weights and batch: the same loss, to float summation order
+        return next(e for e in map(json.loads, (out / "train_log.jsonl").read_text().splitlines()) if "loss" in e)
+
+    dense, full = first_step(tmp_path / "dense"), first_step(tmp_path / "full")
+    assert full["soft"] == pytest.approx(dense["soft"], rel=1e-5) and full["ce"] == pytest.approx(dense["ce"], rel=1e-6)
+    record = json.loads((tmp_path / "full" / "modelpress.json").read_text())
+    assert record["teacher_topk"]["k"] == vocab and record["teacher_topk"]["bytes"] > 0
+    out = tmp_path / "k64"
+    assert main([*common, "--steps", "60", "--teacher-topk", "64", "-o", str(out)]) == 0
+    before = _kl_to(teacher, damaged, texts["held_out"])
+    after, after_dense = _kl_to(teacher, out, texts["held_out"]), _kl_to(teacher, tmp_path / "dense", texts["held_out"])
+    assert after < 0.6 * before and after < 1.25 * after_dense, (before, after, after_dense)
+
+
+def test_top_k_teacher_logits_are_refused_where_they_cannot_serve(damaged, teacher, texts, tmp_path, capsys):
+    assert main(["distill", str(damaged), "--alpha", "0", "--teacher-topk", "8", "--data", str(texts["train"]),
+                 "--steps", "2", *FAST, "-o", str(tmp_path / "a")]) == 2
+    assert "teacher_topk keeps the teacher's logits" in capsys.readouterr().err
+    assert main(["distill", str(damaged), "--teacher", str(teacher), "--teacher-topk", "100000", "--data",
+                 str(texts["train"]), "--steps", "2", *FAST, "-o", str(tmp_path / "b")]) == 2
+    assert "more than the vocabulary" in capsys.readouterr().err
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()

@@ -20,7 +20,8 @@ from modelpress.train.distill import DistillConfig, distill
 
 _FIELDS = ("mode", "temperature", "alpha", "beta", "lmbda", "prompt_tokens", "steps", "tokens", "lr", "warmup_steps", "weight_decay", "max_grad_norm",
            "seq_len", "batch_size", "grad_accum", "seed", "eval_every", "eval_windows", "patience", "save_every",
-           "mixed_precision", "gradient_checkpointing", "teacher_dtype", "chunk_tokens", "slice_teacher_vocab", "qat", "qat_scales")
+           "mixed_precision", "gradient_checkpointing", "teacher_dtype", "teacher_topk", "chunk_tokens", "slice_teacher_vocab", "qat",
+           "qat_scales")
 
 
 def add_arguments(parser: argparse.ArgumentParser, teacher_required: bool = False) -> None:
@@ -66,6 +67,9 @@ def add_arguments(parser: argparse.ArgumentParser, teacher_required: bool = Fals
     opt.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations: less memory, ~30%% slower")
     opt.add_argument("--teacher-dtype", choices=["float32", "bfloat16", "float16"], default="float32",
                      help="the teacher's weights (bfloat16 halves its memory)")
+    opt.add_argument("--teacher-topk", type=options.positive_int, metavar="K",
+                     help="logit mode: score the training text with the teacher once, keep its top K logits per "
+                          "token (8 bytes each), and train without the teacher in memory")
     opt.add_argument("--chunk-tokens", type=options.positive_int, default=1024,
                      help="tokens whose logits are computed at once (bounds the logits' memory)")
     ev = parser.add_argument_group("held-out evaluation (best checkpoint, early stop)")

@@ -36,6 +36,7 @@ plus the teacher's weights (``teacher_dtype``) plus one chunk of logits per mode
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import math
@@ -112,6 +113,7 @@ class DistillConfig(BaseModel):
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
     gradient_checkpointing: bool = False
     teacher_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    teacher_topk: int | None = Field(None, ge=1)  # precompute the teacher's top-k logits; not resident in training
     chunk_tokens: int = Field(1024, ge=1)
     slice_teacher_vocab: bool = False
     qat: str | None = None  # a weight format (int4-g128...): train through its fake quantization
@@ -128,6 +130,9 @@ class DistillConfig(BaseModel):
     def _one_budget(self) -> DistillConfig:
         if (self.steps is None) == (self.tokens is None):
             raise ValueError("give the budget as exactly one of steps or tokens")
+        if self.teacher_topk is not None and not (self.mode == "logit" and self.alpha > 0):
+            raise ValueError("teacher_topk keeps the teacher's logits on the training text: it is for logit "
+                             "distillation with alpha > 0 (on-policy and sequence modes need the teacher itself)")
         if self.qat is not None and self.qat_scales == "learned" and qat_kind(self.qat) == "gguf":
             raise ValueError("learned scales are for integer formats; a GGUF type keeps llama.cpp's block scales")
         return self
@@ -315,12 +320,18 @@ def distill(student: str, data: list[str], out_dir: str, config: DistillConfig, 
             windows, order = _windows(tokenizer, [corpus], config, world, f"the teacher's corpus {corpus}")
         src, model, teacher_model, t_vocab, save, info = _setup_models(student, teacher, config, accelerator.device,
                                                                        windows[:1, :16])
-    loss_module, optimizer, scheduler = _optimization(accelerator, model, teacher_model, t_vocab, config, total)
+    topk = None
+    if config.teacher_topk is not None:  # score the windows once, then let the teacher go
+        topk, info["teacher_topk"] = _teacher_topk(run, teacher_model, t_vocab, windows, config, accelerator)
+        teacher_model = None
+        gc.collect()
+    loss_module, optimizer, scheduler = _optimization(accelerator, model, teacher_model, t_vocab, config, total,
+                                                      topk=topk is not None)
     if run.resuming:
         accelerator.load_state(str(run.state))
         logger.info("resuming at step %d/%d", progress.step, total)
     trainer = Trainer(accelerator, run, config, progress, loss_module, optimizer, scheduler, teacher_model,
-                      windows, order, total, lambda folder: save(model, folder, tokenizer))
+                      windows, order, total, lambda folder: save(model, folder, tokenizer), teacher_topk=topk)
     trainer.train(eval_ids)
     record = None
     if accelerator.is_main_process:
@@ -349,14 +360,15 @@ def _progress(run: Run, config: DistillConfig, accelerator) -> Progress:
     return progress
 
 
-def _optimization(accelerator, model, teacher_model, t_vocab, config: DistillConfig, total: int):
-    """The loss module (student and heads), AdamW and the cosine schedule, prepared by ``accelerator``."""
+def _optimization(accelerator, model, teacher_model, t_vocab, config: DistillConfig, total: int, topk: bool = False):
+    """The loss module (student and heads), AdamW and the cosine schedule, prepared by ``accelerator``;
+    ``topk``: the teacher's precomputed top-k rows stand in for its hidden states."""
     from transformers import get_cosine_schedule_with_warmup
 
     alpha = config.alpha if config.mode == "logit" else 0.0  # sequence: CE on the teacher's text
-    loss_module = StudentLoss(model, config.temperature, alpha, config.chunk_tokens,
-                              logit_head(teacher_model) if teacher_model is not None else None, t_vocab,
-                              beta=config.beta if config.mode == "on-policy" else None)
+    head = logit_head(teacher_model) if teacher_model is not None else None
+    loss_module = StudentLoss(model, config.temperature, alpha, config.chunk_tokens, head, t_vocab,
+                              beta=config.beta if config.mode == "on-policy" else None, topk=topk)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     warmup = config.warmup_steps if config.warmup_steps is not None else total // 20
     # stepped by us once per optimizer step (accelerate's wrapper would step it once per process)
@@ -364,6 +376,30 @@ def _optimization(accelerator, model, teacher_model, t_vocab, config: DistillCon
     loss_module, optimizer = accelerator.prepare(loss_module, optimizer)
     accelerator.register_for_checkpointing(scheduler)
     return loss_module, optimizer, scheduler
+
+
+def _teacher_topk(run: Run, teacher, t_vocab: int | None, windows: torch.Tensor, config: DistillConfig, accelerator):
+    """The teacher's top-k rows for every training window: computed by the main process (or read
+    back on ``--resume``), then loaded by every process. Returns them and the record's entry."""
+    from modelpress.train.teacher_topk import FILE, TopKTeacher, precompute
+
+    head = logit_head(teacher)
+    if t_vocab is not None:
+        head = (lambda h, full=head: full(h)[..., :t_vocab])
+    vocab = head(torch.zeros(1, teacher.config.get_text_config().hidden_size, device=next(teacher.parameters()).device,
+                             dtype=next(teacher.parameters()).dtype)).shape[-1]
+    k, path, shape = config.teacher_topk, run.work / FILE, (len(windows), windows.shape[1] - 1)
+    if k > vocab:
+        raise UserError(f"--teacher-topk {k} is more than the vocabulary ({vocab}); take at most {vocab}")
+    t0 = time.monotonic()
+    if accelerator.is_main_process and TopKTeacher.load(path, k, config.temperature, shape) is None:
+        logger.info("scoring %d windows with the teacher once (its top %d logits), then training without it",
+                    len(windows), k)
+        precompute(teacher, head, windows, k, config.temperature, config.batch_size, config.chunk_tokens).save(
+            path, k, config.temperature)
+    accelerator.wait_for_everyone()
+    topk = TopKTeacher.load(path, k, config.temperature, shape)
+    return topk, {"k": k, "bytes": topk.nbytes, "seconds": round(time.monotonic() - t0, 1)}
 
 
 def _check_sharding(kind: str) -> None:

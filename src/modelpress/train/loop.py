@@ -46,9 +46,10 @@ class Trainer:
     """One run's loop on an ``accelerate.Accelerator`` (all processes run it; the main one writes)."""
 
     def __init__(self, accelerator, run: Run, config, progress: Progress, loss_module, optimizer, scheduler,
-                 teacher, windows: torch.Tensor, order: BatchOrder, total: int, save):
+                 teacher, windows: torch.Tensor, order: BatchOrder, total: int, save, teacher_topk=None):
         self.acc, self.run, self.config, self.progress = accelerator, run, config, progress
         self.loss_module, self.optimizer, self.scheduler, self.teacher = loss_module, optimizer, scheduler, teacher
+        self.teacher_topk = teacher_topk  # the teacher's precomputed rows instead of the teacher (teacher_topk)
         self.windows, self.order, self.total, self.save = windows, order, total, save
         self.main = accelerator.is_main_process
         self.student = accelerator.unwrap_model(loss_module).student
@@ -95,7 +96,8 @@ class Trainer:
         sums = torch.zeros(3, device=acc.device)
         for a in range(config.grad_accum):
             m = step * config.grad_accum + a
-            ids = self.windows[self.order.indices(m, acc.process_index)].to(acc.device)
+            rows = self.order.indices(m, acc.process_index)
+            ids = self.windows[rows].to(acc.device)
             start = 0
             if config.on_policy(m):
                 ids = sample_continuations(self.student, ids, config, m, acc.process_index)
@@ -104,6 +106,8 @@ class Trainer:
             if self.teacher is not None:
                 with torch.no_grad():
                     h_t = hidden_states(self.teacher, ids[:, :-1])
+            elif self.teacher_topk is not None:
+                h_t = self.teacher_topk.batch(rows).to(acc.device)
             with nullcontext() if a == config.grad_accum - 1 else acc.no_sync(self.loss_module):
                 loss, ce, soft = self.loss_module(ids, h_t, start)
                 acc.backward(loss / config.grad_accum)

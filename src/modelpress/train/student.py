@@ -50,7 +50,9 @@ class StudentLoss(torch.nn.Module):
 
     ``forward(ids, teacher_hidden)`` returns per-token means ``(loss, ce, soft)`` of EQ 7.2
     (:func:`modelpress.train.losses.kd_sums`); ``teacher_hidden=None`` with ``alpha=0`` is plain CE;
-    with ``beta`` set, the loss is GKD's JSD(β) (:func:`modelpress.train.losses.jsd_sums`).
+    with ``beta`` set, the loss is GKD's JSD(β) (:func:`modelpress.train.losses.jsd_sums`); with
+    ``topk``, ``teacher_hidden`` is the teacher's precomputed top-k rows ``(B, T, 2, k)``
+    (:func:`modelpress.train.losses.topk_kd_sums`).
 
     Args:
         student: a causal LM (trained).
@@ -59,20 +61,25 @@ class StudentLoss(torch.nn.Module):
     """
 
     def __init__(self, student, temperature: float, alpha: float, chunk_tokens: int,
-                 teacher_head: losses.Head | None = None, teacher_vocab: int | None = None, beta: float | None = None):
+                 teacher_head: losses.Head | None = None, teacher_vocab: int | None = None, beta: float | None = None,
+                 topk: bool = False):
         super().__init__()
         self.student = student
-        self.temperature, self.alpha, self.chunk_tokens, self.beta = temperature, alpha, chunk_tokens, beta
+        self.temperature, self.alpha, self.chunk_tokens, self.beta, self.topk = temperature, alpha, chunk_tokens, beta, topk
         self.teacher_head = teacher_head
-        if teacher_head is not None and teacher_vocab is not None:
+        if topk:  # the teacher's rows come precomputed (teacher_topk): they go to the loss as they are
+            self.teacher_head = lambda rows: rows
+        elif teacher_head is not None and teacher_vocab is not None:
             self.teacher_head = lambda h: teacher_head(h)[..., :teacher_vocab]
 
     def forward(self, ids: torch.Tensor, teacher_hidden: torch.Tensor | None = None, start: int = 0):
         """Means over the predictions of tokens ``start + 1 ...`` of each window (0: all of them)."""
         h_s = hidden_states(self.student, ids[:, :-1])[:, start:]
         h_s = h_s.reshape(-1, h_s.shape[-1])
-        h_t = None if teacher_hidden is None else teacher_hidden[:, start:].reshape(-1, teacher_hidden.shape[-1])
-        if self.beta is None:
+        h_t = None if teacher_hidden is None else teacher_hidden[:, start:].reshape(-1, *teacher_hidden.shape[2:])
+        if self.topk:
+            sums, kwargs = losses.topk_kd_sums, {"alpha": self.alpha}
+        elif self.beta is None:
             sums, kwargs = losses.kd_sums, {"alpha": self.alpha}
         else:
             sums, kwargs = losses.jsd_sums, {"beta": self.beta}
