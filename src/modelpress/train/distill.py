@@ -54,7 +54,7 @@ from modelpress.formats.floats import parse_format
 from modelpress.formats.integer import IntFormat
 from modelpress.models import loading
 from modelpress.record import read_record, record_header
-from modelpress.train import qat
+from modelpress.train import qat, teacher_topk
 from modelpress.train.data import BatchOrder, train_windows
 from modelpress.train.loop import Trainer
 from modelpress.train.workdir import Progress, Run, has_accelerator, save_weights, write_json
@@ -322,7 +322,8 @@ def distill(student: str, data: list[str], out_dir: str, config: DistillConfig, 
                                                                        windows[:1, :16])
     topk = None
     if config.teacher_topk is not None:  # score the windows once, then let the teacher go
-        topk, info["teacher_topk"] = _teacher_topk(run, teacher_model, t_vocab, windows, config, accelerator)
+        topk, info["teacher_topk"] = teacher_topk.prepare(run.work, teacher_model, t_vocab, windows, config,
+                                                          accelerator)
         teacher_model = None
         gc.collect()
     loss_module, optimizer, scheduler = _optimization(accelerator, model, teacher_model, t_vocab, config, total,
@@ -376,30 +377,6 @@ def _optimization(accelerator, model, teacher_model, t_vocab, config: DistillCon
     loss_module, optimizer = accelerator.prepare(loss_module, optimizer)
     accelerator.register_for_checkpointing(scheduler)
     return loss_module, optimizer, scheduler
-
-
-def _teacher_topk(run: Run, teacher, t_vocab: int | None, windows: torch.Tensor, config: DistillConfig, accelerator):
-    """The teacher's top-k rows for every training window: computed by the main process (or read
-    back on ``--resume``), then loaded by every process. Returns them and the record's entry."""
-    from modelpress.train.teacher_topk import FILE, TopKTeacher, precompute
-
-    head = logit_head(teacher)
-    if t_vocab is not None:
-        head = (lambda h, full=head: full(h)[..., :t_vocab])
-    vocab = head(torch.zeros(1, teacher.config.get_text_config().hidden_size, device=next(teacher.parameters()).device,
-                             dtype=next(teacher.parameters()).dtype)).shape[-1]
-    k, path, shape = config.teacher_topk, run.work / FILE, (len(windows), windows.shape[1] - 1)
-    if k > vocab:
-        raise UserError(f"--teacher-topk {k} is more than the vocabulary ({vocab}); take at most {vocab}")
-    t0 = time.monotonic()
-    if accelerator.is_main_process and TopKTeacher.load(path, k, config.temperature, shape) is None:
-        logger.info("scoring %d windows with the teacher once (its top %d logits), then training without it",
-                    len(windows), k)
-        precompute(teacher, head, windows, k, config.temperature, config.batch_size, config.chunk_tokens).save(
-            path, k, config.temperature)
-    accelerator.wait_for_everyone()
-    topk = TopKTeacher.load(path, k, config.temperature, shape)
-    return topk, {"k": k, "bytes": topk.nbytes, "seconds": round(time.monotonic() - t0, 1)}
 
 
 def _check_sharding(kind: str) -> None:

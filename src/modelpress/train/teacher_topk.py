@@ -16,6 +16,7 @@ Storage: ``windows x (seq_len - 1) x K`` log-probabilities (float32: float16's a
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 
 import torch
@@ -95,3 +96,29 @@ def precompute(teacher, head, windows: torch.Tensor, k: int, temperature: float,
         values[b:b + rows] = torch.cat(v_rows).reshape(rows, T - 1, k)
         ids[b:b + rows] = torch.cat(i_rows).reshape(rows, T - 1, k).to(torch.int32)
     return TopKTeacher(values, ids)
+
+
+def prepare(work: Path, teacher, t_vocab: int | None, windows: torch.Tensor, config, accelerator):
+    """The teacher's top-k rows for every training window: computed by the main process (or read
+    back from ``work`` on ``--resume``), then loaded by every process. Returns them and the
+    record's entry."""
+    from modelpress.errors import UserError
+    from modelpress.train.student import logit_head
+
+    head = logit_head(teacher)
+    if t_vocab is not None:
+        head = (lambda h, full=head: full(h)[..., :t_vocab])
+    p = next(teacher.parameters())
+    vocab = head(torch.zeros(1, teacher.config.get_text_config().hidden_size, device=p.device, dtype=p.dtype)).shape[-1]
+    k, path, shape = config.teacher_topk, work / FILE, (len(windows), windows.shape[1] - 1)
+    if k > vocab:
+        raise UserError(f"--teacher-topk {k} is more than the vocabulary ({vocab}); take at most {vocab}")
+    t0 = time.monotonic()
+    if accelerator.is_main_process and TopKTeacher.load(path, k, config.temperature, shape) is None:
+        logger.info("scoring %d windows with the teacher once (its top %d logits), then training without it",
+                    len(windows), k)
+        precompute(teacher, head, windows, k, config.temperature, config.batch_size, config.chunk_tokens).save(
+            path, k, config.temperature)
+    accelerator.wait_for_everyone()
+    rows = TopKTeacher.load(path, k, config.temperature, shape)
+    return rows, {"k": k, "bytes": rows.nbytes, "seconds": round(time.monotonic() - t0, 1)}
