@@ -168,3 +168,22 @@ def test_run_model_replaces_the_recipes_model(capsys):
     plan = json.loads(capsys.readouterr().out)
     assert 7.5e9 < plan["params"] < 8.5e9
     assert load_recipe(recipe, model="8B").model == "8B" and load_recipe(recipe).model != "8B"
+
+
+def test_a_stage_a_later_heal_fixes_runs_without_the_quality_guard(tmp_path, monkeypatch):
+    """Structured pruning before a heal is expected to hurt (Gemma-3 without 4 of 18 layers: 11x the
+    calibration perplexity); the guard stops the recipe only where nothing later trains the model."""
+    from modelpress.pipeline import run
+    from modelpress.pipeline.yaml_recipe import passes
+
+    recipe = parse_recipe({"model": "m", "calibration": {"text": "c.txt"},
+                           "stages": [{"prune": {"method": "structured", "drop_layers": 1}},
+                                      {"heal": {"tokens": 1000, "data": ["d.txt"]}},
+                                      {"quantize": {"method": "gptq", "bits": 8, "granularity": "channel",
+                                                    "group_size": None}}]})
+    jobs = []
+    monkeypatch.setattr(run, "_child", lambda out, name, job, what: (jobs.append(job) or {}, 1.0, 1.0))
+    for unit in passes(recipe):
+        run._run_stage(tmp_path, unit, unit[0].name, "src", tmp_path / unit[0].name, recipe, "x")
+    guard = {job["stages"][0]["kind"]: job["quality_guard"] for job in jobs}
+    assert guard["prune"] is False and guard["quantize"] is True  # the quantize after the heal is guarded

@@ -23,7 +23,8 @@ def run_job(job: dict) -> dict:
     if job["what"] == "stage":
         stages = tuple(stage_from_dump(s["index"], s["kind"], s["config"]) for s in job["stages"])
         run_stage(stages, job["source"], job["output"], original=job["original"],
-                  calibration=CalibrationConfig(**job["calibration"]), resume=job["resume"])
+                  calibration=CalibrationConfig(**job["calibration"]), resume=job["resume"],
+                  quality_guard=job.get("quality_guard", True))
         return {}
     return measure_model(job["model"], job["text"], job["windows"], job["baseline"], job["format"], job["device"],
                          kv_cache=job.get("kv_cache"), prompts=job.get("prompts", ()),
@@ -41,9 +42,10 @@ def resumable(stages: tuple[Stage, ...]) -> bool:
 
 
 def run_stage(stages: tuple[Stage, ...], source: str, output: str, original: str, calibration: CalibrationConfig,
-              resume: bool = False) -> None:
+              resume: bool = False, quality_guard: bool = True) -> None:
     """Run one stage, or a prune and a quantize stage in one layer pass, on ``source`` into the
-    folder ``output`` (see :mod:`modelpress.pipeline.run`)."""
+    folder ``output`` (see :mod:`modelpress.pipeline.run`); ``quality_guard``: a prune or
+    quantize output far worse than its source stops the recipe (``compress``'s guard)."""
     partial = Path(f"{output}.partial")
     if resume and not resumable(stages):  # a quick stage's scratch from an interrupted run: redo it
         shutil.rmtree(partial, ignore_errors=True)
@@ -54,18 +56,18 @@ def run_stage(stages: tuple[Stage, ...], source: str, output: str, original: str
         quantize, = (s for s in stages if s.kind == "quantize")
         prune, = (s for s in stages if s.kind == "prune")
         compress(source, quantize.config, output, resume=resume, prune=prune.config,
-                 prune_after=prune.index > quantize.index)
+                 prune_after=prune.index > quantize.index, quality_guard=quality_guard)
         return
     stage, = stages
     c = stage.config
     if stage.kind == "prune":
         from modelpress.prune import prune
 
-        prune(source, c, output, resume=resume)
+        prune(source, c, output, resume=resume, quality_guard=quality_guard)
     elif stage.kind == "quantize":
         from modelpress.compress import compress
 
-        compress(source, c, output, resume=resume)
+        compress(source, c, output, resume=resume, quality_guard=quality_guard)
     elif stage.kind == "export":
         _export(c, source, output, calibration)
     elif stage.kind == "kv-cache":
