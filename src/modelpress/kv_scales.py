@@ -76,11 +76,20 @@ def kv_amax(model, batches: list[torch.Tensor]) -> list[tuple[float, float]]:
     with torch.no_grad():
         for batch in track(batches, total=len(batches), what="calibration batch"):  # a fresh cache per batch
             model(input_ids=batch, **cache_kwargs(model, KVRange(model.config, amax)))
-    n_layers = model.config.get_text_config().num_hidden_layers
+    return _in_layer_order(amax, model.config.get_text_config().num_hidden_layers)
+
+
+def _in_layer_order(amax: dict[int, list[float]], n_layers: int) -> list[tuple[float, float]]:
+    """``amax`` as a list by layer, refused unless the cache saw every layer."""
     if sorted(amax) != list(range(n_layers)):
         raise UserError(f"the KV cache saw layers {sorted(amax)} of {n_layers}: this architecture does not hand every "
                         "layer's keys to the cache, so its scales cannot be calibrated")
     return [(amax[i][0], amax[i][1]) for i in range(n_layers)]
+
+
+def _is_attention(module) -> bool:
+    """A decoder layer's attention module: it knows its layer and owns the key projection."""
+    return getattr(module, "layer_idx", None) is not None and (hasattr(module, "k_proj") or hasattr(module, "qkv_proj"))
 
 
 class KVRangeStage:
@@ -96,8 +105,7 @@ class KVRangeStage:
 
     @contextlib.contextmanager
     def probe(self, layer):
-        attention = next((m for m in layer.modules() if getattr(m, "layer_idx", None) is not None
-                          and (hasattr(m, "k_proj") or hasattr(m, "qkv_proj"))), None)
+        attention = next((m for m in layer.modules() if _is_attention(m)), None)
         if attention is None:
             raise UserError("found no attention module (one with k_proj or qkv_proj) in a decoder layer; this "
                             "architecture's KV cache cannot be calibrated")
@@ -130,19 +138,15 @@ def streamed_kv_amax(source, ids: torch.Tensor, batch_size: int) -> tuple[list[s
     paths = attention_paths(lm.model)
     stage = KVRangeStage()
     run_layers(lm, [stage], {}, ObserveSink(), ids, batch_size)
-    if sorted(stage.amax) != list(range(len(paths))):
-        raise UserError(f"the KV cache saw layers {sorted(stage.amax)} of {len(paths)}: this architecture does not "
-                        "hand every layer's keys to the cache, so its scales cannot be calibrated")
-    return paths, [(stage.amax[i][0], stage.amax[i][1]) for i in range(len(paths))]
+    return paths, _in_layer_order(stage.amax, len(paths))
 
 
 def attention_paths(model) -> list[str]:
     """The state-dict prefix of each decoder layer's attention module (which owns ``k_scale``), in layer order."""
     found = {}
     for name, module in model.named_modules():
-        idx = getattr(module, "layer_idx", None)
-        if idx is not None and (hasattr(module, "k_proj") or hasattr(module, "qkv_proj")):
-            found.setdefault(idx, name)
+        if _is_attention(module):
+            found.setdefault(module.layer_idx, name)
     n_layers = model.config.get_text_config().num_hidden_layers
     if sorted(found) != list(range(n_layers)):
         raise UserError("could not find every decoder layer's attention module (one with k_proj or qkv_proj); "

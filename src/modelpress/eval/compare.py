@@ -37,14 +37,15 @@ def size_on_disk(source: loading.ModelSource) -> int | None:
 
 
 def eval_windows(source: loading.ModelSource, text: str | None, windows: int,
-                 base_source: loading.ModelSource | None = None) -> tuple[torch.Tensor, str]:
+                 base_source: loading.ModelSource | None = None, tokenizer=None) -> tuple[torch.Tensor, str]:
     """The ``ppl-512`` token windows of ``text`` in ``source``'s tokenizer, and the protocol's name
-    for that many windows; a baseline that tokenizes the text differently is refused (KL and top-1
+    for that many windows (``tokenizer``: ``source``'s, when the caller has it loaded already); a
+    baseline that tokenizes the text differently is refused (KL and top-1
     agreement compare the same positions). Every engine's measurement starts here."""
     if text is None:
         raise UserError("no evaluation text: pass --text FILE (UTF-8 .txt or .jsonl)")
     raw = read_text(text)
-    ids = token_windows(loading.load_tokenizer(source), raw, replace(PPL_512, n_windows=windows))
+    ids = token_windows(tokenizer or loading.load_tokenizer(source), raw, replace(PPL_512, n_windows=windows))
     protocol = PPL_512.name if windows == PPL_512.n_windows else f"{PPL_512.name} (first {len(ids)} windows)"
     if base_source is not None:
         base_ids = token_windows(loading.load_tokenizer(base_source), raw, replace(PPL_512, n_windows=windows))
@@ -82,7 +83,9 @@ def measure(model: str, text: str | None, windows: int, baseline: str | None = N
     """
     source = loading.resolve(model)
     base_source = loading.resolve(baseline) if baseline else None
-    ids, protocol = eval_windows(source, text, windows, base_source)
+    # loaded once, for the windows and the generations (Gemma-3's tokenizer is 470 MB)
+    tokenizer = loading.load_tokenizer(source) if text is not None else None
+    ids, protocol = eval_windows(source, text, windows, base_source, tokenizer)
     if kv_cache is not None:
         check_kv_format(kv_cache)
     kv_scales = checkpoint_kv_scales(source)
@@ -102,8 +105,7 @@ def measure(model: str, text: str | None, windows: int, baseline: str | None = N
             kv_cache=kv_cache,
             kv_scales=kv_scales,
         )
-        generations = greedy_generations(loaded, loading.load_tokenizer(source), prompts, new_tokens, kv_cache,
-                                         kv_scales) if prompts else None
+        generations = greedy_generations(loaded, tokenizer, prompts, new_tokens, kv_cache, kv_scales) if prompts else None
     if not math.isfinite(result.ppl):
         raise UserError(f"perplexity of {model} is {result.ppl}: its outputs overflow or are NaN; "
                         "evaluate it in float32, or check the weights")
@@ -123,7 +125,6 @@ def measure(model: str, text: str | None, windows: int, baseline: str | None = N
         out["baseline"] = baseline
         out["baseline_size_bytes"] = size_on_disk(base_source)
     return out
-
 
 
 def _holds_codes(model: torch.nn.Module, names: list[str]) -> bool:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 
 from modelpress.eval.kv_cache import FakeQuantKVCache, cache_kwargs
+from modelpress.models.arch import layer_index
 
 # Plain openings that base and instruction-tuned models both continue as prose.
 DEFAULT_PROMPTS = (
@@ -62,7 +63,7 @@ def probe_linears(model: torch.nn.Module) -> list[str]:
     for name, module in model.named_modules():
         if not isinstance(module, torch.nn.Linear):
             continue
-        index = next((int(p) for p in name.split(".") if p.isdigit()), None)
+        index = layer_index(name)
         if index is not None:
             layers.setdefault(index, []).append(f"{name}.weight")
     if not layers:

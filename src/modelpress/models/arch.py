@@ -191,6 +191,12 @@ ARCHITECTURES: dict[str, ArchSpec] = {
 }
 
 
+def layer_index(name: str) -> int | None:
+    """The decoder-layer number in a module or tensor name (``model.layers.12.mlp.down_proj`` -> 12),
+    the first number in it; ``None`` outside the layers (embeddings, head)."""
+    return next((int(p) for p in name.split(".") if p.isdigit()), None)
+
+
 def text_config(config):
     """The language-model part of a config (multimodal configs nest it as ``text_config``)."""
     return getattr(config, "text_config", None) or config

@@ -121,7 +121,7 @@ def measure_model(model: str, text: str, windows: int, baseline: str | None, spe
     from modelpress.eval.compare import measure
     from modelpress.models import loading
     from modelpress.models.shape import shape_from_config
-    from modelpress.plan.formats import as_written_from, plan_format
+    from modelpress.plan.formats import as_written_from, config_dtype, plan_format
     from modelpress.plan.memory import weight_bytes
 
     result = measure(model, text, windows, baseline=baseline, kv_cache=kv_cache, prompts=prompts,
@@ -131,7 +131,7 @@ def measure_model(model: str, text: str, windows: int, baseline: str | None, spe
     fmt = None
     if spec is not None:
         try:  # the unquantized tensors as the checkpoint holds them (a float32 source keeps float32 ones)
-            fmt = as_written_from(plan_format(spec), str(getattr(config, "dtype", None) or "") or None)
+            fmt = as_written_from(plan_format(spec), config_dtype(config))
         except UserError:  # a format the planner does not price (it is still measured on disk)
             fmt = None
     result.update(windows_asked=windows, params=shape.total_params, format=spec,

@@ -36,6 +36,7 @@ from pathlib import Path
 from modelpress.data import builtin_text
 from modelpress.errors import UserError
 from modelpress.eval.samples import DEFAULT_PROMPTS
+from modelpress.plan.formats import SHORT_DTYPES
 from modelpress.pipeline.yaml_recipe import TRAIN_KINDS, Recipe, Stage, passes
 from modelpress.record import to_json, versions
 
@@ -44,7 +45,6 @@ logger = logging.getLogger("modelpress")
 STATE = "pipeline-state.json"
 RECORD = "modelpress.json"
 JOBS = ".jobs"
-_SHORT_DTYPES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 
 
 def run_recipe(recipe: Recipe, out_dir: str | Path, original: dict | None = None) -> dict:
@@ -198,10 +198,10 @@ def format_spec(stage: Stage, previous: str | None, model: str) -> str | None:
     if stage.kind in TRAIN_KINDS and c.train.qat:
         return c.train.qat
     if stage.kind == "export":
-        return (c.type or "f16") if c.to == "gguf" else _SHORT_DTYPES[c.dtype or "bfloat16"]
+        return (c.type or "f16") if c.to == "gguf" else SHORT_DTYPES[c.dtype or "bfloat16"]
     if stage.kind == "kv-cache":
         return previous
-    float_before = previous in _SHORT_DTYPES.values() or previous is None
+    float_before = previous in SHORT_DTYPES.values() or previous is None
     return (_float_spec(model) or previous) if float_before else previous  # no checkpoint yet (a plan): unchanged
 
 
@@ -212,7 +212,7 @@ def _float_spec(model: str) -> str | None:
         return None
     data = json.loads(config.read_text())
     dtype = data.get("dtype") or data.get("torch_dtype") or (data.get("text_config") or {}).get("dtype")
-    return _SHORT_DTYPES.get(str(dtype))
+    return SHORT_DTYPES.get(str(dtype))
 
 
 def _model_fingerprint(model: str) -> str:
@@ -319,17 +319,17 @@ def plan_recipe(recipe: Recipe) -> dict:
     bare size (``70B``), a config.json or a checkpoint folder."""
     from modelpress.cli.plan import load_model
     from modelpress.plan import hardware
-    from modelpress.plan.formats import as_written_from, plan_format
+    from modelpress.plan.formats import as_written_from, config_dtype, plan_format
     from modelpress.plan.memory import activation_bytes, fit, kv_cache_bytes, weight_bytes
     from modelpress.plan.roofline import decode_roofline
 
     ev = recipe.evaluate
     shape, config = load_model(recipe.model)
     device = hardware.find_hardware(ev.device or "a100-80gb")
-    spec = (_float_spec(recipe.model) or _config_dtype(config) or "fp16") if config is not None else "fp16"
+    spec = (_float_spec(recipe.model) or config_dtype(config) or "fp16") if config is not None else "fp16"
     kv_dtype, rows, unplanned = spec if spec in ("fp16", "bf16") else "fp16", [], []
 
-    source_dtype = _config_dtype(config) if config is not None else None
+    source_dtype = config_dtype(config) if config is not None else None
 
     def row(stages, title):
         fmt = as_written_from(plan_format(spec), source_dtype)  # unquantized tensors keep the source's dtype
@@ -358,7 +358,3 @@ def plan_recipe(recipe: Recipe) -> dict:
             "not_measured": "perplexity, KL, top-1 agreement, wall time and peak memory of every step need the "
                             "model's weights: run the recipe without --plan-only"}
 
-
-def _config_dtype(config) -> str | None:
-    dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
-    return _SHORT_DTYPES.get(str(dtype).removeprefix("torch."))

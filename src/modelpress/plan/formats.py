@@ -46,7 +46,14 @@ def _gguf_bits(type_name: str) -> float | None:
     return 8 * type_bytes / block
 
 
+SHORT_DTYPES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}  # torch dtype -> format name
 _DTYPE_BITS = {"float32": 32.0, "fp32": 32.0, "bfloat16": 16.0, "bf16": 16.0, "float16": 16.0, "fp16": 16.0}
+
+
+def config_dtype(config) -> str | None:
+    """A model config's weight dtype as the planner names it (``fp32``, ``bf16``, ``fp16``), or ``None``."""
+    dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    return SHORT_DTYPES.get(str(dtype).removeprefix("torch."))
 
 
 def as_written_from(fmt: PlanFormat, dtype: str | None) -> PlanFormat:

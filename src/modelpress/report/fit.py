@@ -17,6 +17,7 @@ import json
 import math
 from pathlib import Path
 
+from modelpress.report.html import model_shape
 from modelpress.report.inside import measured_roofline_chart
 from modelpress.report.page import esc, figure, html_page, num, pyplot, size_text, write_page
 
@@ -59,15 +60,10 @@ def render_fit(record: dict, sens: dict | None) -> str:
 
 def _flops_per_token(model: str) -> float | None:
     """FLOP of one decode step per token (``2 x`` active params), from the model's config."""
-    from modelpress.cli.plan import load_model
-    from modelpress.errors import UserError
     from modelpress.plan.roofline import flops_per_token
 
-    try:
-        shape, _ = load_model(model)
-    except UserError:
-        return None
-    return flops_per_token(shape)
+    shape = model_shape(model)
+    return None if shape is None else flops_per_token(shape)
 
 
 def candidate_table(record: dict) -> str:

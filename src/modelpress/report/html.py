@@ -86,17 +86,11 @@ def labeled(record: dict) -> list[tuple[str, dict]]:
 def device_and_shape(record: dict):
     """``(hardware, model shape)`` of the recipe's device and model, or ``None`` when the recipe
     names no device or the planner cannot read the model's config."""
-    from modelpress.cli.plan import load_model
     from modelpress.plan.hardware import find_hardware
 
     device = record["recipe"]["evaluate"].get("device")
-    if not device:
-        return None
-    try:
-        shape, _ = load_model(record["recipe"]["model"])
-    except UserError:
-        return None
-    return find_hardware(device), shape
+    shape = model_shape(record["recipe"]["model"]) if device else None
+    return None if shape is None else (find_hardware(device), shape)
 
 
 def step_rows(record: dict) -> list[tuple[str, str, dict, float | None, float | None]]:
@@ -151,6 +145,18 @@ def size_vs_ppl(points: list[tuple[str, dict]]):
     ax.set_ylabel("perplexity (ppl-512)")
     ax.grid(alpha=0.3)
     return fig
+
+
+def model_shape(model: str):
+    """The planner's :class:`~modelpress.plan.memory.ModelShape` of ``model`` (its config), or
+    ``None`` when there is none the planner reads: a page then leaves out its model charts."""
+    from modelpress.cli.plan import load_model
+
+    try:
+        shape, _ = load_model(model)
+    except UserError:
+        return None
+    return shape
 
 
 def memory_chart(points: list[tuple[str, dict]], device, shape, context: int, batch: int):

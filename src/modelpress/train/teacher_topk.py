@@ -108,8 +108,7 @@ def prepare(work: Path, teacher, t_vocab: int | None, windows: torch.Tensor, con
     head = logit_head(teacher)
     if t_vocab is not None:
         head = (lambda h, full=head: full(h)[..., :t_vocab])
-    p = next(teacher.parameters())
-    vocab = head(torch.zeros(1, teacher.config.get_text_config().hidden_size, device=p.device, dtype=p.dtype)).shape[-1]
+    vocab = t_vocab or teacher.get_output_embeddings().weight.shape[0]
     k, path, shape = config.teacher_topk, work / FILE, (len(windows), windows.shape[1] - 1)
     if k > vocab:
         raise UserError(f"--teacher-topk {k} is more than the vocabulary ({vocab}); take at most {vocab}")

@@ -132,7 +132,10 @@ def save_weights(model, folder: Path, dtype: torch.dtype, tokenizer=None, side_f
     state = {}                                # which save_pretrained then writes once
     for k, v in model.state_dict().items():
         if v.is_floating_point():
-            v = converted.setdefault((v.data_ptr(), tuple(v.shape), v.stride()), v.detach().to(dtype))
+            key = (v.data_ptr(), tuple(v.shape), v.stride())
+            if key not in converted:
+                converted[key] = v.detach().to(dtype)
+            v = converted[key]
         state[k] = v
     model.save_pretrained(folder, state_dict=state)
     config = json.loads((folder / "config.json").read_text())
