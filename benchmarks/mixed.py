@@ -50,7 +50,7 @@ def sensitivity(name: str, src: Path, calib_samples: int, candidates=CANDIDATES,
                 work: Path = WORK, embeddings: bool = False):
     """The model's sensitivity (GPTQ codes) with KL probes on those codes, measured once and kept in
     ``work``; with ``embeddings`` (llama.cpp's types), the embedding and output head as choices too."""
-    from modelpress.fit.gguf import measure_embeddings
+    from modelpress.fit.sensitivity import measure_embeddings
     from modelpress.fit.sensitivity import Sensitivity, measure_sensitivity, probe_gains
     from modelpress.pipeline.recipe import CalibrationConfig, GPTQConfig
 

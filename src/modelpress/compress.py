@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import time
 
+import torch
 from torch import nn
 
 from modelpress.algorithms.rtn import rtn
@@ -27,7 +28,7 @@ from modelpress.models import loading
 from modelpress.models.arch import arch_for
 from modelpress.models.layers import LayerwiseModel
 from modelpress.models.loading import meta_model
-from modelpress.models.tensors import plan_targets, prune_targets, tensor_stream
+from modelpress.models.tensors import head_name, plan_targets, prune_targets, tensor_stream
 from modelpress.pipeline.recipe import (  # noqa: F401 (the configs, importable from here as before)
     METHODS,
     AWQConfig,
@@ -41,6 +42,7 @@ from modelpress.pipeline.recipe import (  # noqa: F401 (the configs, importable 
 )
 from modelpress.pipeline.runner import calibration_ids, fingerprint, run_layers, warn_if_too_few_tokens
 from modelpress.pipeline.sinks import CompressedTensorsSink
+from modelpress.pipeline.stages import LinearResult
 from modelpress.progress import track
 from modelpress.record import build_record, calibration_summary, read_record, to_json
 
@@ -169,8 +171,15 @@ def compress_calibrated(model: str, config: QuantConfig, out_dir: str, resume: b
         _check_prune_in_pass(lm, targets, prune, prune_after)
         stages.insert(len(stages) if prune_after else 0, stage_for(prune, lm.arch))
     run_id = fingerprint(model, config) + ("" if prune is None else fingerprint(model, prune) + str(prune_after))
+    head = head_name(lm.model)
+    head = head if head in targets.formats else None
+    if head is not None:
+        lm.prepare_head(head)
     with make_sink(out_dir, resume=resume) as sink:
         run = run_layers(lm, stages, targets.formats, sink, ids, calibration.batch_size, run_id=run_id)
+        if head is not None:
+            run.layers[lm.checkpoint_name(head)] = quantize_head(lm, head, targets.formats[head], config, run.hidden,
+                                                                 sink)
         record = build_record(source, config, targets, run.layers, run.elapsed_s)
         record["kept_unquantized"] = {lm.checkpoint_name(n): why for n, why in targets.kept.items()}
         record["calibration"] = calibration_summary(ids, calibration)
@@ -181,6 +190,44 @@ def compress_calibrated(model: str, config: QuantConfig, out_dir: str, resume: b
         finish_checkpoint(sink, source, lm.config, lm.model, targets, tokenizer, record, lm.checkpoint_name)
     logger.info("wrote %s in %.1fs", out_dir, time.monotonic() - t0)
     return record
+
+
+def quantize_head(lm: LayerwiseModel, head: str, fmt, config: QuantConfig, hidden, sink) -> dict:
+    """Quantize the untied output head after the layer pass and write it to ``sink``; its record entry.
+
+    The head's Hessian comes from what it receives: the last compressed layer's outputs on the
+    calibration windows through the final norm (:meth:`~modelpress.models.layers.LayerwiseModel.head_inputs`),
+    so no logits (tokens x vocabulary) are ever computed. GPTQ quantizes it with that Hessian;
+    the other methods round it to nearest. *Simplification:* AWQ's and SmoothQuant's scales fold
+    into the norm before a Linear, and the head's norm is shared with nothing, so they could; we
+    keep the head to the data-free rounding there, and say so in the record.
+    """
+    from modelpress.algorithms.gptq import accumulate_hessian, gptq
+    from modelpress.pipeline.stages import output_rel
+
+    W = lm.deferred_tensor(f"{head}.weight").to(torch.float32)
+    H, n, absmax = None, 0, 0.0
+    for x in lm.head_inputs(hidden):
+        H, n = accumulate_hessian(H, n, x)
+        absmax = max(absmax, x.abs().max().item())
+    if not fmt.divides(W.shape[1]):
+        raise UserError(f"{head}: group size {fmt.group_size} does not divide its input dimension {W.shape[1]}")
+    logger.info("quantizing %s (%d x %d) in %s with %s", head, *W.shape, fmt.name,
+                "GPTQ" if config.method == "gptq" else "round-to-nearest")
+    if config.method == "gptq":
+        result = gptq(W, H, fmt, block_size=config.block_size, damp=config.damp, act_order=config.act_order)
+        qt, info = result.qt, {"gptq_loss": result.loss, "damp": result.damp}
+    else:
+        qt, _ = rtn(W, fmt)
+        info = {} if config.method == "rtn" else {"method": f"rtn (the head is not part of {config.method}'s search)"}
+    act = config.act_format()
+    inputs = None if act is None else InputQuant(act) if act.dynamic else \
+        InputQuant(act, act.static_scale(torch.tensor(absmax)))
+    result = LinearResult.quantized(W, qt, {**info, "tokens": n, "output_rel_mse": output_rel(W, qt.dequantize(), H)},
+                                    inputs=inputs)
+    sink.write_tensor(lm.checkpoint_name(head), result)
+    return {"format": fmt.name, "numel": W.numel(), "nbytes": result.nbytes, **result.error.__dict__, **result.info,
+            **({} if inputs is None else {"activations": inputs.fmt.name})}
 
 
 def _pass_calibration(config: QuantConfig, prune: PruneConfig | None) -> CalibrationConfig:

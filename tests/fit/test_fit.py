@@ -76,8 +76,12 @@ def test_fit_writes_the_least_loss_model_within_the_budget(tiny_llama, tmp_path,
     assert all(c["bytes"] <= budget and c["kl"] is not None for c in record["candidates"])
     winner = next(c for c in record["candidates"] if c["name"] == record["winner"])
     assert winner["kl"] <= min(c["kl"] for c in record["candidates"]) * 1.01
-    written = sum(t.numel() * t.element_size() for t in checkpoint_tensors(out / "model").values())
+    stored = checkpoint_tensors(out / "model")
+    written = sum(t.numel() * t.element_size() for t in stored.values())
     assert written == record["check"]["written_tensor_bytes"] == winner["bytes"] <= budget
+    head = record["formats"]["lm_head"]  # the untied head is allocated like the Linears, priced by its KL
+    assert ("lm_head.weight" in stored) == (head == "keep")
+    assert json.loads((out / "sensitivity.json").read_text())["linears"]["lm_head"]["kl_measured"]
     model = AutoModelForCausalLM.from_pretrained(out / "model", dtype=torch.float32)
     with torch.no_grad():
         assert torch.isfinite(model(torch.randint(3, 300, (1, 16))).logits).all()
@@ -164,12 +168,12 @@ def test_gguf_bytes_of_llama_cpp_mixes_are_the_files_bytes(tiny_llama, tmp_path)
     to the tensor bytes of the GGUF file export writes, for each of llama.cpp's own mixes."""
     from modelpress.export.gguf import export_gguf
     from modelpress.fit import gguf as fit_gguf
-    from modelpress.fit.sensitivity import measure_sensitivity
+    from modelpress.fit.sensitivity import measure_embeddings, measure_sensitivity
     from modelpress.pipeline.recipe import CalibrationConfig, GPTQConfig
 
     config = GPTQConfig(calibration=CalibrationConfig(text=str(austen("emma.txt")), samples=4, seq_len=48))
     sens = measure_sensitivity(str(tiny_llama), list(fit_gguf.CANDIDATES), config, "rtn", fused=False)
-    fit_gguf.measure_embeddings(sens, config, windows=1)  # the embedding and output head as choices too
+    measure_embeddings(sens, config, windows=1)  # the embedding and output head as choices too
     for ftype in ("q4_k_m", "q8_0", "q3_k_m"):
         sens.fixed_bytes = fit_gguf.fixed_bytes(str(tiny_llama), ftype, set(sens.linears))
         choice = fit_gguf.mix_choice(str(tiny_llama), ftype, sens.linears)

@@ -8,7 +8,7 @@ from conftest import austen, checkpoint_tensors
 from transformers import AutoModelForCausalLM
 
 from modelpress.compress import RTNConfig, compress
-from modelpress.fit.sensitivity import KEEP, Sensitivity, measure_sensitivity
+from modelpress.fit.sensitivity import KEEP, Sensitivity, measure_embeddings, measure_sensitivity
 from modelpress.formats.floats import parse_format
 from modelpress.models import loading
 from modelpress.pipeline.recipe import CalibrationConfig, GPTQConfig
@@ -189,7 +189,6 @@ def test_embedding_and_output_head_are_priced_by_their_measured_kl(tiny_models, 
     The allocation then predicts exactly that KL for them (a gain of 1)."""
     import torch.nn.functional as F
 
-    from modelpress.fit import gguf as fit_gguf
     from modelpress.formats.gguf_blocks import gguf_format
 
     specs = ["q8_0", "q5_0", "q4_0", "q2_k", KEEP]
@@ -197,7 +196,7 @@ def test_embedding_and_output_head_are_priced_by_their_measured_kl(tiny_models, 
         path = tiny_models[arch]
         sens = measure_sensitivity(str(path), specs, _config(calib), "rtn", fused=False)
         linears = set(sens.linears)
-        fit_gguf.measure_embeddings(sens, _config(calib), windows=2)
+        measure_embeddings(sens, _config(calib), windows=2)
         assert set(sens.linears) - linears == entries, arch
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
         ids = calibration_ids(loading.load_tokenizer(loading.resolve(str(path))), calib)[:2]

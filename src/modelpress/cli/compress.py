@@ -41,7 +41,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="how each group's range is chosen (default mse for gptq, minmax otherwise; mse searches clipping)")
     q.add_argument("--scale-dtype", choices=["float16", "bfloat16", "float32"], default="float16")
     q.add_argument("--exclude", action="append", metavar="REGEX",
-                   help="keep matching Linear modules unquantized (repeatable; default: lm_head)")
+                   help="keep matching Linear modules unquantized (repeatable; default: lm_head; a list that does "
+                        "not match the output head quantizes it too, as llm-compressor's ignore list does)")
+    q.add_argument("--quantize-head", action="store_true",
+                   help="quantize an untied output head too (GPTQ from the Hessian of its inputs; rounded to "
+                        "nearest for the other methods); a head tied to the input embedding stays in float")
     q.add_argument("--group-fallback", choices=["error", "keep", "shrink"], default="error",
                    help="layers whose input size the group size does not divide: error (default), "
                         "keep them unquantized, or shrink their group to the largest common divisor")
@@ -91,6 +95,8 @@ def build_config(args: argparse.Namespace):
         fields["group_size"] = args.group_size
     if args.exclude is not None:
         fields["exclude"] = args.exclude
+    if args.quantize_head:
+        fields["exclude"] = [p for p in fields.get("exclude", ["lm_head"]) if p != "lm_head"]
     config_class = METHODS[args.method].config
     method_options = {"act_order": args.act_order, "damp": args.damp, "block_size": args.block_size,
                       "scale_search": args.scale_search, "alpha": args.alpha, "weights": args.weights,

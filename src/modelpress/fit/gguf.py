@@ -5,7 +5,7 @@ types as the candidates, and three differences that llama.cpp makes:
 
 - **Every Linear is its own group.** llama.cpp stores and multiplies ``attn_q``, ``attn_k`` and
   ``attn_v`` apart (its own mixes give ``attn_v`` more bits), so nothing ties their types.
-- **The input embedding and the output head are choices too** (:func:`measure_embeddings`):
+- **The input embedding and the output head are choices too** (:func:`~modelpress.fit.sensitivity.measure_embeddings`):
   ``token_embd`` (which is also the output head when the model ties them) and an untied
   ``output`` take any block type, priced by the model's KL measured with that tensor alone in it
   (no Hessian describes a lookup table or the logits). Norms and the other small tensors take
@@ -24,12 +24,9 @@ from __future__ import annotations
 import functools
 import logging
 import re
-import time
 from collections import Counter
 
-import torch
-
-from modelpress.fit.sensitivity import KEEP, LinearSensitivity, Sensitivity
+from modelpress.fit.sensitivity import KEEP
 
 logger = logging.getLogger("modelpress")
 
@@ -107,74 +104,3 @@ def tensor_bytes(gguf_file) -> int:
     from gguf import GGUFReader
 
     return sum(int(t.n_bytes) for t in GGUFReader(str(gguf_file)).tensors)
-
-
-def embedding_modules(model) -> list[str]:
-    """Module names of ``model``'s input embedding and, when it is a tensor of its own (not tied
-    to the embedding), its output head."""
-    names = {id(m): n for n, m in model.named_modules()}
-    embedding, head = model.get_input_embeddings(), model.get_output_embeddings()
-    out = [names[id(embedding)]]
-    if head is not None and head.weight is not embedding.weight:
-        out.append(names[id(head)])
-    return out
-
-
-@torch.no_grad()
-def measure_embeddings(sens: Sensitivity, config, windows: int = 2) -> Sensitivity:
-    """Add the input embedding and the untied output head to ``sens`` as allocation choices.
-
-    For each of them and each candidate block type whose blocks divide its rows, the tensor alone
-    is rounded as llama.cpp's quantizer rounds it (the GGUF writer's encoding of these tensors) and
-    the model's KL from the float model is measured on the first ``windows`` calibration windows,
-    the ones :func:`~modelpress.fit.sensitivity.probe_gains` uses. That KL is the entry's error
-    (``kl_measured``: the allocation takes it as the predicted loss as it is), beside the type's
-    bytes and ``keep`` (the checkpoint's float type, no loss). A tied embedding is measured with
-    the output head rounded with it, as llama.cpp uses the one tensor for both.
-
-    Costs one forward per type and tensor, plus llama.cpp's encoding of the tensor in each type (its
-    k-quant parameter search is the slow part for a large vocabulary).
-    """
-    import torch.nn.functional as F
-
-    from modelpress.fit.sensitivity import candidate_format
-    from modelpress.formats.gguf_blocks import GGUFBlockFormat
-    from modelpress.models import loading
-    from modelpress.pipeline.runner import calibration_ids
-    from modelpress.progress import track
-    from modelpress.train.losses import kl as kl_divergence
-
-    t0 = time.monotonic()
-    source = loading.resolve(sens.model)
-    floats = float_types(sens.model)
-    model = loading.load_model(source).eval()
-    ids = calibration_ids(loading.load_tokenizer(source), config.calibration)[:windows]
-    base = F.log_softmax(model(input_ids=ids, use_cache=False).logits.float(), dim=-1)
-    n_layers = 1 + max((s.layer for s in sens.linears.values()), default=-1)
-    names = embedding_modules(model)
-    jobs = []
-    for i, name in enumerate(names):
-        W = model.get_submodule(name).weight
-        itemsize = 4 if floats.get(name, "f16") == "f32" else 2
-        sens.linears[name] = LinearSensitivity(layer=-1 if i == 0 else n_layers, group=name, in_features=W.shape[1],
-                                               numel=W.numel(), energy=0.0, errors={KEEP: 0.0},
-                                               nbytes={KEEP: W.numel() * itemsize}, kl_measured=True)
-        for spec in sens.candidates:
-            fmt = None if spec == KEEP else candidate_format(spec, config)
-            if isinstance(fmt, GGUFBlockFormat) and fmt.divides(W.shape[1]):
-                jobs.append((name, spec, fmt))
-    for name, spec, fmt in track(jobs, total=len(jobs), what="embedding type"):
-        weight = model.get_submodule(name).weight
-        saved = weight.data
-        weight.data = fmt.fake_quantize(saved.to(torch.float32)).to(saved.dtype)
-        try:
-            logp = F.log_softmax(model(input_ids=ids, use_cache=False).logits.float(), dim=-1)
-        finally:
-            weight.data = saved
-        kl = kl_divergence(base, logp).mean().item()
-        s = sens.linears[name]
-        s.errors[spec], s.nbytes[spec] = kl, fmt.nbytes(s.numel)
-        logger.debug("%s in %s: KL %.5f", name, spec, kl)
-    sens.seconds = round(sens.seconds + time.monotonic() - t0, 1)
-    return sens
-

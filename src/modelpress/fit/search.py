@@ -39,7 +39,15 @@ import yaml
 from modelpress.errors import UserError
 from modelpress.fit import gguf as fit_gguf
 from modelpress.fit.allocate import allocate, smallest_bytes, uniform
-from modelpress.fit.sensitivity import CANDIDATES, KEEP, Sensitivity, measure_sensitivity, probe_gains
+from modelpress.fit.sensitivity import (
+    CANDIDATES,
+    KEEP,
+    Sensitivity,
+    embedding_modules,
+    measure_embeddings,
+    measure_sensitivity,
+    probe_gains,
+)
 from modelpress.plan.memory import RUNTIME_RESERVE
 
 logger = logging.getLogger("modelpress")
@@ -197,6 +205,9 @@ def recipe_data(model: str, candidate: Candidate, config, evaluate: dict, gguf_b
     overrides = {re.escape(n): f for n, f in candidate.formats.items() if f != default}
     settings = config.model_dump(mode="json", exclude={"calibration", "format", "overrides", "bits", "granularity",
                                                         "group_size", "symmetric", "keep_zeros"})
+    # every module the allocation chose for is a target (an untied head too, keep included): an
+    # exclude pattern matching one (the default lm_head) would overrule the allocation
+    settings["exclude"] = [p for p in settings["exclude"] if not any(re.search(p, n) for n in candidate.formats)]
     stages = [{"quantize": {**settings, "format": default, "overrides": overrides}}]
     if candidate.kv_dtype is not None:
         stages.append({"kv-cache": {"dtype": candidate.kv_dtype}})
@@ -263,9 +274,16 @@ def fit_model(model: str, out_dir: str | Path, budget: Budget, config, engine: s
         probe_gains(sens, config, windows=probe_windows, probe_dir=probe_dir)
         sens.save(sens_file)
     shutil.rmtree(probe_dir, ignore_errors=True)  # a model's worth of disk, needed by the probes only
-    if gguf and not any(s.kl_measured for s in sens.linears.values()):
-        logger.info("measuring the embedding and output head in each block type (KL)")
-        fit_gguf.measure_embeddings(sens, config, windows=probe_windows)
+    if not any(s.kl_measured for s in sens.linears.values()):
+        if gguf:
+            logger.info("measuring the embedding and output head in each block type (KL)")
+            measure_embeddings(sens, config, windows=probe_windows)
+        else:  # an untied head is a choice; vLLM and transformers take no quantized input embedding
+            before = set(sens.linears)
+            measure_embeddings(sens, config, windows=probe_windows, head_only=True)
+            for name in set(sens.linears) - before:  # now counted as a choice, not as a fixed tensor
+                sens.fixed_bytes -= sens.linears[name].nbytes[KEEP]
+                logger.info("the output head %s is a choice too (KL measured in each format)", name)
         sens.save(sens_file)
     if gguf:  # the other tensors as the GGUF file stores them
         sens.fixed_bytes = fit_gguf.fixed_bytes(model, gguf_base, set(sens.linears))
@@ -347,11 +365,13 @@ def check_reachable(model: str, specs: list[str], config, budget: Budget, work: 
 
     source = loading.resolve(model)
     meta = meta_model(loading.load_config(source))
-    targets = plan_targets(meta, config.model_copy(update={"format": "int8", "overrides": {}}))
+    head = embedding_modules(meta)[1:]  # an untied output head: a choice like the Linears
+    targets = plan_targets(meta, config.model_copy(update={
+        "format": "int8", "overrides": {}, "exclude": [p for p in config.exclude if not any(re.search(p, h) for h in head)]}))
     stored = header_bytes(source)
     if gguf_base is not None:  # the decoder Linears, the embedding and an untied output head
         shapes = {m: tuple(meta.get_submodule(m).weight.shape)
-                  for m in [*targets.formats, *fit_gguf.embedding_modules(meta)]}
+                  for m in [*targets.formats, *embedding_modules(meta)]}
         smallest = fit_gguf.smallest_bytes(model, gguf_base, shapes, specs)
         if smallest > budget.weights:
             _nothing_fits(budget, specs, smallest, work)

@@ -432,3 +432,83 @@ def probe_gains(sens: Sensitivity, config, windows: int = 2, probe_dir: str | Pa
     sens.probe_codes = "rtn" if probe_dir is None else sens.method
     sens.seconds = round(sens.seconds + time.monotonic() - t0, 1)
     return sens
+
+
+def embedding_modules(model) -> list[str]:
+    """Module names of ``model``'s input embedding and, when it is a tensor of its own (not tied
+    to the embedding), its output head."""
+    names = {id(m): n for n, m in model.named_modules()}
+    embedding, head = model.get_input_embeddings(), model.get_output_embeddings()
+    out = [names[id(embedding)]]
+    if head is not None and head.weight is not embedding.weight:
+        out.append(names[id(head)])
+    return out
+
+
+@torch.no_grad()
+def measure_embeddings(sens: Sensitivity, config, windows: int = 2, head_only: bool = False) -> Sensitivity:
+    """Add the input embedding and the untied output head (with ``head_only``, the untied head
+    alone) to ``sens`` as allocation choices.
+
+    For each of them and each candidate format whose groups divide its rows, the tensor alone is
+    rounded (llama.cpp's block types as its quantizer rounds them, the GGUF writer's encoding of
+    these tensors; other formats to nearest) and the model's KL from the float model is measured
+    on the first ``windows`` calibration windows, the ones :func:`probe_gains` uses. That KL is
+    the entry's error (``kl_measured``: the allocation takes it as the predicted loss as it is),
+    beside the format's stored bytes and ``keep`` (the checkpoint's float type, no loss). A tied
+    embedding is measured with the output head rounded with it, as llama.cpp uses the one tensor
+    for both. *Simplification:* a head that ``compress`` will quantize with GPTQ is priced by
+    round-to-nearest, an upper bound on its loss (GPTQ's output error is lower on the inputs it
+    is calibrated on).
+
+    Costs one forward per format and tensor, plus the encoding of the tensor in each (llama.cpp's
+    k-quant parameter search is the slow part for a large vocabulary).
+    """
+    import torch.nn.functional as F
+
+    from modelpress.formats.gguf_blocks import GGUFBlockFormat
+    from modelpress.models import loading
+    from modelpress.pipeline.runner import calibration_ids
+    from modelpress.progress import track
+    from modelpress.train.losses import kl as kl_divergence
+
+    t0 = time.monotonic()
+    source = loading.resolve(sens.model)
+    stored = {n.removesuffix(".weight"): dtype for n, (_, dtype) in loading.tensor_headers(source).items()}
+    model = loading.load_model(source).eval()
+    ids = calibration_ids(loading.load_tokenizer(source), config.calibration)[:windows]
+    base = F.log_softmax(model(input_ids=ids, use_cache=False).logits.float(), dim=-1)
+    n_layers = 1 + max((s.layer for s in sens.linears.values()), default=-1)
+    names = embedding_modules(model)
+    jobs = []
+    for i, name in enumerate(names[1:] if head_only else names):
+        W = model.get_submodule(name).weight
+        itemsize = 4 if stored.get(name) == "F32" else 2
+        sens.linears[name] = LinearSensitivity(layer=-1 if name == names[0] else n_layers, group=name,
+                                               in_features=W.shape[1],
+                                               numel=W.numel(), energy=0.0, errors={KEEP: 0.0},
+                                               nbytes={KEEP: W.numel() * itemsize}, kl_measured=True)
+        for spec in sens.candidates:
+            fmt = None if spec == KEEP else candidate_format(spec, config)
+            if fmt is not None and fmt.divides(W.shape[1]):
+                jobs.append((name, spec, fmt))
+    for name, spec, fmt in track(jobs, total=len(jobs), what="embedding type"):
+        weight = model.get_submodule(name).weight
+        saved = weight.data
+        if isinstance(fmt, GGUFBlockFormat):
+            rounded, nbytes = fmt.fake_quantize(saved.to(torch.float32)), fmt.nbytes(saved.numel())
+        else:  # what the compressed-tensors writer stores
+            qt = fmt.quantize(saved.to(torch.float32))
+            rounded, nbytes = qt.dequantize(), qt.nbytes
+        weight.data = rounded.to(saved.dtype)
+        try:
+            logp = F.log_softmax(model(input_ids=ids, use_cache=False).logits.float(), dim=-1)
+        finally:
+            weight.data = saved
+        kl = kl_divergence(base, logp).mean().item()
+        s = sens.linears[name]
+        s.errors[spec], s.nbytes[spec] = kl, nbytes
+        logger.debug("%s in %s: KL %.5f", name, spec, kl)
+    sens.seconds = round(sens.seconds + time.monotonic() - t0, 1)
+    return sens
+

@@ -66,6 +66,11 @@ class WeightReader:
             self._files = {}
         self.names = set(expected)
 
+    @property
+    def whole(self) -> bool:
+        """Whether the checkpoint was loaded whole (a tensor, once released, cannot be read again)."""
+        return self._state is not None
+
     def get(self, name: str) -> torch.Tensor:
         if self._state is not None:
             return self._state[name]  # load_model checked every tensor
@@ -248,6 +253,9 @@ class LayerwiseModel:
         self.reader = WeightReader(source, {self.checkpoint_name(n): shapes[n] for n in self.names},
                                    moe=self.arch.moe is not None)
         self.layer_list: nn.ModuleList = self.model.get_submodule(self.arch.layers)
+        self.deferred: set[str] = set()  # outside tensors written after the layer pass (a quantized head)
+        self._tail: list[str] = []  # the modules between the last decoder layer and the head
+        self._stash: dict[str, torch.Tensor] = {}
         self._materialize([n for n in self.names if not n.startswith(self.prefix + ".")])
 
     def checkpoint_name(self, name: str) -> str:
@@ -293,20 +301,97 @@ class LayerwiseModel:
 
     def free_outside_layers(self) -> None:
         """Drop the tensors outside the decoder layers (embeddings, head) once the layer inputs
-        are captured and those tensors written: the layer loop never needs them again."""
+        are captured and those tensors written: the layer loop never needs them again (but for
+        the small modules before a head that :meth:`prepare_head` set aside)."""
         from accelerate.utils import set_module_tensor_to_device
 
         for name in self.names:
-            if not name.startswith(self.prefix + "."):
-                set_module_tensor_to_device(self.model, name, "meta")
+            if name.startswith(self.prefix + ".") or any(name.startswith(t + ".") for t in self._tail):
+                continue
+            if name in self.deferred and self.reader.whole:  # the reader cannot give it again
+                self._stash[name] = self.model.get_parameter(name).data
+            set_module_tensor_to_device(self.model, name, "meta")
         release_memory()
 
     def outside_layers(self) -> Iterator[tuple[str, torch.Tensor]]:
-        """Checkpoint tensors outside the decoder layers (embeddings, final norm, untied head)."""
+        """Checkpoint tensors outside the decoder layers (embeddings, final norm, untied head),
+        but for the ``deferred`` ones."""
         state = self.model.state_dict()
         for name in sorted(self.names):
-            if not name.startswith(self.prefix + "."):
+            if not name.startswith(self.prefix + ".") and name not in self.deferred:
                 yield name, state[name]
+
+    @torch.no_grad()
+    def prepare_head(self, head: str) -> None:
+        """Set the output head ``head`` aside for quantizing after the layer pass: its weight is
+        ``deferred`` (not written with the other outside tensors), and the modules the model runs
+        between its last decoder layer and the head (the final norm) are found and kept, so that
+        :meth:`head_inputs` can turn the last layer's outputs into what the head receives.
+
+        The modules are found with no architecture knowledge: one short forward with every layer
+        passing its input through records which leaf modules run after the last layer and before
+        the head, and their composition is checked to give the head's real input.
+
+        Raises:
+            UserError: the head's input is not those modules applied to the last layer's output.
+        """
+        order: list[str] = []
+        seen: dict[str, torch.Tensor] = {}
+        leaves = {m: n for n, m in self.model.named_modules()
+                  if not n.startswith(self.prefix + ".") and n != head and not any(True for _ in m.children())}
+
+        def done(module, args, output):
+            order.append(leaves[module])
+
+        def last(module, args, output):
+            order.append("<last layer>")
+            seen["last"] = output[0] if isinstance(output, tuple) else output
+
+        def stop(module, args):
+            seen["head"] = args[0]
+            raise _StopForward
+
+        originals = list(self.layer_list)
+        for i, layer in enumerate(originals):
+            self.layer_list[i] = _Skip(layer)
+        handles = [m.register_forward_hook(done) for m in leaves]
+        handles += [self.layer_list[-1].register_forward_hook(last),
+                    self.model.get_submodule(head).register_forward_pre_hook(stop)]
+        try:
+            ids = torch.arange(4).remainder(self.config.get_text_config().vocab_size)[None]
+            try:
+                self.model(input_ids=ids, use_cache=False)
+            except _StopForward:
+                pass
+        finally:
+            for h in handles:
+                h.remove()
+            for i, layer in enumerate(originals):
+                self.layer_list[i] = layer
+        tail = order[order.index("<last layer>") + 1:] if "<last layer>" in order else []
+        x = seen.get("last")
+        for name in tail:
+            x = self.model.get_submodule(name)(x)
+        if x is None or "head" not in seen or not torch.allclose(x, seen["head"], rtol=1e-5, atol=1e-6):
+            raise UserError(f"cannot tell what this model applies between its last decoder layer and {head}, so "
+                            f"{head} cannot be calibrated; --exclude {head} to keep it in float")
+        self._tail = tail
+        self.deferred.add(f"{head}.weight")
+
+    @torch.no_grad()
+    def head_inputs(self, hidden: list[torch.Tensor]) -> list[torch.Tensor]:
+        """What the output head receives for each batch of the last decoder layer's outputs
+        (after :meth:`prepare_head`)."""
+        out = []
+        for x in hidden:
+            for name in self._tail:
+                x = self.model.get_submodule(name)(x)
+            out.append(x)
+        return out
+
+    def deferred_tensor(self, name: str) -> torch.Tensor:
+        """A ``deferred`` tensor as the checkpoint stores it, read again after the layer pass."""
+        return self._stash.pop(name) if name in self._stash else self.reader.get(self.checkpoint_name(name))
 
     @torch.no_grad()
     def capture(self, batches: list[torch.Tensor]) -> Capture:

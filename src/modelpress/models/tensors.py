@@ -50,9 +50,21 @@ def _fallback_format(fmt: IntFormat, in_features: int, fallback: str) -> IntForm
     return replace(fmt, group_size=group)
 
 
-def _candidates(meta: nn.Module, exclude: list[str], targets: Targets) -> Iterator[tuple[str, int]]:
-    """``(name, in_features)`` of the decoder Linears a method may change; the others (excluded,
-    MoE routers) go into ``targets.kept`` with the reason."""
+def head_name(model: nn.Module) -> str | None:
+    """Module name of ``model``'s output head (``lm_head`` in most models), or ``None``."""
+    head = model.get_output_embeddings()
+    return next((n for n, m in model.named_modules() if m is head), None) if isinstance(head, nn.Linear) else None
+
+
+def _candidates(meta: nn.Module, exclude: list[str], targets: Targets, head: bool = False) -> Iterator[tuple[str, int]]:
+    """``(name, in_features)`` of the decoder Linears a method may change, and with ``head`` the
+    output head last; the others (excluded, MoE routers, a tied head) go into ``targets.kept``
+    with the reason.
+
+    The head is a target only when no ``exclude`` pattern matches it (llm-compressor's ``ignore``
+    convention: the default list excludes it) and it is a tensor of its own: a head tied to the
+    input embedding stays in float, since quantizing it would store a second copy of the table.
+    """
     arch = arch_for(meta.config)
     for name, module in meta.named_modules():
         if not isinstance(module, nn.Linear) or not name.startswith(arch.layers + "."):
@@ -64,6 +76,16 @@ def _candidates(meta: nn.Module, exclude: list[str], targets: Targets) -> Iterat
             targets.kept[name] = "gate of a mixture-of-experts branch"
         else:
             yield name, module.in_features
+    name = head_name(meta) if head else None
+    if name is None or any(re.search(p, name) for p in exclude):
+        return
+    module = meta.get_submodule(name)
+    targets.in_features[name] = module.in_features
+    if module.weight is meta.get_input_embeddings().weight or getattr(meta.config, "tie_word_embeddings", False):
+        targets.kept[name] = "tied to the input embedding (a quantized head would be a second copy of it)"
+        logger.info("%s is tied to the input embedding: it stays in float", name)
+    else:
+        yield name, module.in_features
 
 
 def prune_targets(meta: nn.Module, config) -> Targets:
@@ -96,7 +118,7 @@ def plan_targets(meta: nn.Module, config) -> Targets:
     """
     targets = Targets()
     misfits = []
-    for name, in_features in _candidates(meta, config.exclude, targets):
+    for name, in_features in _candidates(meta, config.exclude, targets, head=True):
         fmt = config.format_for(name)
         if fmt is None:
             targets.kept[name] = "kept in float by an override"

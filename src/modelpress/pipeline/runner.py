@@ -56,11 +56,14 @@ class PassResult:
             the stages' numbers.
         elapsed_s: wall time, including the time before an interruption when resumed.
         resumed_at: the first layer this invocation ran, when it resumed; else ``None``.
+        hidden: the last decoder layer's outputs on the calibration batches, as the compressed
+            layers computed them (what the final norm and the output head receive).
     """
 
     layers: dict[str, dict]
     elapsed_s: float
     resumed_at: int | None = None
+    hidden: list[torch.Tensor] | None = None
 
 
 def calibration_ids(tokenizer, calib) -> torch.Tensor:
@@ -165,7 +168,7 @@ def run_layers(lm: LayerwiseModel, stages: list[LayerStage], formats: dict, sink
             _save_resume_point(sink, i, hidden, {"fingerprint": run_id, "layers_done": i + 1, "layer_errors": layers,
                                                  "elapsed_s": spent + time.monotonic() - t0})
     return PassResult(layers=layers, elapsed_s=spent + time.monotonic() - t0,
-                      resumed_at=start if sink.resuming else None)
+                      resumed_at=start if sink.resuming else None, hidden=hidden)
 
 
 def _apply_stages(stages: list[LayerStage], layer: nn.Module, prefix: str, modules: dict[str, nn.Linear],

@@ -111,6 +111,10 @@ class CompressedTensorsSink(_CheckpointSink):
             else:
                 self.writer.add_tensor(lm.checkpoint_name(name), state[name.removeprefix(prefix)].to(lm.source_dtype(name)))
 
+    def write_tensor(self, module: str, result: LinearResult) -> None:
+        """One Linear outside the decoder layers (a quantized output head), after the pass."""
+        self.writer.add_quantized(module, result.stored, result.inputs)
+
 
 class FloatSink(_CheckpointSink):
     """A plain float checkpoint of what the stages left, with their artifacts beside it.
