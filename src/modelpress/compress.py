@@ -210,24 +210,23 @@ def quantize_head(lm: LayerwiseModel, head: str, fmt, config: QuantConfig, hidde
     for x in lm.head_inputs(hidden):
         H, n = accumulate_hessian(H, n, x)
         absmax = max(absmax, x.abs().max().item())
-    if not fmt.divides(W.shape[1]):
-        raise UserError(f"{head}: group size {fmt.group_size} does not divide its input dimension {W.shape[1]}")
     logger.info("quantizing %s (%d x %d) in %s with %s", head, *W.shape, fmt.name,
                 "GPTQ" if config.method == "gptq" else "round-to-nearest")
     if config.method == "gptq":
-        result = gptq(W, H, fmt, block_size=config.block_size, damp=config.damp, act_order=config.act_order)
-        qt, info = result.qt, {"gptq_loss": result.loss, "damp": result.damp}
+        quantized = gptq(W, H, fmt, block_size=config.block_size, damp=config.damp, act_order=config.act_order)
+        qt, info = quantized.qt, {"gptq_loss": quantized.loss, "damp": quantized.damp}
     else:
         qt, _ = rtn(W, fmt)
         info = {} if config.method == "rtn" else {"method": f"rtn (the head is not part of {config.method}'s search)"}
     act = config.act_format()
     inputs = None if act is None else InputQuant(act) if act.dynamic else \
         InputQuant(act, act.static_scale(torch.tensor(absmax)))
+    if inputs is not None:
+        info["activations"] = inputs.fmt.name
     result = LinearResult.quantized(W, qt, {**info, "tokens": n, "output_rel_mse": output_rel(W, qt.dequantize(), H)},
                                     inputs=inputs)
     sink.write_tensor(lm.checkpoint_name(head), result)
-    return {"format": fmt.name, "numel": W.numel(), "nbytes": result.nbytes, **result.error.__dict__, **result.info,
-            **({} if inputs is None else {"activations": inputs.fmt.name})}
+    return result.entry(fmt.name, W.numel())
 
 
 def _pass_calibration(config: QuantConfig, prune: PruneConfig | None) -> CalibrationConfig:

@@ -95,9 +95,10 @@ def build_config(args: argparse.Namespace):
         fields["group_size"] = args.group_size
     if args.exclude is not None:
         fields["exclude"] = args.exclude
-    if args.quantize_head:
-        fields["exclude"] = [p for p in fields.get("exclude", ["lm_head"]) if p != "lm_head"]
     config_class = METHODS[args.method].config
+    if args.quantize_head:
+        default = config_class.model_fields["exclude"].get_default(call_default_factory=True)
+        fields["exclude"] = [p for p in fields.get("exclude", default) if p != "lm_head"]
     method_options = {"act_order": args.act_order, "damp": args.damp, "block_size": args.block_size,
                       "scale_search": args.scale_search, "alpha": args.alpha, "weights": args.weights,
                       "calibration": options.calibration_fields(args)}

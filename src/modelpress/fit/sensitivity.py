@@ -437,11 +437,12 @@ def probe_gains(sens: Sensitivity, config, windows: int = 2, probe_dir: str | Pa
 def embedding_modules(model) -> list[str]:
     """Module names of ``model``'s input embedding and, when it is a tensor of its own (not tied
     to the embedding), its output head."""
-    names = {id(m): n for n, m in model.named_modules()}
+    from modelpress.models.tensors import head_name
+
     embedding, head = model.get_input_embeddings(), model.get_output_embeddings()
-    out = [names[id(embedding)]]
+    out = [next(n for n, m in model.named_modules() if m is embedding)]
     if head is not None and head.weight is not embedding.weight:
-        out.append(names[id(head)])
+        out.append(head_name(model))
     return out
 
 
@@ -481,7 +482,7 @@ def measure_embeddings(sens: Sensitivity, config, windows: int = 2, head_only: b
     n_layers = 1 + max((s.layer for s in sens.linears.values()), default=-1)
     names = embedding_modules(model)
     jobs = []
-    for i, name in enumerate(names[1:] if head_only else names):
+    for name in names[1:] if head_only else names:
         W = model.get_submodule(name).weight
         itemsize = 4 if stored.get(name) == "F32" else 2
         sens.linears[name] = LinearSensitivity(layer=-1 if name == names[0] else n_layers, group=name,

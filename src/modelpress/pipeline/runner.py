@@ -149,9 +149,7 @@ def run_layers(lm: LayerwiseModel, stages: list[LayerStage], formats: dict, sink
             sink.abort(keep=False)
             raise (e if str(e).startswith(where) else UserError(f"{where}: {e}")) from None
         for name, result in results.items():
-            layers[lm.checkpoint_name(name)] = {"format": formats[name].name, "numel": modules[name].weight.numel(),
-                                                "nbytes": result.nbytes, **(result.error.__dict__ if result.error else {}),
-                                                **result.info}
+            layers[lm.checkpoint_name(name)] = result.entry(formats[name].name, modules[name].weight.numel())
         inputs = {n.removeprefix(prefix + "."): r.inputs for n, r in results.items() if r.inputs is not None}
         with contextlib.ExitStack() as probes, activation_fake_quant(layer, inputs):
             for observer in observers:  # they watch the forward that feeds the next layer: no extra pass

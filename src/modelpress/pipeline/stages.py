@@ -65,6 +65,11 @@ class LinearResult:
         return cls(stored=qt, nbytes=qt.nbytes, error=LayerError.between(W, qt.dequantize()), info=info,
                    inputs=inputs)
 
+    def entry(self, fmt_name: str, numel: int) -> dict:
+        """The run record's entry for this Linear: format, weights, stored bytes, error, numbers."""
+        return {"format": fmt_name, "numel": numel, "nbytes": self.nbytes,
+                **(self.error.__dict__ if self.error else {}), **self.info}
+
     def then(self, later: LinearResult) -> LinearResult:
         """This result followed by a later stage's on the same Linear: the later one is what is
         stored; numbers of both are kept (the later wins a shared key), a mask survives.
