@@ -217,9 +217,13 @@ class SensitivityStage:
         else:
             qt = quantize(W_all)
             parts = [qt.rows(r, r + W.shape[0]) for r, W in _offsets(Ws)]
-        # bytes as the compressed-tensors writer stores them (codes, scales, shape); the name is a placeholder
-        return [(part.dequantize().to(torch.float32), sum(t.nbytes for t in compressed_tensors("w", part).values()))
-                for part in parts]
+        return [(part.dequantize().to(torch.float32), stored_nbytes(part)) for part in parts]
+
+
+def stored_nbytes(qt) -> int:
+    """A quantized tensor's bytes as the compressed-tensors writer stores them: codes, scales and
+    the shape tensor (``qt.nbytes`` counts codes and scales only). The name is a placeholder."""
+    return sum(t.nbytes for t in compressed_tensors("w", qt).values())
 
 
 def candidate_format(spec: str, config):
@@ -500,7 +504,7 @@ def measure_embeddings(sens: Sensitivity, config, windows: int = 2, head_only: b
             rounded, nbytes = fmt.fake_quantize(saved.to(torch.float32)), fmt.nbytes(saved.numel())
         else:  # what the compressed-tensors writer stores
             qt = fmt.quantize(saved.to(torch.float32))
-            rounded, nbytes = qt.dequantize(), qt.nbytes
+            rounded, nbytes = qt.dequantize(), stored_nbytes(qt)
         weight.data = rounded.to(saved.dtype)
         try:
             logp = F.log_softmax(model(input_ids=ids, use_cache=False).logits.float(), dim=-1)
