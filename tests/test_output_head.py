@@ -164,3 +164,26 @@ def test_the_cli_quantizes_the_head_when_asked(tiny_models, tmp_path):
     assert main(["compress", str(path), "--method", "rtn", "--bits", "8", "--granularity", "channel",
                  "--no-quality-guard", "-o", str(tmp_path / "f")]) == 0
     assert "lm_head.weight" in checkpoint_tensors(tmp_path / "f")  # the default keeps it in float
+
+
+def test_the_planner_counts_a_stored_quantized_head_as_quantized(tiny_models, tmp_path):
+    """The run table's planner bytes: with the head's scale in the checkpoint, the head is priced
+    in the format like the Linears, and the count matches the bytes on disk either way."""
+    from modelpress.cli import main
+    from modelpress.models.shape import shape_from_config
+    from modelpress.plan.formats import as_written_from, config_dtype, plan_format
+    from modelpress.plan.memory import weight_bytes
+
+    def planned(folder):
+        source = loading.resolve(folder)
+        config = loading.load_config(source)
+        shape = shape_from_config(config, "tiny", loading.tensor_headers(source))
+        return weight_bytes(shape, as_written_from(plan_format("int8"), config_dtype(config)))
+
+    path = tiny_models["llama"]
+    for flags, out in ((["--quantize-head"], tmp_path / "h"), ([], tmp_path / "f")):
+        assert main(["compress", str(path), "--method", "rtn", "--bits", "8", "--granularity", "channel", *flags,
+                     "--no-quality-guard", "-o", str(out)]) == 0
+        on_disk = sum(t.nbytes for t in checkpoint_tensors(out).values())
+        assert planned(out) == pytest.approx(on_disk, rel=0.01)
+    assert planned(tmp_path / "h") < 0.8 * planned(tmp_path / "f")  # a 384 x 64 float32 head of a 0.26 MB model

@@ -7,11 +7,14 @@ mixture-of-experts weights; the KV-cache geometry comes from the config's standa
 
 from __future__ import annotations
 
+from typing import Collection
+
 from torch import nn
 
 from modelpress.errors import UserError
 from modelpress.models.arch import text_config
 from modelpress.models.loading import meta_model
+from modelpress.models.tensors import head_name
 from modelpress.plan.memory import ModelShape
 
 
@@ -29,11 +32,13 @@ def _attention_layers(cfg) -> tuple[tuple[int, int, int | None], ...]:
     return tuple(out)
 
 
-def shape_from_config(hf_config, name: str) -> ModelShape:
+def shape_from_config(hf_config, name: str, stored: Collection[str] = ()) -> ModelShape:
     """Count parameters (per quantizable Linear row length) and read the attention geometry.
 
     Quantizable: every ``nn.Linear`` except the output head, plus fused expert weights
-    (3-D parameters of ``experts`` modules), as ``compress`` treats them.
+    (3-D parameters of ``experts`` modules), as ``compress`` treats them. ``stored``, a
+    checkpoint's tensor names: an untied head stored quantized there (``lm_head.weight_scale``,
+    ``compress --quantize-head``) counts as a quantized Linear too.
     """
     cfg = text_config(hf_config)
     try:
@@ -41,6 +46,9 @@ def shape_from_config(hf_config, name: str) -> ModelShape:
     except (ValueError, KeyError) as e:
         raise UserError(f"transformers cannot build a model from this config: {str(e).splitlines()[0]}") from None
     head = meta.get_output_embeddings()
+    if head is not None and f"{head_name(meta)}.weight_scale" in stored \
+            and head.weight is not meta.get_input_embeddings().weight:
+        head = None  # quantized like the Linears
     linear: dict[int, int] = {}
     counted: set[int] = set()
     expert_params = 0

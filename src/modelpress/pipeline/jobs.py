@@ -126,8 +126,9 @@ def measure_model(model: str, text: str, windows: int, baseline: str | None, spe
 
     result = measure(model, text, windows, baseline=baseline, kv_cache=kv_cache, prompts=prompts,
                      new_tokens=new_tokens, histograms=histograms)
-    config = loading.load_config(loading.resolve(model))
-    shape = shape_from_config(config, Path(model).name)
+    source = loading.resolve(model)
+    config = loading.load_config(source)
+    shape = shape_from_config(config, Path(model).name, loading.tensor_headers(source))  # a quantized head counted as one
     fmt = None
     if spec is not None:
         try:  # the unquantized tensors as the checkpoint holds them (a float32 source keeps float32 ones)
