@@ -492,6 +492,8 @@ def test_precomputed_top_k_teacher_logits_train_without_the_teacher(teacher, dam
     assert full["soft"] == pytest.approx(dense["soft"], rel=1e-5) and full["ce"] == pytest.approx(dense["ce"], rel=1e-6)
     record = json.loads((tmp_path / "full" / "modelpress.json").read_text())
     assert record["teacher_topk"]["k"] == vocab and record["teacher_topk"]["bytes"] > 0
+    # only the windows the 2 steps visit (batch 2) were scored, not the whole text
+    assert record["teacher_topk"]["windows"] == 4 < record["data"]["windows"]
     out = tmp_path / "k64"
     assert main([*common, "--steps", "60", "--teacher-topk", "64", "-o", str(out)]) == 0
     before = _kl_to(teacher, damaged, texts["held_out"])

@@ -61,6 +61,24 @@ class BatchOrder:
             raise UserError(f"{what} gives {self.n_windows} training windows, fewer than one batch of "
                             f"{self.global_batch}; add text, or lower --batch-size or --seq-len")
 
+    def visited(self, micro_batches: int) -> list[int]:
+        """The windows the first ``micro_batches`` micro-batches hold, over every process, ascending.
+
+        Example:
+            >>> order = BatchOrder(n_windows=10, batch_size=2, world=1, seed=0)
+            >>> order.visited(2) == sorted(order.indices(0, 0) + order.indices(1, 0))
+            True
+            >>> order.visited(5) == list(range(10))  # a whole epoch: every window
+            True
+        """
+        epochs = -(-micro_batches // self.per_epoch)
+        seen: set[int] = set()
+        for epoch in range(epochs):
+            perm = torch.randperm(self.n_windows, generator=torch.Generator().manual_seed(self.seed + epoch))
+            steps = min(self.per_epoch, micro_batches - epoch * self.per_epoch)
+            seen.update(perm[:steps * self.global_batch].tolist())
+        return sorted(seen)
+
     def indices(self, m: int, rank: int) -> list[int]:
         epoch, pos = divmod(m, self.per_epoch)
         perm = torch.randperm(self.n_windows, generator=torch.Generator().manual_seed(self.seed + epoch))

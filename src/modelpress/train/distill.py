@@ -322,8 +322,8 @@ def distill(student: str, data: list[str], out_dir: str, config: DistillConfig, 
                                                                        windows[:1, :16])
     topk = None
     if config.teacher_topk is not None:  # score the windows once, then let the teacher go
-        topk, info["teacher_topk"] = teacher_topk.prepare(run.work, teacher_model, t_vocab, windows, config,
-                                                          accelerator)
+        topk, info["teacher_topk"] = teacher_topk.prepare(run.work, teacher_model, t_vocab, windows,
+                                                          order.visited(total * config.grad_accum), config, accelerator)
         teacher_model = None
         gc.collect()
     loss_module, optimizer, scheduler = _optimization(accelerator, model, teacher_model, t_vocab, config, total,

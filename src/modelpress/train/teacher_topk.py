@@ -1,7 +1,8 @@
 """The teacher's top-k logits, precomputed once, so the teacher is not resident while the student trains.
 
 Logit distillation holds the teacher's weights beside the student's for the whole run. With
-``--teacher-topk K`` the teacher instead scores every training window once, before training: of
+``--teacher-topk K`` the teacher instead scores once, before training, the windows the run's
+steps will visit (a 3-step run scores its few batches, not the whole corpus): of
 each position's tempered distribution ``log p_T^τ`` only the K most likely tokens and their
 log-probabilities are kept (DistillKit's "sparse logits"), and the teacher is freed. Training then
 reads each batch's rows (:meth:`TopKTeacher.batch`) and
@@ -30,10 +31,11 @@ FILE = "teacher_topk.safetensors"
 
 
 class TopKTeacher:
-    """The precomputed rows: ``values (n, T, k)`` float32 log-probabilities and ``ids (n, T, k)`` int32."""
+    """The precomputed rows of the windows ``used`` (ascending window indices): ``values (u, T, k)``
+    float32 log-probabilities and ``ids (u, T, k)`` int32, row ``j`` for window ``used[j]``."""
 
-    def __init__(self, values: torch.Tensor, ids: torch.Tensor):
-        self.values, self.ids = values, ids
+    def __init__(self, values: torch.Tensor, ids: torch.Tensor, used: torch.Tensor):
+        self.values, self.ids, self.used = values, ids, used
 
     @property
     def nbytes(self) -> int:
@@ -42,18 +44,23 @@ class TopKTeacher:
     def batch(self, windows: torch.Tensor) -> torch.Tensor:
         """The rows of the windows at indices ``windows``, packed as
         :func:`~modelpress.train.losses.topk_kd_sums` takes them: ``(B, T, 2, k)`` float32."""
-        return torch.stack([self.values[windows], self.ids[windows].float()], dim=2)
+        rows = torch.searchsorted(self.used, torch.as_tensor(windows, dtype=self.used.dtype))
+        if not torch.equal(self.used[rows.clamp(max=len(self.used) - 1)], torch.as_tensor(windows, dtype=self.used.dtype)):
+            raise RuntimeError("a batch asks for a window the teacher did not score")  # the run's order changed
+        return torch.stack([self.values[rows], self.ids[rows].float()], dim=2)
 
     def save(self, path: Path, k: int, temperature: float) -> None:
         from safetensors.torch import save_file
 
         tmp = path.with_name(path.name + ".tmp")
-        save_file({"values": self.values, "ids": self.ids}, str(tmp), metadata={"k": str(k), "temperature": str(temperature)})
+        save_file({"values": self.values, "ids": self.ids, "used": self.used}, str(tmp),
+                  metadata={"k": str(k), "temperature": str(temperature)})
         tmp.replace(path)
 
     @classmethod
-    def load(cls, path: Path, k: int, temperature: float, shape: tuple[int, int]) -> TopKTeacher | None:
-        """The rows saved at ``path`` for the same ``k``, ``temperature`` and windows, else ``None``."""
+    def load(cls, path: Path, k: int, temperature: float, used: torch.Tensor, length: int) -> TopKTeacher | None:
+        """The rows saved at ``path`` for the same ``k``, ``temperature``, windows ``used`` and
+        window ``length``, else ``None``."""
         from safetensors import safe_open
 
         if not path.is_file():
@@ -62,8 +69,10 @@ class TopKTeacher:
             meta = f.metadata() or {}
             if meta.get("k") != str(k) or meta.get("temperature") != str(temperature):
                 return None
-            values, ids = f.get_tensor("values"), f.get_tensor("ids")
-        return cls(values, ids) if tuple(values.shape[:2]) == shape else None
+            if "used" not in f.keys():
+                return None
+            values, ids, saved = f.get_tensor("values"), f.get_tensor("ids"), f.get_tensor("used")
+        return cls(values, ids, saved) if torch.equal(saved, used) and values.shape[1] == length else None
 
 
 @torch.no_grad()
@@ -95,13 +104,13 @@ def precompute(teacher, head, windows: torch.Tensor, k: int, temperature: float,
         rows = h.shape[0]
         values[b:b + rows] = torch.cat(v_rows).reshape(rows, T - 1, k)
         ids[b:b + rows] = torch.cat(i_rows).reshape(rows, T - 1, k).to(torch.int32)
-    return TopKTeacher(values, ids)
+    return TopKTeacher(values, ids, torch.arange(n))
 
 
-def prepare(work: Path, teacher, t_vocab: int | None, windows: torch.Tensor, config, accelerator):
-    """The teacher's top-k rows for every training window: computed by the main process (or read
-    back from ``work`` on ``--resume``), then loaded by every process. Returns them and the
-    record's entry."""
+def prepare(work: Path, teacher, t_vocab: int | None, windows: torch.Tensor, used: list[int], config, accelerator):
+    """The teacher's top-k rows for the training windows ``used`` (those the run's steps visit):
+    computed by the main process (or read back from ``work`` on ``--resume``), then loaded by
+    every process. Returns them and the record's entry."""
     from modelpress.errors import UserError
     from modelpress.train.student import logit_head
 
@@ -109,15 +118,16 @@ def prepare(work: Path, teacher, t_vocab: int | None, windows: torch.Tensor, con
     if t_vocab is not None:
         head = (lambda h, full=head: full(h)[..., :t_vocab])
     vocab = t_vocab or teacher.get_output_embeddings().weight.shape[0]
-    k, path, shape = config.teacher_topk, work / FILE, (len(windows), windows.shape[1] - 1)
+    k, path, length = config.teacher_topk, work / FILE, windows.shape[1] - 1
+    used = torch.tensor(sorted(set(used)), dtype=torch.int64)
     if k > vocab:
         raise UserError(f"--teacher-topk {k} is more than the vocabulary ({vocab}); take at most {vocab}")
     t0 = time.monotonic()
-    if accelerator.is_main_process and TopKTeacher.load(path, k, config.temperature, shape) is None:
-        logger.info("scoring %d windows with the teacher once (its top %d logits), then training without it",
-                    len(windows), k)
-        precompute(teacher, head, windows, k, config.temperature, config.batch_size, config.chunk_tokens).save(
-            path, k, config.temperature)
+    if accelerator.is_main_process and TopKTeacher.load(path, k, config.temperature, used, length) is None:
+        logger.info("scoring the %d of %d windows the run visits with the teacher once (its top %d logits), "
+                    "then training without it", len(used), len(windows), k)
+        rows = precompute(teacher, head, windows[used], k, config.temperature, config.batch_size, config.chunk_tokens)
+        TopKTeacher(rows.values, rows.ids, used).save(path, k, config.temperature)
     accelerator.wait_for_everyone()
-    rows = TopKTeacher.load(path, k, config.temperature, shape)
-    return rows, {"k": k, "bytes": rows.nbytes, "seconds": round(time.monotonic() - t0, 1)}
+    rows = TopKTeacher.load(path, k, config.temperature, used, length)
+    return rows, {"k": k, "windows": len(used), "bytes": rows.nbytes, "seconds": round(time.monotonic() - t0, 1)}
