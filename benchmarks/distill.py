@@ -131,6 +131,7 @@ MEMORY_SETTINGS = {  # name -> extra options of a short `heal` run, for its peak
     "teacher float32": [],
     "teacher bfloat16": ["--teacher-dtype", "bfloat16"],
     "teacher bfloat16, gradient checkpointing": ["--teacher-dtype", "bfloat16", "--gradient-checkpointing"],
+    "teacher top-64 logits, scored once before training": ["--teacher-topk", "64"],
     "no teacher (ce)": None,
 }
 
