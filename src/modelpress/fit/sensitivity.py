@@ -441,11 +441,11 @@ def probe_gains(sens: Sensitivity, config, windows: int = 2, probe_dir: str | Pa
 def embedding_modules(model) -> list[str]:
     """Module names of ``model``'s input embedding and, when it is a tensor of its own (not tied
     to the embedding), its output head."""
-    from modelpress.models.tensors import head_name
+    from modelpress.models.tensors import head_is_tied, head_name
 
-    embedding, head = model.get_input_embeddings(), model.get_output_embeddings()
+    embedding = model.get_input_embeddings()
     out = [next(n for n, m in model.named_modules() if m is embedding)]
-    if head is not None and head.weight is not embedding.weight:
+    if model.get_output_embeddings() is not None and not head_is_tied(model):
         out.append(head_name(model))
     return out
 

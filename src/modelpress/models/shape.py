@@ -14,7 +14,7 @@ from torch import nn
 from modelpress.errors import UserError
 from modelpress.models.arch import text_config
 from modelpress.models.loading import meta_model
-from modelpress.models.tensors import head_name
+from modelpress.models.tensors import head_is_tied, head_name
 from modelpress.plan.memory import ModelShape
 
 
@@ -46,8 +46,7 @@ def shape_from_config(hf_config, name: str, stored: Collection[str] = ()) -> Mod
     except (ValueError, KeyError) as e:
         raise UserError(f"transformers cannot build a model from this config: {str(e).splitlines()[0]}") from None
     head = meta.get_output_embeddings()
-    if head is not None and f"{head_name(meta)}.weight_scale" in stored \
-            and head.weight is not meta.get_input_embeddings().weight:
+    if head is not None and f"{head_name(meta)}.weight_scale" in stored and not head_is_tied(meta):
         head = None  # quantized like the Linears
     linear: dict[int, int] = {}
     counted: set[int] = set()

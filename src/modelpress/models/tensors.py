@@ -56,6 +56,13 @@ def head_name(model: nn.Module) -> str | None:
     return next((n for n, m in model.named_modules() if m is head), None) if isinstance(head, nn.Linear) else None
 
 
+def head_is_tied(model: nn.Module) -> bool:
+    """Whether ``model``'s output head is the input embedding's tensor: by identity on a loaded
+    model, by ``tie_word_embeddings`` on a meta model (whose ties ``init_empty_weights`` leaves undone)."""
+    head = model.get_output_embeddings()
+    return head.weight is model.get_input_embeddings().weight or getattr(model.config, "tie_word_embeddings", False)
+
+
 def _candidates(meta: nn.Module, exclude: list[str], targets: Targets, head: bool = False) -> Iterator[tuple[str, int]]:
     """``(name, in_features)`` of the decoder Linears a method may change, and with ``head`` the
     output head last; the others (excluded, MoE routers, a tied head) go into ``targets.kept``
@@ -81,7 +88,7 @@ def _candidates(meta: nn.Module, exclude: list[str], targets: Targets, head: boo
         return
     module = meta.get_submodule(name)
     targets.in_features[name] = module.in_features
-    if module.weight is meta.get_input_embeddings().weight or getattr(meta.config, "tie_word_embeddings", False):
+    if head_is_tied(meta):
         targets.kept[name] = "tied to the input embedding (a quantized head would be a second copy of it)"
         logger.info("%s is tied to the input embedding: it stays in float", name)
     else:

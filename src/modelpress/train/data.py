@@ -71,16 +71,17 @@ class BatchOrder:
             >>> order.visited(5) == list(range(10))  # a whole epoch: every window
             True
         """
-        epochs = -(-micro_batches // self.per_epoch)
         seen: set[int] = set()
-        for epoch in range(epochs):
-            perm = torch.randperm(self.n_windows, generator=torch.Generator().manual_seed(self.seed + epoch))
+        for epoch in range(-(-micro_batches // self.per_epoch)):
             steps = min(self.per_epoch, micro_batches - epoch * self.per_epoch)
-            seen.update(perm[:steps * self.global_batch].tolist())
+            seen.update(self._permutation(epoch)[:steps * self.global_batch].tolist())
         return sorted(seen)
 
     def indices(self, m: int, rank: int) -> list[int]:
         epoch, pos = divmod(m, self.per_epoch)
-        perm = torch.randperm(self.n_windows, generator=torch.Generator().manual_seed(self.seed + epoch))
-        chunk = perm[pos * self.global_batch:(pos + 1) * self.global_batch]
+        chunk = self._permutation(epoch)[pos * self.global_batch:(pos + 1) * self.global_batch]
         return chunk[rank * self.batch_size:(rank + 1) * self.batch_size].tolist()
+
+    def _permutation(self, epoch: int) -> torch.Tensor:
+        """The order of the windows in ``epoch``: the same on every process, from the seed."""
+        return torch.randperm(self.n_windows, generator=torch.Generator().manual_seed(self.seed + epoch))

@@ -44,8 +44,9 @@ class TopKTeacher:
     def batch(self, windows: torch.Tensor) -> torch.Tensor:
         """The rows of the windows at indices ``windows``, packed as
         :func:`~modelpress.train.losses.topk_kd_sums` takes them: ``(B, T, 2, k)`` float32."""
-        rows = torch.searchsorted(self.used, torch.as_tensor(windows, dtype=self.used.dtype))
-        if not torch.equal(self.used[rows.clamp(max=len(self.used) - 1)], torch.as_tensor(windows, dtype=self.used.dtype)):
+        wanted = torch.as_tensor(windows, dtype=self.used.dtype)
+        rows = torch.searchsorted(self.used, wanted)
+        if not torch.equal(self.used[rows.clamp(max=len(self.used) - 1)], wanted):
             raise RuntimeError("a batch asks for a window the teacher did not score")  # the run's order changed
         return torch.stack([self.values[rows], self.ids[rows].float()], dim=2)
 
@@ -76,10 +77,11 @@ class TopKTeacher:
 
 
 @torch.no_grad()
-def precompute(teacher, head, windows: torch.Tensor, k: int, temperature: float, batch_size: int,
-               chunk_tokens: int) -> TopKTeacher:
+def precompute(teacher, head, windows: torch.Tensor, used: torch.Tensor, k: int, temperature: float,
+               batch_size: int, chunk_tokens: int) -> TopKTeacher:
     """The teacher's top ``k`` tokens of ``log_softmax(z / τ)`` at every position that predicts a
-    next token of ``windows (n, T)``: rows ``(n, T - 1, k)``. Logits are made ``chunk_tokens`` at a
+    next token of the windows ``used`` (ascending indices into ``windows (n, T)``): rows
+    ``(len(used), T - 1, k)``. Logits are made ``chunk_tokens`` at a
     time, so tokens x vocabulary never sits whole.
 
     Args:
@@ -88,6 +90,7 @@ def precompute(teacher, head, windows: torch.Tensor, k: int, temperature: float,
     """
     from modelpress.train.student import hidden_states
 
+    windows = windows[used]
     n, T = windows.shape
     values = torch.empty(n, T - 1, k, dtype=torch.float32)
     ids = torch.empty(n, T - 1, k, dtype=torch.int32)
@@ -104,7 +107,7 @@ def precompute(teacher, head, windows: torch.Tensor, k: int, temperature: float,
         rows = h.shape[0]
         values[b:b + rows] = torch.cat(v_rows).reshape(rows, T - 1, k)
         ids[b:b + rows] = torch.cat(i_rows).reshape(rows, T - 1, k).to(torch.int32)
-    return TopKTeacher(values, ids, torch.arange(n))
+    return TopKTeacher(values, ids, used)
 
 
 def prepare(work: Path, teacher, t_vocab: int | None, windows: torch.Tensor, used: list[int], config, accelerator):
@@ -126,8 +129,8 @@ def prepare(work: Path, teacher, t_vocab: int | None, windows: torch.Tensor, use
     if accelerator.is_main_process and TopKTeacher.load(path, k, config.temperature, used, length) is None:
         logger.info("scoring the %d of %d windows the run visits with the teacher once (its top %d logits), "
                     "then training without it", len(used), len(windows), k)
-        rows = precompute(teacher, head, windows[used], k, config.temperature, config.batch_size, config.chunk_tokens)
-        TopKTeacher(rows.values, rows.ids, used).save(path, k, config.temperature)
+        precompute(teacher, head, windows, used, k, config.temperature, config.batch_size, config.chunk_tokens).save(
+            path, k, config.temperature)
     accelerator.wait_for_everyone()
     rows = TopKTeacher.load(path, k, config.temperature, used, length)
     return rows, {"k": k, "windows": len(used), "bytes": rows.nbytes, "seconds": round(time.monotonic() - t0, 1)}
