@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections import Counter
 
 import pytest
 import torch
@@ -98,6 +99,67 @@ def test_fit_writes_the_least_loss_model_within_the_budget(tiny_llama, tmp_path,
     assert speed["engine"] == "transformers" and speed["tokens"] == 64 and speed["decode_tok_s"] > 0
     assert speed["fraction"] == speed["decode_tok_s"] / speed["ceiling_tok_s"]
     assert f"<td class='n'>{speed['decode_tok_s']:.1f}</td>" in page and "data-chart='roofline'" in page
+
+    # a second budget from the same measurement: no layer pass, no probes; the same allocation a
+    # fresh fit at that budget would make, from the same numbers
+    import modelpress.fit.search
+    from modelpress.fit.allocate import allocate
+    from modelpress.fit.sensitivity import Sensitivity
+
+    def no_pass(*a, **k):
+        raise AssertionError("the sensitivity was measured again")
+
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(modelpress.fit.search, "measure_sensitivity", no_pass)
+        m.setattr(modelpress.fit.search, "probe_gains", no_pass)
+        smaller = int(weights * 0.45)
+        assert main(["fit", str(tiny_llama), "--memory", f"{smaller}B", "--weights-only", "-o", str(tmp_path / "fit2"),
+                     *args, "--uniform", "1", "--sensitivity-from", str(out)]) == 0
+    second = json.loads((tmp_path / "fit2" / "fit.json").read_text())
+    assert second["sensitivity"]["reused_from"] == str(out)
+    rows = {c["name"]: c for c in second["candidates"]}
+    assert rows["mixed"]["mix"] == Counter(allocate(Sensitivity.load(out / "sensitivity.json"), smaller, "kl").values())
+    assert "measured_in" not in rows["mixed"]  # a new allocation: built and measured
+    before = {c["name"]: c for c in record["candidates"]}
+    for name, row in rows.items():  # a candidate the first fit measured is taken from it, not run again
+        if name in before and name != "mixed":
+            assert row["measured_in"] == str(out) and row["kl"] == before[name]["kl"]
+    assert any("measured_in" in r for r in rows.values()), "expected the uniform candidate of the first fit again"
+    assert second["check"]["written_tensor_bytes"] <= smaller
+    assert (tmp_path / "fit2" / "model" / "config.json").is_file()
+
+
+def test_a_reused_sensitivity_must_match_the_fit_and_be_probed(tiny_llama, tmp_path):
+    """--sensitivity-from: measured under other settings, unprobed or missing is one UserError naming
+    what differs; a matching one is taken as it is."""
+    from modelpress.fit.search import reuse_sensitivity
+    from modelpress.fit.sensitivity import LinearSensitivity, Sensitivity, calibration_key
+    from modelpress.pipeline.recipe import CalibrationConfig
+
+    calib = CalibrationConfig(text=str(austen("emma.txt")), samples=8, seq_len=64)
+    linear = LinearSensitivity(0, "a", 64, 4096, 1.0, {"int4": 0.1, "keep": 0.0}, {"int4": 2048, "keep": 16384})
+    sens = Sensitivity(str(tiny_llama), "gptq", ["int4", "keep"], {"a": linear}, fixed_bytes=10,
+                       probes={"a": {"int4": {"kl": 0.01, "error": 0.1}}}, calibration=calibration_key(calib))
+    sens.save(tmp_path / "sensitivity.json")
+    assert reuse_sensitivity(tmp_path, str(tiny_llama), ["int4", "keep"], "gptq", calib) == sens
+    again = calib.model_copy(update={"batch_size": 2})  # the batch size changes no measured error
+    assert reuse_sensitivity(tmp_path / "sensitivity.json", str(tiny_llama), ["int4", "keep"], "gptq", again) == sens
+    for args, said in [((str(tmp_path), ["int4", "keep"], "gptq", calib), "model"),
+                       ((str(tiny_llama), ["int8", "keep"], "gptq", calib), "candidates int4,keep"),
+                       ((str(tiny_llama), ["int4", "keep"], "rtn", calib), "--sensitivity gptq"),
+                       ((str(tiny_llama), ["int4", "keep"], "gptq", calib.model_copy(update={"samples": 16})),
+                        "calibration 8 x 64 tokens")]:
+        with pytest.raises(UserError, match=said):
+            reuse_sensitivity(tmp_path, *args)
+    sens.probes = {}
+    sens.save(tmp_path / "sensitivity.json")
+    with pytest.raises(UserError, match="before the KL probes"):
+        reuse_sensitivity(tmp_path, str(tiny_llama), ["int4", "keep"], "gptq", calib)
+    (tmp_path / "sensitivity.json").write_text("{")
+    with pytest.raises(UserError, match="not a fit sensitivity file"):
+        reuse_sensitivity(tmp_path, str(tiny_llama), ["int4", "keep"], "gptq", calib)
+    with pytest.raises(UserError, match="no sensitivity.json"):
+        reuse_sensitivity(tmp_path / "elsewhere", str(tiny_llama), ["int4", "keep"], "gptq", calib)
 
 
 def test_the_fit_page_shows_budget_candidates_sensitivity_and_allocation(tmp_path):

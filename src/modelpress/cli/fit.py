@@ -12,6 +12,7 @@ Example:
     modelpress fit smollm2-135m/ --memory 200MB --weights-only -o smollm2-fit
     modelpress fit llama-3.1-8b/ --target rtx4090 --context 8192 --batch 4 -o llama-4090
     modelpress fit smollm2-135m/ --memory 100MB --weights-only --engine llama.cpp -o smollm2-gguf
+    modelpress fit smollm2-135m/ --memory 160MB --weights-only --sensitivity-from smollm2-fit -o smollm2-160
 """
 
 from __future__ import annotations
@@ -48,6 +49,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="uniform formats measured beside the mixed allocation (default 2, the best predicted)")
     s.add_argument("--sensitivity", choices=["gptq", "rtn"], default="gptq",
                    help="codes the per-Linear errors are measured with (default gptq, as written; rtn is cheaper)")
+    s.add_argument("--sensitivity-from", metavar="FIT_OUT",
+                   help="reuse an earlier fit's measured sensitivity (its output folder) instead of a new layer "
+                        "pass: same model, formats, --sensitivity and calibration; to fit one model to several budgets")
     s.add_argument("--probe-windows", type=options.positive_int, default=2, metavar="N",
                    help="calibration windows per KL probe (default 2)")
     options.add_eval_text(parser)  # default: the calibration text past the windows calibration reads
@@ -75,7 +79,8 @@ def main(args: argparse.Namespace) -> int:
     record = fit_model(args.model, args.output, budget, config, engine=args.engine, formats=formats,
                        eval_text=args.text, windows=args.windows,
                        probe_windows=args.probe_windows, n_uniform=args.uniform, sensitivity_method=args.sensitivity,
-                       report=args.report, gguf_base=file_type(args.gguf_base), speed=args.speed)
+                       report=args.report, gguf_base=file_type(args.gguf_base), speed=args.speed,
+                       sensitivity_from=args.sensitivity_from)
     if args.json:
         print(to_json(record, indent=2))
         return 0

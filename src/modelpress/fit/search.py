@@ -43,6 +43,7 @@ from modelpress.fit.sensitivity import (
     CANDIDATES,
     KEEP,
     Sensitivity,
+    calibration_key,
     embedding_modules,
     measure_embeddings,
     measure_sensitivity,
@@ -218,7 +219,8 @@ def recipe_data(model: str, candidate: Candidate, config, evaluate: dict, gguf_b
 def fit_model(model: str, out_dir: str | Path, budget: Budget, config, engine: str = "vllm",
               formats: list[str] | None = None, eval_text: str | None = None, windows: int = 40,
               probe_windows: int = 2, n_uniform: int = 2, sensitivity_method: str = "gptq",
-              report: bool = False, gguf_base: str = fit_gguf.BASE, speed: bool = False) -> dict:
+              report: bool = False, gguf_base: str = fit_gguf.BASE, speed: bool = False,
+              sensitivity_from: str | Path | None = None) -> dict:
     """Find, build and check the least-loss model of ``model`` within ``budget`` (see the module doc).
 
     Args:
@@ -240,6 +242,11 @@ def fit_model(model: str, out_dir: str | Path, budget: Budget, config, engine: s
             Linears, the embedding and the output head take (norms, biases).
         speed: also measure the winner's decode tokens/s in its engine on this machine, beside
             this machine's memory-bound ceiling (:mod:`modelpress.eval.speed`): ``record["speed"]``.
+        sensitivity_from: an earlier fit's output folder (or its ``sensitivity.json``) of the same
+            model, candidates, method and calibration: its measured sensitivity is used instead of
+            a new layer pass and probes, so fitting one model to several budgets measures it once
+            (:func:`reuse_sensitivity`); a candidate whose recipe it already measured is not run
+            again (:class:`EarlierFit`).
 
     Returns:
         The fit record (also ``OUT/fit.json``).
@@ -255,13 +262,17 @@ def fit_model(model: str, out_dir: str | Path, budget: Budget, config, engine: s
     if out.exists():
         raise UserError(f"{out} already exists; choose a new output folder")
     work = out.with_name(out.name + ".partial")
-    work.mkdir(parents=True, exist_ok=True)
     gguf = engine == fit_gguf.ENGINE
     candidates_specs = list(formats or (fit_gguf.CANDIDATES if gguf else CANDIDATES[engine]))
     if KEEP not in candidates_specs:
         candidates_specs.append(KEEP)
+    reused = None if sensitivity_from is None else reuse_sensitivity(
+        sensitivity_from, model, candidates_specs, sensitivity_method, config.calibration)
+    work.mkdir(parents=True, exist_ok=True)
     check_reachable(model, candidates_specs, config, budget, work, gguf_base if gguf else None)
     sens_file, probe_dir = work / "sensitivity.json", work / "probe-weights"
+    if reused is not None and not sens_file.is_file():
+        reused.save(sens_file)
     sens = Sensitivity.load(sens_file) if sens_file.is_file() else None
     if (sens is None or sens.candidates != candidates_specs or sens.method != sensitivity_method
             or not (sens.probes or probe_dir.is_dir())):
@@ -300,23 +311,42 @@ def fit_model(model: str, out_dir: str | Path, budget: Budget, config, engine: s
     evaluate = {"text": text, "windows": windows, "new_tokens": 0, "histograms": False}  # numbers only: no page shows them
     if budget.device and not budget.weights_only and _in_catalogue(budget.device):
         evaluate["device"] = budget.device
-    records, original = {}, None
+    earlier = EarlierFit(Path(sensitivity_from)) if sensitivity_from is not None else None
+    original = None
+
+    def build(c: Candidate, data: dict) -> None:
+        nonlocal original
+        record = run_recipe(parse_recipe(data, where=c.name), work / "candidates" / c.name, original=original)
+        original = record["original"]
+        c.measured = {k: record["steps"][-1].get(k) for k in MEASURED}
+        c.output = record["output"]
+
+    recipes = {}
     for c in pool:
         if c.kind == "float" and not gguf:
             break
-        data = recipe_data(model, c, config, evaluate, gguf_base if gguf else None, floats)
+        recipes[c.name] = data = recipe_data(model, c, config, evaluate, gguf_base if gguf else None, floats)
         (work / "recipes").mkdir(exist_ok=True)
         (work / "recipes" / f"{c.name}.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
         logger.info("candidate %s: %s, %.1f MB, predicted KL %.4f", c.name, c.mix, c.nbytes / 1e6, c.predicted_kl)
-        records[c.name] = run_recipe(parse_recipe(data, where=c.name), work / "candidates" / c.name, original=original)
-        original = records[c.name]["original"]
-        c.measured = {k: records[c.name]["steps"][-1].get(k) for k in ("ppl", "kl", "top1_agreement", "size_bytes")}
-        c.output = records[c.name]["output"]
+        row = earlier.measured(data) if earlier is not None else None
+        if row is not None:  # the same recipe on the same text: its numbers hold
+            logger.info("candidate %s: measured by %s as %s (the same recipe), not run again", c.name, earlier.path,
+                        row["name"])
+            c.measured = {**{k: row.get(k) for k in MEASURED}, "measured_in": str(earlier.path)}
+            original = original or earlier.record.get("original")
+            continue
+        build(c, data)
     winner = _winner(pool)
+    if winner.kind != "float" and winner.output is None:  # measured by the earlier fit: its files, or built now
+        winner.output = earlier.copy_winner(recipes[winner.name], work / "reused-winner")
+        if winner.output is None:
+            build(winner, recipes[winner.name])
     record = {"command": "fit", "model": model, "engine": engine, **({"gguf_base": gguf_base} if gguf else {}),
               "budget": asdict(budget),
               "sensitivity": {"method": sens.method, "candidates": sens.candidates, "seconds": sens.seconds,
-                              "smallest_bytes": smallest},
+                              "smallest_bytes": smallest,
+                              **({"reused_from": str(sensitivity_from)} if sensitivity_from is not None else {})},
               "original": original, "candidates": [_row(c) for c in pool], "winner": winner.name,
               "formats": winner.formats}
     if winner.kind == "float" and not gguf:
@@ -351,6 +381,103 @@ def fit_model(model: str, out_dir: str | Path, budget: Budget, config, engine: s
 
         write_fit_report(out, out / "report.html")
     return record
+
+
+MEASURED = ("ppl", "kl", "top1_agreement", "size_bytes")
+
+
+class EarlierFit:
+    """The candidates an earlier fit (``--sensitivity-from``) measured, found by their recipes:
+    one that this fit would run again, identical and on the same text, is not run again."""
+
+    def __init__(self, path: Path):
+        self.path = path if path.is_dir() else path.parent
+        fit_json = self.path / "fit.json"
+        self.record = json.loads(fit_json.read_text()) if fit_json.is_file() else {"candidates": []}
+        self.recipes = {}  # candidate name -> its recipe data, paths as the finished fit has them
+        for row in self.record["candidates"]:
+            file = self.path / "recipes" / f"{row['name']}.yaml"
+            if file.is_file():  # written inside OUT.partial, which became OUT
+                text = file.read_text().replace(str(self.path) + ".partial", str(self.path))
+                self.recipes[row["name"]] = _comparable(yaml.safe_load(text))
+
+    def _match(self, data: dict) -> dict | None:
+        key = _comparable(data)
+        return next((r for r in self.record["candidates"] if self.recipes.get(r["name"]) == key), None)
+
+    def measured(self, data: dict) -> dict | None:
+        """The earlier row that measured this exact recipe, or ``None``."""
+        row = self._match(data)
+        return row if row is not None and row.get("kl") is not None else None
+
+    def copy_winner(self, data: dict, dest: Path) -> str | None:
+        """A copy at ``dest`` of the earlier fit's written model when its winner was this recipe."""
+        row = self._match(data)
+        if row is None or row["name"] != self.record.get("winner"):
+            return None
+        gguf = self.path / "model.gguf"
+        if gguf.is_file():
+            shutil.copy2(gguf, dest.with_suffix(".gguf"))
+            return str(dest.with_suffix(".gguf"))
+        if not (self.path / "model").is_dir():
+            return None
+        shutil.copytree(self.path / "model", dest)
+        return str(dest)
+
+
+def _comparable(data: dict) -> dict:
+    """Recipe data with the evaluation text as its contents' digest: two fits' held-out texts are
+    files in their own folders."""
+    import hashlib
+
+    data = json.loads(json.dumps(data))
+    text = data.get("evaluate", {}).get("text")
+    if text is not None and Path(text).is_file():
+        data["evaluate"]["text"] = hashlib.sha256(Path(text).read_bytes()).hexdigest()
+    return data
+
+
+def reuse_sensitivity(path: str | Path, model: str, candidates: list[str], method: str, calibration) -> Sensitivity:
+    """An earlier fit's measured sensitivity (its ``OUT`` folder or ``OUT/sensitivity.json``),
+    checked to be what this fit would measure: the same model, candidate formats, method and
+    calibration text and windows, with its KL probes done (a finished fit's are).
+
+    Raises:
+        UserError: missing or unreadable, or measured under other settings (which, and how to match).
+    """
+    path = Path(path)
+    file = path / "sensitivity.json" if path.is_dir() else path
+    if not file.is_file():
+        raise UserError(f"--sensitivity-from {path}: no sensitivity.json there; give a finished fit's output folder")
+    try:
+        sens = Sensitivity.load(file)
+    except (ValueError, TypeError, KeyError) as e:
+        raise UserError(f"--sensitivity-from {file}: not a fit sensitivity file ({type(e).__name__}: {e})") from None
+
+    def same_model(a: str, b: str) -> bool:
+        return Path(a).resolve() == Path(b).resolve() if Path(a).exists() and Path(b).exists() else a == b
+
+    wanted = calibration_key(calibration)
+    differences = [
+        *([f"model {sens.model} (this fit: {model})"] if not same_model(sens.model, model) else []),
+        *([f"candidates {','.join(sens.candidates)} (this fit: {','.join(candidates)}; match --formats and --engine)"]
+          if sens.candidates != candidates else []),
+        *([f"--sensitivity {sens.method} (this fit: {method})"] if sens.method != method else []),
+        *([f"calibration {_calib_text(sens.calibration)} (this fit: {_calib_text(wanted)}; match the --calib options)"]
+          if sens.calibration != wanted else []),
+    ]
+    if differences:
+        raise UserError(f"--sensitivity-from {file} was measured with {'; '.join(differences)}")
+    if not sens.probes:
+        raise UserError(f"--sensitivity-from {file}: its fit stopped before the KL probes were done; finish it first "
+                        "(rerun its command)")
+    return sens
+
+
+def _calib_text(c: dict) -> str:
+    if not c:
+        return "not recorded (measured before fit recorded it)"
+    return f"{c['samples']} x {c['seq_len']} tokens of {c['text'] or 'the built-in text'}"
 
 
 def check_reachable(model: str, specs: list[str], config, budget: Budget, work: Path,

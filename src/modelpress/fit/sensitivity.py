@@ -87,6 +87,7 @@ class Sensitivity:
     # group -> probed format -> measured KL (nats/token) and output error (:func:`probe_gains`)
     probes: dict[str, dict[str, dict]] = field(default_factory=dict)
     probe_codes: str = ""  # whose codes the probes rounded to: "gptq" (the layer pass's) or "rtn"
+    calibration: dict = field(default_factory=dict)  # the text and windows measured on (:func:`calibration_key`)
 
     def gain(self, group: str, spec: str) -> float:
         """KL per unit of output error for ``group`` in ``spec``: that of the probed format nearest
@@ -337,7 +338,17 @@ def measure_sensitivity(model: str, candidates: list[str], config, method: str =
     state = lm.model.state_dict()  # shapes only by now (every layer is back on the meta device)
     fixed = sum(state[n].numel() * lm.source_dtype(n).itemsize for n in lm.names if n not in target_weights)
     return Sensitivity(model=str(model), method=method, candidates=list(candidates), linears=stage.table,
-                       fixed_bytes=int(fixed), tokens=stage.tokens, seconds=round(time.monotonic() - t0, 1))
+                       fixed_bytes=int(fixed), tokens=stage.tokens, seconds=round(time.monotonic() - t0, 1),
+                       calibration=calibration_key(config.calibration))
+
+
+def calibration_key(calibration) -> dict:
+    """What of a :class:`~modelpress.pipeline.recipe.CalibrationConfig` decides the measured
+    errors: the text (a file by its absolute path) and the windows; not the batch size."""
+    data = calibration.model_dump(mode="json", exclude={"batch_size"})
+    if data["text"] is not None and Path(data["text"]).exists():
+        data["text"] = str(Path(data["text"]).resolve())
+    return data
 
 
 PROBE_MIN_BITS = 3.0
