@@ -105,7 +105,8 @@ def print_fit(record: dict, out: str) -> None:
         mix = ", ".join(f"{n} {f}" for f, n in c["mix"].items())
         t.add_row(c["name"], mix, size_text(c["bytes"]), num(c.get("predicted_kl"), ".4f"), num(c.get("ppl"), ".3f"),
                   num(c.get("kl"), ".4f"), num(c.get("top1_agreement"), ".1%"),
-                  "winner" if c["name"] == record["winner"] else "")
+                  " ".join(filter(None, ["winner" if c["name"] == record["winner"] else "",
+                                         "(measured by the earlier fit)" if c.get("measured_in") else ""])))
     console = wide_console(200)
     console.print(t)
     check = record["check"]
