@@ -60,6 +60,25 @@ def test_an_impossible_target_is_one_line_and_leaves_nothing(tiny_llama, tmp_pat
     assert not out.exists() and not (tmp_path / "fit.partial").exists()
 
 
+def test_an_impossible_target_that_an_fp8_cache_would_reach_says_so(tmp_path):
+    """The KV cache takes most of the memory: the refusal names --kv-dtype fp8 when the bytes it
+    frees would hold the smallest model, and does not when they would not."""
+    from modelpress.fit.search import Budget, _nothing_fits
+
+    budget = Budget("600MB", 600e6, 60e6, kv_cache=377.5e6, activations=151e6, weights=11.5e6, context=4096,
+                    batch=4, kv_dtype="fp16")
+    for smallest, offered in ((143.2e6, True), (250e6, False)):
+        (tmp_path / "work").mkdir()
+        with pytest.raises(UserError) as e:
+            _nothing_fits(budget, ["int4-g64", "keep"], smallest, tmp_path / "work")
+        assert ("--kv-dtype fp8" in str(e.value)) == offered
+        assert ("200.2 MB" in str(e.value)) == offered  # 11.5 MB + half of the 377.5 MB cache
+        assert not (tmp_path / "work").exists()
+    with pytest.raises(UserError) as e:  # already fp8: nothing to offer
+        _nothing_fits(Budget("x", 1e6, 0, 5e5, 0, 5e5, 10, 1, "fp8"), ["int4-g64"], 6e5, tmp_path / "w")
+    assert "--kv-dtype" not in str(e.value)
+
+
 @pytest.mark.slow
 def test_fit_writes_the_least_loss_model_within_the_budget(tiny_llama, tmp_path, capsys):
     """Between int4 and int8 sizes: a mixed allocation and uniform int4 are measured; the winner

@@ -175,15 +175,23 @@ KV_ALTERNATIVE = "fp8"
 KV_WORTH = 0.05  # the KV cache must be at least 5% of the weights' budget for halving it to be worth a candidate
 
 
+def weights_with_fp8_cache(budget: Budget) -> float | None:
+    """The weights' budget when the KV cache is stored in fp8 instead of the budget's 16- or 32-bit
+    type (the bytes that frees go to the weights); ``None`` when there is no such cache."""
+    from modelpress.plan.memory import KV_BYTES
+
+    if budget.weights_only or budget.kv_dtype not in ("fp16", "bf16", "fp32"):
+        return None
+    return budget.weights + budget.kv_cache * (1 - KV_BYTES[KV_ALTERNATIVE] / KV_BYTES[budget.kv_dtype])
+
+
 def kv_candidate(sens: Sensitivity, budget: Budget, pool: list[Candidate]) -> Candidate | None:
     """The mixed allocation when the KV cache is stored in fp8 instead (its freed bytes go to the
     weights), if the cache is large enough to matter and the allocation changes; ``None`` otherwise.
     The measurement then runs with the keys and values rounded to fp8, so its cost is counted."""
-    if budget.weights_only or budget.kv_dtype not in ("fp16", "bf16", "fp32") or budget.kv_cache < KV_WORTH * budget.weights:
+    weights = weights_with_fp8_cache(budget)
+    if weights is None or budget.kv_cache < KV_WORTH * budget.weights:
         return None
-    from modelpress.plan.memory import KV_BYTES
-
-    weights = budget.weights + budget.kv_cache * (1 - KV_BYTES[KV_ALTERNATIVE] / KV_BYTES[budget.kv_dtype])
     if pool and pool[0].kind == "float":
         return None
     choice = allocate(sens, weights, "kl")
@@ -520,10 +528,13 @@ def check_reachable(model: str, specs: list[str], config, budget: Budget, work: 
 def _nothing_fits(budget: Budget, specs: list[str], smallest: float, work: Path):
     holders = devices_holding(smallest, budget)
     shutil.rmtree(work, ignore_errors=True)
+    fp8 = weights_with_fp8_cache(budget)
     raise UserError(
         f"nothing fits {budget.device}: the weights may take {human_bytes(budget.weights)} "
         f"({_budget_line(budget)}) and the smallest model reachable with {', '.join(specs)} is "
         f"{human_bytes(smallest)}; "
+        + (f"with the KV cache in fp8 (--kv-dtype fp8) the weights may take {human_bytes(fp8)}, enough; or "
+           if fp8 is not None and fp8 >= smallest else "")
         + (f"it would fit: {', '.join(holders[:3])}" + (" and larger" if len(holders) > 3 else "")
            if holders else "no catalogue device holds it")
         + (f" (at context {budget.context} x batch {budget.batch})" if not budget.weights_only else ""))
