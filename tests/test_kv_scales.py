@@ -4,7 +4,6 @@ vLLM reads, a checkpoint transformers still loads, and an evaluation that uses t
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -52,6 +51,11 @@ def test_scales_are_each_layers_key_and_value_range_over_448(tiny_models, tmp_pa
     config = json.loads((tmp_path / "kv" / "config.json").read_text())
     assert config["quantization_config"]["kv_cache_scheme"] == SCHEME
     assert config["quantization_config"]["quant_method"] == "compressed-tensors"
+    from modelpress.fit.search import header_bytes
+    from modelpress.kv_scales import SCALE_BYTES_PER_LAYER
+
+    added = sum(header_bytes(loading.resolve(tmp_path / "kv")).values()) - sum(header_bytes(loading.resolve(path)).values())
+    assert added == SCALE_BYTES_PER_LAYER * len(ref)  # what fit adds to a candidate with the cache in fp8
 
 
 def test_the_checkpoint_keeps_every_weight_and_loads_in_transformers(tiny_llama, tmp_path):

@@ -53,6 +53,7 @@ logger = logging.getLogger("modelpress")
 
 SCHEME = {"num_bits": 8, "type": "float", "strategy": "tensor", "dynamic": False, "symmetric": True}
 SCALES_FILE = "kv-cache-scales.safetensors"
+SCALE_BYTES_PER_LAYER = 2 * 4  # one float32 k_scale and one v_scale per attention layer
 
 
 class KVRange(DynamicCache):

@@ -235,6 +235,8 @@ def test_a_large_fp16_kv_cache_adds_a_candidate_with_the_cache_in_fp8():
     kv = kv_candidate(sens, budget, pool)
     assert kv is not None and kv.kv_dtype == "fp8" and kv.weights_budget == pytest.approx(1.1 * weights)
     assert weights < kv.nbytes <= kv.weights_budget and kv.predicted_kl < pool[0].predicted_kl
+    layers = {s.layer for s in sens.linears.values()}  # and the k_scale / v_scale (float32) each layer carries
+    assert kv.nbytes == sens.bytes_of(kv.formats) + 8 * len(layers)
     stages = recipe_data("m", kv, GPTQConfig(), {})["stages"]
     assert stages[-1] == {"kv-cache": {"dtype": "fp8"}} and "quantize" in stages[0]
     from dataclasses import replace

@@ -194,11 +194,15 @@ def kv_candidate(sens: Sensitivity, budget: Budget, pool: list[Candidate]) -> Ca
         return None
     if pool and pool[0].kind == "float":
         return None
-    choice = allocate(sens, weights, "kl")
+    from modelpress.kv_scales import SCALE_BYTES_PER_LAYER
+
+    # the checkpoint carries each attention layer's k_scale and v_scale: their bytes come off the budget
+    scales = SCALE_BYTES_PER_LAYER * len({s.layer for s in sens.linears.values() if not s.kl_measured})
+    choice = allocate(sens, weights - scales, "kl")
     if any(choice == c.formats for c in pool):
         return None
-    return Candidate(f"mixed-kv-{KV_ALTERNATIVE}", "mixed", choice, sens.bytes_of(choice), predicted_kl(sens, choice),
-                     kv_dtype=KV_ALTERNATIVE, weights_budget=weights)
+    return Candidate(f"mixed-kv-{KV_ALTERNATIVE}", "mixed", choice, sens.bytes_of(choice) + scales,
+                     predicted_kl(sens, choice), kv_dtype=KV_ALTERNATIVE, weights_budget=weights)
 
 
 def recipe_data(model: str, candidate: Candidate, config, evaluate: dict, gguf_base: str | None = None,
