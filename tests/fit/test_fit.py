@@ -107,6 +107,7 @@ def test_fit_writes_the_least_loss_model_within_the_budget(tiny_llama, tmp_path,
         assert torch.isfinite(model(torch.randint(3, 300, (1, 16))).logits).all()
     assert (out / "recipe.yaml").is_file() and (out / "sensitivity.json").is_file()
     assert ".partial" not in (out / "recipe.yaml").read_text() + (out / "fit.json").read_text()
+    assert all(".partial" not in f.read_text() for f in (out / "recipes").glob("*.yaml"))  # each runnable from OUT
     from modelpress.pipeline.yaml_recipe import load_recipe
 
     assert load_recipe(out / "recipe.yaml").stages[0].config.overrides or winner["kind"] == "uniform"

@@ -378,9 +378,10 @@ def fit_model(model: str, out_dir: str | Path, budget: Budget, config, engine: s
     # paths inside OUT.partial (the held-out text, the original's record) are written as they will be
     record = json.loads(json.dumps(record, default=str).replace(json.dumps(str(work))[1:-1], json.dumps(str(out))[1:-1]))
     (work / "fit.json").write_text(json.dumps(record, indent=1))
+    for file in (work / "recipes").glob("*.yaml"):  # each candidate's recipe, runnable from OUT (and read by a later fit)
+        file.write_text(file.read_text().replace(str(work), str(out)))
     if winner.output is not None:
-        recipe = (work / "recipes" / f"{winner.name}.yaml").read_text()
-        (work / "recipe.yaml").write_text(recipe.replace(str(work), str(out)))
+        shutil.copyfile(work / "recipes" / f"{winner.name}.yaml", work / "recipe.yaml")
     for c in pool if winner.output is not None else []:  # the others' checkpoints (their records stay): a model's worth of disk each
         if c is not winner and c.output is not None:
             if Path(c.output).is_file():
@@ -406,12 +407,11 @@ class EarlierFit:
         self.path = path if path.is_dir() else path.parent
         fit_json = self.path / "fit.json"
         self.record = json.loads(fit_json.read_text()) if fit_json.is_file() else {"candidates": []}
-        self.recipes = {}  # candidate name -> its recipe data, paths as the finished fit has them
+        self.recipes = {}  # candidate name -> its recipe data (paths in OUT, as fit rewrites them on finishing)
         for row in self.record["candidates"]:
             file = self.path / "recipes" / f"{row['name']}.yaml"
-            if file.is_file():  # written inside OUT.partial, which became OUT
-                text = file.read_text().replace(str(self.path) + ".partial", str(self.path))
-                self.recipes[row["name"]] = _comparable(yaml.safe_load(text))
+            if file.is_file():
+                self.recipes[row["name"]] = _comparable(yaml.safe_load(file.read_text()))
 
     def _match(self, data: dict) -> dict | None:
         key = _comparable(data)
