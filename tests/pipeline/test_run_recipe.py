@@ -341,3 +341,39 @@ def test_the_report_plots_a_training_stage_and_refuses_what_is_not_a_run(tmp_pat
     assert "Training: heal logit 100 tokens" in page and page.count("<svg") == 2
     with pytest.raises(UserError, match="is not a finished recipe run"):
         write_report(tmp_path, tmp_path / "r.html")
+
+
+@pytest.mark.slow  # three recipe runs, each stage and measurement its own process: about a minute alone
+def test_a_run_killed_inside_its_heal_resumes_to_the_uninterrupted_weights(deep_llama, text, tmp_path):
+    """A training stage resumes from its own saved state (``NN-heal.partial/state``), not from step 0,
+    and ends with the weights and training log of a run that was never stopped."""
+    heal = {"heal": {"steps": 60, "seq_len": 32, "batch_size": 2, "lr": 3e-3, "save_every": 2, "eval_every": 30,
+                     "eval_windows": 2}}
+    path = write_recipe(tmp_path / "heal.yaml", deep_llama, text, [{"prune": {"method": "magnitude", "sparsity": 0.5}}, heal])
+    recipe = yaml.safe_load(path.read_text())
+    recipe["evaluate"].update(windows=1, new_tokens=0, histograms=False)  # the weights are what is compared
+    path.write_text(yaml.safe_dump(recipe))
+    whole = tmp_path / "whole"
+    assert run_cli(str(path), "-o", str(whole)).returncode == 0
+
+    out = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "modelpress", "run", str(path), "-o", str(out)],
+                            stderr=subprocess.PIPE, text=True)
+    state = out / "02-heal.partial" / "state"
+    deadline = time.monotonic() + 300
+    while not state.is_dir():
+        assert proc.poll() is None and time.monotonic() < deadline, "ended" if proc.poll() is not None else "timeout"
+        time.sleep(0.01)
+    os.kill(proc.pid, signal.SIGTERM)  # after a saved step of the heal, before its last
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert not (out / "02-heal").exists() and state.is_dir()
+
+    resumed = run_cli(str(path), "-o", str(out))
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming" in resumed.stderr.lower()
+    a, b = checkpoint_tensors(whole / "02-heal"), checkpoint_tensors(out / "02-heal")
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    logs = [[json.loads(x)["step"] for x in (d / "02-heal" / "train_log.jsonl").read_text().splitlines()]
+            for d in (whole, out)]
+    assert logs[0] == logs[1] and logs[0][-1] == 60
