@@ -95,7 +95,9 @@ def save(rows: dict, args) -> None:
                f"checkpoint: {HELD_OUT} (16 windows); ppl and KL(float ‖ student) per token: ppl-512 on "
                "pride_and_prejudice.txt (40 windows). "
                "kd: `modelpress heal` (forward KL, τ 1; QAT + KD for the quantized student); ce: `modelpress "
-               "distill --alpha 0`. Each row alone on the machine.")
+               "distill --alpha 0`; gkd: `modelpress heal --mode on-policy` (JSD 0.5, lmbda 0.5); trl-gkd: TRL's "
+               "GKDTrainer with the same settings (benchmarks/trl_gkd_side.py; no held-out selection). "
+               "Each row alone on the machine.")
     (RESULTS / "distill.md").write_text(f"{caption}\n\n{render(data)}\n")
 
 
