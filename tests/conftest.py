@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -162,8 +163,6 @@ def _cache_lock(path: Path) -> FileLock:
 
 def _convert_gguf(gguf: Path, out: Path) -> Path:
     """Dequantize a GGUF model to a float32 safetensors checkpoint once (10-60 s), then reuse it."""
-    import shutil
-
     with _cache_lock(out):
         if (out / "config.json").exists():
             return out
